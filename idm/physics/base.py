@@ -1,0 +1,165 @@
+"""The linear-operator interface shared by every reconstructor.
+
+An operator maps an image ``x`` of shape ``(B, C, *domain_size)`` to measurements ``y`` of shape
+``measurement_shape(B, C)``. Tensors are batch-first and may live on any device and dtype
+(complex operators, e.g. MRI, and 3D volumes with ``domain_size = (D, H, W)`` use the same
+interface). Images of the user's size ``image_size`` are embedded into the domain with
+:meth:`pad` and recovered with :meth:`crop` (identity unless the operator needs padding, as
+block CS does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import IDMError
+
+
+class GaussianNoise:
+    """Additive white Gaussian noise ``y + sigma·n`` (``sigma`` on the [0, 1] image scale)."""
+
+    def __init__(self, sigma: float = 0.0) -> None:
+        if not (sigma >= 0.0) or sigma != sigma:
+            raise IDMError(f"noise level sigma must be >= 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    def __call__(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.sigma == 0.0:
+            return y
+        noise = torch.randn(y.shape, generator=generator, dtype=y.real.dtype, device="cpu")
+        if y.is_complex():
+            noise = torch.complex(noise, torch.randn(y.shape, generator=generator, dtype=y.real.dtype)) / 2**0.5
+        return y + self.sigma * noise.to(y.device)
+
+
+class LinearOperator:
+    """Base class: subclasses implement :meth:`A`, :meth:`A_adjoint` and usually :meth:`A_dagger`.
+
+    Attributes:
+        image_size: spatial size of the user's images, e.g. ``(H, W)``.
+        domain_size: spatial size the operator acts on (``image_size`` padded as needed).
+        noise: the measurement noise model, applied by :meth:`measure`.
+    """
+
+    #: registry name, set by subclasses (used in measurement files and checkpoint configs)
+    kind: str = "linear"
+
+    def __init__(self, image_size: tuple[int, ...], noise_sigma: float = 0.0) -> None:
+        if len(image_size) < 2 or any(int(s) <= 0 for s in image_size):
+            raise IDMError(f"image size must be positive, got {tuple(image_size)}")
+        self.image_size = tuple(int(s) for s in image_size)
+        self.noise = GaussianNoise(noise_sigma)
+
+    # --- the operator -------------------------------------------------------------------
+    @property
+    def domain_size(self) -> tuple[int, ...]:
+        return self.image_size
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def A_dagger(self, y: torch.Tensor) -> torch.Tensor:
+        """Pseudo-inverse A†y. The default solves the normal equations by conjugate gradients."""
+        return conjugate_gradient(self.AtA, self.A_adjoint(y), iterations=50)
+
+    def AtA(self, x: torch.Tensor) -> torch.Tensor:
+        return self.A_adjoint(self.A(x))
+
+    def measurement_shape(self, batch: int, channels: int) -> tuple[int, ...]:
+        probe = torch.zeros(1, 1, *self.domain_size)
+        return (batch, channels, *self.A(probe).shape[2:])
+
+    # --- measuring ----------------------------------------------------------------------
+    def measure(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noisy measurements ``A(pad(x)) + noise`` of images ``x`` of shape ``(B, C, *image_size)``."""
+        return self.noise(self.A(self.pad(x)), generator)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed ``(B, C, *image_size)`` into the domain (zero padding at the end of each axis)."""
+        self.check_image(x)
+        pads: list[int] = []
+        for size, target in zip(reversed(x.shape[2:]), reversed(self.domain_size)):
+            pads += [0, target - size]
+        return torch.nn.functional.pad(x, pads) if any(pads) else x
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`pad`: ``(B, C, *domain_size)`` → ``(B, C, *image_size)``."""
+        index = (Ellipsis, *(slice(0, s) for s in self.image_size))
+        return x[index]
+
+    def check_domain(self, x: torch.Tensor) -> None:
+        """Raise :class:`IDMError` unless ``x`` has shape ``(B, C, *domain_size)``."""
+        if x.ndim != 2 + len(self.domain_size) or tuple(x.shape[2:]) != self.domain_size:
+            raise IDMError(
+                f"tensor of shape {tuple(x.shape)} does not match the operator's domain "
+                f"{self.domain_size}; expected (B, C, {', '.join(map(str, self.domain_size))})"
+            )
+
+    def check_measurements(self, y: torch.Tensor) -> None:
+        """Raise :class:`IDMError` unless ``y`` has shape ``measurement_shape(B, C)``."""
+        expected = tuple(self.measurement_shape(1, 1)[2:])
+        if y.ndim != 2 + len(expected) or tuple(y.shape[2:]) != expected:
+            raise IDMError(
+                f"measurements of shape {tuple(y.shape)} do not match the operator {self!r}; "
+                f"expected (B, C, {', '.join(map(str, expected))})"
+            )
+
+    def check_image(self, x: torch.Tensor) -> None:
+        if x.ndim != 2 + len(self.image_size) or tuple(x.shape[2:]) != self.image_size:
+            raise IDMError(
+                f"image of shape {tuple(x.shape)} does not match the operator's image size "
+                f"{self.image_size}; expected (B, C, {', '.join(map(str, self.image_size))})"
+            )
+
+    # --- description --------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable description; ``make_operator(op.config(), op.tensors())`` rebuilds it."""
+        return {"kind": self.kind, "image_size": list(self.image_size), "noise_sigma": self.noise.sigma}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors that cannot go in :meth:`config` (e.g. an explicit mask), keyed by argument name.
+
+        ``config()`` holds the string ``"explicit"`` for each of them; measurement files store them
+        next to the config and hand them back to ``make_operator(config, tensors)``.
+        """
+        return {}
+
+    def with_image_size(self, image_size: tuple[int, ...]) -> "LinearOperator":
+        """The same operator (same seeds and parameters) for images of another size."""
+        return type(self)(**{**self.config_args(), "image_size": tuple(image_size)})
+
+    def config_args(self) -> dict[str, Any]:
+        args = dict(self.config())
+        args.pop("kind")
+        return args
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.config_args().items())
+        return f"{type(self).__name__}({args})"
+
+
+def conjugate_gradient(
+    apply: "callable", b: torch.Tensor, iterations: int = 50, tol: float = 1e-10
+) -> torch.Tensor:
+    """Solve ``apply(x) = b`` for a symmetric positive semi-definite ``apply``, batch-wise."""
+    dims = tuple(range(1, b.ndim))
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = (r.conj() * r).real.sum(dims, keepdim=True)
+    for _ in range(iterations):
+        Ap = apply(p)
+        alpha = rs / (p.conj() * Ap).real.sum(dims, keepdim=True).clamp_min(1e-30)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rs_new = (r.conj() * r).real.sum(dims, keepdim=True)
+        if bool((rs_new <= tol * tol).all()):
+            break
+        p = r + (rs_new / rs.clamp_min(1e-30)) * p
+        rs = rs_new
+    return x

@@ -1,0 +1,76 @@
+"""Registry of reconstruction methods.
+
+A method is a factory ``build(*, checkpoint=None, device="cpu", seed=0, progress=False, **options)``
+returning a callable ``reconstruct(y, op) -> x``: ``y`` are the (noisy) measurements of the
+operator ``op``, shape ``op.measurement_shape(B, C)``, and ``x`` the estimate on the operator's
+domain, shape ``(B, C, *op.domain_size)``, values nominally in [0, 1]. The factory does the
+expensive work once (loading weights); the callable is applied to many images and operators.
+
+Methods register themselves with :func:`register_method` when their module is imported;
+:func:`get_method` imports the built-in method modules on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import torch
+
+from .errors import IDMError
+
+if TYPE_CHECKING:
+    from .physics.base import LinearOperator
+
+
+class Reconstruct(Protocol):
+    def __call__(self, y: torch.Tensor, op: "LinearOperator") -> torch.Tensor: ...
+
+
+Builder = Callable[..., Reconstruct]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    build: Builder
+    description: str
+    needs_checkpoint: bool = False
+
+
+class MethodRegistry:
+    """Name → :class:`MethodInfo`. One instance per process lives in :data:`METHODS`."""
+
+    def __init__(self, builtin_modules: tuple[str, ...]) -> None:
+        self._methods: dict[str, MethodInfo] = {}
+        self._builtin_modules = builtin_modules
+        self._loaded = False
+
+    def register(self, name: str, description: str, needs_checkpoint: bool = False) -> Callable[[Builder], Builder]:
+        def decorator(build: Builder) -> Builder:
+            self._methods[name] = MethodInfo(name, build, description, needs_checkpoint)
+            return build
+
+        return decorator
+
+    def _load_builtins(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self._builtin_modules:
+                importlib.import_module(module)
+
+    def names(self) -> list[str]:
+        self._load_builtins()
+        return sorted(self._methods)
+
+    def get(self, name: str) -> MethodInfo:
+        self._load_builtins()
+        if name not in self._methods:
+            raise IDMError(f"unknown method {name!r}; available: {', '.join(self.names())}")
+        return self._methods[name]
+
+
+METHODS = MethodRegistry(builtin_modules=("idm.baselines",))
+register_method = METHODS.register
+get_method = METHODS.get
