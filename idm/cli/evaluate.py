@@ -1,0 +1,43 @@
+"""``idm eval``: PSNR/SSIM/seconds of a method on an image folder, as a table and JSON."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..data import ImageFolder
+from ..evaluation import blockcs_factory, evaluate
+from ..registry import METHODS
+from .common import add_measurement_args, add_method_args, checked_ratio, write_json
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("eval", help="evaluate a method on a folder of images")
+    parser.add_argument("--data", required=True, help="folder of images (png, jpg, tif, bmp)")
+    parser.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
+    parser.add_argument("--json", help="write the results as JSON to this file")
+    add_method_args(parser)
+    add_measurement_args(parser, ratio_required=True)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    ratio = checked_ratio(args)
+    METHODS.get(args.method)
+    folder = ImageFolder(args.data, limit=args.limit)
+    result = evaluate(
+        args.method,
+        (folder[i] for i in range(len(folder))),
+        blockcs_factory(ratio, seed=args.seed, block_size=args.block_size, noise_sigma=args.noise),
+        ratio=ratio,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        seed=args.seed,
+        progress=True,
+        total=len(folder),
+    )
+    print(f"method {args.method}, ratio {ratio:g}, {len(folder)} images from {args.data}")
+    print(result.table())
+    if args.json:
+        write_json(args.json, result.to_json())
+    return 0
