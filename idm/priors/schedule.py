@@ -1,0 +1,114 @@
+"""Discrete DDPM noise schedules and the prior's value-range convention.
+
+**Value range.** Images are in [0, 1] everywhere in ``idm``; the diffusion prior works on
+[-1, 1]. Convert with :func:`to_model_range` (``2x - 1``) before noising / calling the network
+and :func:`from_model_range` (``(x + 1) / 2``) afterwards.
+
+**Forward process.** ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` for integer
+``t in [0, num_steps)``, ``abar_t = prod_{s<=t} (1 - beta_s)`` (``alphas_cumprod``, float64).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import IDMError
+
+
+def to_model_range(x: torch.Tensor) -> torch.Tensor:
+    """Image on [0, 1] → prior's range [-1, 1]."""
+    return x * 2.0 - 1.0
+
+
+def from_model_range(x: torch.Tensor) -> torch.Tensor:
+    """Prior's range [-1, 1] → image on [0, 1] (not clamped)."""
+    return (x + 1.0) * 0.5
+
+
+def _gather(values: torch.Tensor, t: torch.Tensor | int | Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """``values[t]`` as ``like.dtype`` on ``like.device``, shaped to broadcast against ``like`` (B, ...)."""
+    idx = torch.as_tensor(t, dtype=torch.long).cpu()
+    if (idx < 0).any() or (idx >= values.numel()).any():
+        raise IDMError(f"timestep out of range [0, {values.numel()}): {idx.tolist()}")
+    out = values[idx].to(device=like.device, dtype=like.dtype)
+    return out.reshape(-1, *([1] * (like.ndim - 1))) if out.ndim else out
+
+
+class NoiseSchedule:
+    """A discrete schedule of ``num_steps`` betas: ``kind`` is ``"linear"`` (beta_start → beta_end)
+    or ``"cosine"`` (Nichol & Dhariwal 2021, betas clipped at 0.999)."""
+
+    def __init__(self, kind: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
+        if num_steps < 1:
+            raise IDMError(f"schedule needs at least 1 step, got {num_steps}")
+        self.kind, self.num_steps = kind, int(num_steps)
+        self.beta_start, self.beta_end = float(beta_start), float(beta_end)
+        if kind == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        elif kind == "cosine":
+            s = 0.008
+            steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+            f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        else:
+            raise IDMError(f"unknown noise schedule {kind!r}; use 'linear' or 'cosine'")
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_steps": self.num_steps, "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NoiseSchedule":
+        return cls(**d)
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+    # --- forward process -----------------------------------------------------------------------
+    def abar(self, t: torch.Tensor | int | Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        """``alphas_cumprod[t]`` broadcastable against ``like`` (B, ...)."""
+        return _gather(self.alphas_cumprod, t, like)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
+        """Sample ``x_t ~ q(x_t | x_0)``: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (x0 on [-1, 1])."""
+        a = self.abar(t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
+        """Invert the forward process given the noise: ``(x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``."""
+        a = self.abar(t, x_t)
+        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor | int, x0: torch.Tensor) -> torch.Tensor:
+        """Noise implied by ``x_t`` and ``x0``: ``(x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``."""
+        a = self.abar(t, x_t)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    # --- respacing / noise levels --------------------------------------------------------------
+    def respaced(self, steps: int, t_max: int | None = None) -> list[int]:
+        """``steps`` evenly spaced timesteps from 0 to ``t_max`` (default ``num_steps - 1``), ascending.
+
+        The largest is always ``t_max``; with ``steps >= 2`` the smallest is 0 (``steps = 1`` gives ``[t_max]``).
+        """
+        t_max = self.num_steps - 1 if t_max is None else int(t_max)
+        if not 0 <= t_max < self.num_steps:
+            raise IDMError(f"t_max must lie in [0, {self.num_steps}), got {t_max}")
+        if not 1 <= steps <= t_max + 1:
+            raise IDMError(f"number of sampling steps must lie in [1, {t_max + 1}], got {steps}")
+        return sorted({int(v) for v in np.round(np.linspace(t_max, 0, steps))})
+
+    def noise_to_signal(self, t: int) -> float:
+        """``sqrt((1 - abar_t) / abar_t)``: std of the noise relative to the signal at step ``t``."""
+        a = float(self.alphas_cumprod[t])
+        return math.sqrt((1 - a) / a)
+
+    def timestep_for_noise(self, ratio: float) -> int:
+        """Timestep whose noise-to-signal ratio is closest to ``ratio`` (increasing in t)."""
+        nsr = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        return int(torch.argmin((nsr - ratio).abs()))

@@ -1,0 +1,1 @@
+"""Training scripts (``python -m train.<script>``); each exposes ``main(argv=None) -> int``."""
