@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -84,9 +84,14 @@ def evaluate(
     keep_outputs: bool = False,
     progress: bool = False,
     total: int | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Evaluation:
-    """Measure, reconstruct and score each ``(name, image (1, H, W) in [0, 1])``."""
-    reconstruct = get_method(method).build(checkpoint=checkpoint, device=device, seed=seed, ratio=ratio)
+    """Measure, reconstruct and score each ``(name, image (1, H, W) in [0, 1])``.
+
+    ``options``: extra keyword arguments for the method's factory (e.g. ``{"steps": 20}``)."""
+    reconstruct = get_method(method).build(
+        checkpoint=checkpoint, device=device, seed=seed, ratio=ratio, **dict(options or {})
+    )
     result = Evaluation(method=method, ratio=ratio)
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(images, total=total, desc=method, unit="img", disable=not progress, leave=False)

@@ -71,6 +71,6 @@ class MethodRegistry:
         return self._methods[name]
 
 
-METHODS = MethodRegistry(builtin_modules=("idm.baselines",))
+METHODS = MethodRegistry(builtin_modules=("idm.baselines", "idm.network.method", "idm.zeroshot"))
 register_method = METHODS.register
 get_method = METHODS.get

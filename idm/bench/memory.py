@@ -1,0 +1,304 @@
+"""``idm bench memory``: training-step memory and time of a T-step sampler, four memory modes.
+
+Modes (same network and same numbers in every mode, only the way gradients are obtained differs):
+
+* ``vanilla`` — plain autograd through all T steps and the whole U-Net;
+* ``checkpoint`` — :func:`torch.utils.checkpoint.checkpoint` around each sampling step;
+* ``invertible-steps`` — level 1 only: the steps form a reversible sequence, the U-Net inside a
+  step is run with plain autograd when the step is recomputed;
+* ``invertible`` — both levels: reversible steps and the reversible U-Net (shape-changing layers
+  checkpointed).
+
+A row's ``peak_bytes`` is :func:`idm.bench.accounting.peak_memory_bytes` of one training step
+(forward + loss + backward) — tensor memory allocated during the step above what was allocated
+when it started; weights, optimiser state and the batch are allocated before and excluded, the
+parameter gradients the step creates are included (identical in every mode). ``seconds_per_step``
+is the fastest of ``repeats`` unprofiled steps, measured after the profiled one (the warm-up).
+
+In ``invertible`` mode the peak is one U-Net's reversible-run outputs and skips, the parameter
+gradients (held from the second step on), and the transient of the largest recomputed block — for
+the default channel multipliers the checkpointed channel-changing first ResBlock of the finest up
+stage (``cat(h, skip)``, 3× the channels at full resolution), which bounds the saving at small T.
+
+The network comes from a *factory* ``factory(case, device) -> TrainingSetup`` so the benchmark can
+run the real IDM network later; :func:`chain_factory` builds the IDM-like
+:class:`~idm.bench.chain.ChainSampler` on a freshly initialised U-Net.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import IDMError
+from ..invertible import convert_unet, set_memory_mode
+from ..io.atomic import atomic_path, atomic_write
+from ..priors.unet import UNet, UNetConfig
+from .accounting import peak_memory_bytes, time_call
+from .chain import ChainSampler
+
+BENCH_MODES: tuple[str, ...] = ("vanilla", "checkpoint", "invertible-steps", "invertible")
+
+#: U-Net presets for the benchmark (``"prior"`` = the default :class:`UNetConfig`)
+UNET_PRESETS: dict[str, UNetConfig] = {
+    "tiny": UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4),
+    "small": UNetConfig(base_channels=32, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_levels=(2,)),
+    "prior": UNetConfig(),
+}
+
+
+@dataclass(frozen=True)
+class MemoryCase:
+    """One benchmark configuration: memory ``mode``, sampler ``steps`` T, image ``size``, ``batch``."""
+
+    mode: str
+    steps: int
+    size: int
+    batch: int
+
+
+@dataclass
+class TrainingSetup:
+    """What a factory returns: the ``model`` (its parameters get gradients) and ``loss()``, which
+    runs the forward pass on a batch allocated by the factory and returns a scalar loss."""
+
+    model: nn.Module
+    loss: Callable[[], torch.Tensor]
+
+
+ModelFactory = Callable[[MemoryCase, torch.device], TrainingSetup]
+
+
+def apply_mode(model: nn.Module, sampler: nn.Module, mode: str) -> None:
+    """Configure ``model`` (containing the level-1 ``sampler``) for benchmark ``mode``."""
+    if mode not in BENCH_MODES:
+        raise IDMError(f"unknown memory mode {mode!r}; choose from {', '.join(BENCH_MODES)}")
+    set_memory_mode(model, "reversible" if mode == "invertible" else "plain")
+    sampler.memory_mode = {"vanilla": "plain", "checkpoint": "checkpoint"}.get(mode, "reversible")
+
+
+def chain_factory(unet_config: UNetConfig, *, seed: int = 0) -> ModelFactory:
+    """Factory of :class:`~idm.bench.chain.ChainSampler` training steps (inpainting, 50% pixels, L1 loss)."""
+
+    def build(case: MemoryCase, device: torch.device) -> TrainingSetup:
+        torch.manual_seed(seed)
+        model = ChainSampler(convert_unet(UNet(unet_config)), case.steps).to(device)
+        apply_mode(model, model.sampler, case.mode)
+        generator = torch.Generator().manual_seed(seed)
+        shape = (case.batch, unet_config.in_channels, case.size, case.size)
+        x = torch.rand(shape, generator=generator).to(device)
+        mask = (torch.rand((1, 1, case.size, case.size), generator=generator) < 0.5).float().to(device)
+        y = mask * x
+
+        def loss() -> torch.Tensor:
+            return (model(y, mask) - x).abs().mean()
+
+        return TrainingSetup(model, loss)
+
+    return build
+
+
+#: ``--model`` name → ``builder(unet_config, seed) -> ModelFactory``; the IDM network adds itself here
+BENCH_MODELS: dict[str, Callable[..., ModelFactory]] = {"chain": chain_factory}
+
+
+def measure_case(case: MemoryCase, factory: ModelFactory, device: torch.device, repeats: int = 1) -> dict[str, Any]:
+    """One benchmark row: ``{"mode", "steps", "size", "batch", "peak_bytes", "seconds_per_step"}``."""
+    setup = factory(case, device)
+
+    def train_step() -> None:
+        setup.model.zero_grad(set_to_none=True)
+        setup.loss().backward()
+
+    setup.model.zero_grad(set_to_none=True)
+    peak = peak_memory_bytes(lambda: setup.loss().backward(), device)
+    seconds = time_call(train_step, device, repeats)
+    del setup
+    gc.collect()
+    return {**asdict(case), "peak_bytes": int(peak), "seconds_per_step": float(seconds)}
+
+
+def run_memory_bench(
+    *,
+    steps: Iterable[int],
+    sizes: Iterable[int],
+    modes: Iterable[str],
+    batch: int,
+    device: torch.device | str,
+    factory: ModelFactory,
+    repeats: int = 1,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Measure every (size, steps, mode); returns ``{"device": str, "rows": [...]}``."""
+    device = torch.device(device)
+    modes = list(modes)
+    for mode in modes:
+        if mode not in BENCH_MODES:
+            raise IDMError(f"unknown memory mode {mode!r}; choose from {', '.join(BENCH_MODES)}")
+    rows = []
+    for size in sizes:
+        for t in steps:
+            for mode in modes:
+                row = measure_case(MemoryCase(mode, int(t), int(size), int(batch)), factory, device, repeats)
+                rows.append(row)
+                if progress is not None:
+                    progress(row)
+    return {"device": str(device), "rows": rows}
+
+
+def format_row(row: dict[str, Any]) -> str:
+    return (
+        f"{row['mode']:<17} {row['steps']:>5} {row['size']:>5} {row['batch']:>5} "
+        f"{row['peak_bytes'] / 2**20:>12.2f} {row['seconds_per_step']:>10.3f}"
+    )
+
+
+TABLE_HEADER = f"{'mode':<17} {'steps':>5} {'size':>5} {'batch':>5} {'peak MiB':>12} {'s/step':>10}"
+
+
+def format_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Per (size, steps): memory saving and time ratio of each mode relative to ``vanilla``."""
+    lines = []
+    vanilla = {(r["size"], r["steps"], r["batch"]): r for r in rows if r["mode"] == "vanilla"}
+    for row in rows:
+        ref = vanilla.get((row["size"], row["steps"], row["batch"]))
+        if ref is None or row is ref or ref["peak_bytes"] == 0:
+            continue
+        saving = 1 - row["peak_bytes"] / ref["peak_bytes"]
+        speed = row["seconds_per_step"] / ref["seconds_per_step"] if ref["seconds_per_step"] > 0 else float("nan")
+        lines.append(
+            f"size {row['size']} T={row['steps']} {row['mode']}: {100 * saving:.1f}% less memory, "
+            f"{speed:.2f}x the time of vanilla"
+        )
+    return lines
+
+
+def write_json(path: str | Path, result: dict[str, Any]) -> None:
+    with atomic_write(path, mode="w") as handle:
+        json.dump(result, handle, indent=2)
+        handle.write("\n")
+
+
+_PLOT_STYLES: dict[str, dict[str, Any]] = {
+    "vanilla": {"marker": "o"},
+    "checkpoint": {"marker": "s", "linestyle": "--", "markersize": 8, "markerfacecolor": "none"},
+    "invertible-steps": {"marker": "^", "linestyle": ":"},
+    "invertible": {"marker": "o"},
+}
+
+
+def write_plot(path: str | Path, result: dict[str, Any]) -> None:
+    """PNG of peak memory (MiB) vs steps, one line per mode (one panel per image size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    sizes = sorted({r["size"] for r in rows})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for mode in BENCH_MODES:
+            points = sorted((r["steps"], r["peak_bytes"] / 2**20) for r in rows if r["mode"] == mode and r["size"] == size)
+            if points:  # checkpoint and invertible-steps often coincide: distinct line styles
+                ax.plot(*zip(*points), label=mode, **_PLOT_STYLES.get(mode, {}))
+        ax.set_xlabel("sampling steps T")
+        ax.set_ylabel("peak training-step memory (MiB)")
+        ax.set_title(f"{size}x{size}, {result['device']}")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as temp:
+            fig.savefig(temp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def resolve_unet_config(name: str) -> UNetConfig:
+    """A preset name (:data:`UNET_PRESETS`) or a JSON file holding a ``UNetConfig`` dict."""
+    if name in UNET_PRESETS:
+        return UNET_PRESETS[name]
+    path = Path(name)
+    if path.suffix == ".json":
+        try:
+            return UNetConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as error:
+            raise IDMError(f"U-Net config {path} is not valid JSON: {error}") from None
+    raise IDMError(f"unknown U-Net config {name!r}; use one of {', '.join(UNET_PRESETS)} or a .json file")
+
+
+# --- command line (``idm bench memory``) --------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8], metavar="T",
+                        help="sampler step counts T (default 1 2 3 4 6 8)")
+    parser.add_argument("--size", type=int, nargs="+", default=[128], metavar="PX",
+                        help="square image sides in pixels (default 128)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    parser.add_argument("--modes", nargs="+", default=list(BENCH_MODES), choices=BENCH_MODES, metavar="MODE",
+                        help=f"memory modes (default all: {' '.join(BENCH_MODES)})")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--model", default="chain", choices=sorted(BENCH_MODELS),
+                        help="network to train: chain = IDM-like inpainting sampler (default chain)")
+    parser.add_argument("--unet-config", default="small",
+                        help=f"U-Net preset ({', '.join(UNET_PRESETS)}) or a JSON file of UNetConfig (default small)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed steps per configuration, the fastest is reported (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and batch (default 0)")
+    parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's choice); 1 gives "
+                        "stable timings on a loaded machine")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="write a PNG plot of memory vs steps")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    config = resolve_unet_config(args.unet_config)
+    if min(args.steps) < 1:
+        raise IDMError(f"--steps must be >= 1, got {min(args.steps)}")
+    if args.batch < 1 or args.repeats < 1:
+        raise IDMError("--batch and --repeats must be >= 1")
+    bad = [s for s in args.size if s < 1 or s % config.size_multiple]
+    if bad:
+        raise IDMError(f"--size {bad[0]} must be a positive multiple of {config.size_multiple} for this U-Net")
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        raise IDMError(f"--plot must name a .png file, got {args.plot}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise IDMError(f"unknown device {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise IDMError("--device cuda requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise IDMError(f"memory accounting supports cpu and cuda devices, got {args.device!r}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise IDMError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    params = sum(p.numel() for p in UNet(config).parameters())
+    print(f"U-Net {args.unet_config}: {params / 1e6:.2f}M parameters; device {device} "
+          f"({torch.get_num_threads()} threads); "
+          "peak = tensor bytes allocated by one forward+backward above the start "
+          "(parameter gradients included, same in every mode)")
+    print(TABLE_HEADER)
+    result = run_memory_bench(
+        steps=args.steps, sizes=args.size, modes=args.modes, batch=args.batch, device=device,
+        factory=BENCH_MODELS[args.model](config, seed=args.seed), repeats=args.repeats,
+        progress=lambda row: print(format_row(row), flush=True),
+    )
+    for line in format_summary(result["rows"]):
+        print(line)
+    if args.json:
+        write_json(args.json, result)
+        print(f"results written to {args.json}")
+    if args.plot:
+        write_plot(args.plot, result)
+        print(f"plot written to {args.plot}")
+    return 0

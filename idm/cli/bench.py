@@ -1,0 +1,35 @@
+"""``idm bench <name>``: benchmarks. Each lives in its own module ``idm.bench.<name>`` defining
+``add_arguments(parser)`` and ``run_cli(args) -> int``; this command only dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+#: benchmark name → (module, one-line help); modules not built yet are skipped
+BENCHES: dict[str, tuple[str, str]] = {
+    "memory": ("idm.bench.memory", "training-step memory and time of a T-step sampler per memory mode"),
+    "quality": ("idm.bench.quality", "reconstruction quality of the methods"),
+    "speed": ("idm.bench.speed", "reconstruction speed of the methods"),
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("bench", help="run a benchmark (memory, ...)")
+    benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name, (module_name, help_text) in BENCHES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # benchmark not built yet
+                continue
+            raise
+        sub = benches.add_parser(name, help=help_text, description=(module.__doc__ or "").splitlines()[0] or None)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run_cli)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:  # only reached if no benchmark was chosen
+    raise SystemExit("choose a benchmark, e.g. idm bench memory --help")

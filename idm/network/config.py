@@ -1,0 +1,100 @@
+"""Hyper-parameters of the IDM reconstruction network (:class:`IDMConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from ..errors import IDMError
+from ..priors.unet import UNetConfig
+
+#: invertibility levels: ``none`` plain autograd, ``steps`` each sampling step a reversible
+#: coupling (level 1), ``both`` level 1 plus reversible U-Net runs and injectors inside (level 2)
+LEVELS = ("none", "steps", "both")
+#: initialisations of the learnable schedule α ∈ R^T (ᾱ = cumprod α)
+SCHEDULE_INITS = ("paper", "prior")
+
+
+@dataclass(frozen=True)
+class IDMConfig:
+    """Architecture of :class:`~idm.network.idm.IDMNet`.
+
+    Attributes:
+        steps: number of sampling steps T.
+        unshuffle: the U-Net runs on a ``unshuffle``× pixel-unshuffled image (2 as in the paper,
+            or 1 to run the prior at full resolution, as is).
+        unet: the **prior's** U-Net config (image channels in/out); with ``unshuffle = u`` the
+            network's U-Net has ``channels · u²`` input/output channels (:meth:`network_unet`).
+        injectors: add the measurement-injection adapters (one per U-Net stage and step).
+        levels: invertibility, one of :data:`LEVELS`; it changes memory use, not the function.
+        schedule_init: ``"paper"`` (every α_t = ``alpha_init``, research.md §1) or ``"prior"``
+            (ᾱ at the prior's DDIM-respaced timesteps).
+        alpha_init: the initial α for ``schedule_init="paper"``.
+        coupling_v: initial mixing weight v of every reversible coupling (0.5 as in the official
+            code); stored per coupling as a learnable scalar.
+        prior_schedule: the prior's noise schedule (``NoiseSchedule.to_dict()``), used to place the
+            per-step constant time embeddings (and ``schedule_init="prior"``).
+    """
+
+    steps: int = 3
+    unshuffle: int = 2
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    injectors: bool = True
+    levels: str = "both"
+    schedule_init: str = "paper"
+    alpha_init: float = 0.5
+    coupling_v: float = 0.5
+    prior_schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "linear", "num_steps": 1000,
+                                                                     "beta_start": 1e-4, "beta_end": 0.02})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.unet, dict):
+            object.__setattr__(self, "unet", UNetConfig.from_dict(self.unet))
+        if int(self.steps) < 1:
+            raise IDMError(f"IDM needs at least one sampling step, got steps={self.steps}")
+        if int(self.unshuffle) not in (1, 2):
+            raise IDMError(f"IDM unshuffle must be 1 or 2, got {self.unshuffle}")
+        if self.levels not in LEVELS:
+            raise IDMError(f"unknown invertibility levels {self.levels!r}; use one of {', '.join(LEVELS)}")
+        if self.schedule_init not in SCHEDULE_INITS:
+            raise IDMError(f"unknown schedule init {self.schedule_init!r}; use one of {', '.join(SCHEDULE_INITS)}")
+        if not 0.0 < float(self.alpha_init) < 1.0:
+            raise IDMError(f"alpha_init must lie in (0, 1), got {self.alpha_init}")
+        if not 0.0 < float(self.coupling_v) < 1.0:
+            raise IDMError(f"coupling_v must lie in (0, 1), got {self.coupling_v}")
+        object.__setattr__(self, "steps", int(self.steps))
+        object.__setattr__(self, "unshuffle", int(self.unshuffle))
+
+    @property
+    def channels(self) -> int:
+        """Image channels C."""
+        return self.unet.in_channels
+
+    @property
+    def size_multiple(self) -> int:
+        """The network pads images internally to a multiple of this."""
+        return self.unet.size_multiple * self.unshuffle
+
+    def network_unet(self) -> UNetConfig:
+        """Config of the U-Net inside the network (``C·u²`` channels in and out)."""
+        u2 = self.unshuffle**2
+        return replace(self.unet, in_channels=self.unet.in_channels * u2, out_channels=self.unet.out_channels * u2)
+
+    def with_levels(self, levels: str) -> "IDMConfig":
+        return replace(self, levels=levels)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["unet"] = self.unet.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IDMConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise IDMError(f"unknown IDM config keys: {', '.join(unknown)}")
+        kw = dict(d)
+        if "unet" in kw:
+            kw["unet"] = UNetConfig.from_dict(kw["unet"])
+        return cls(**kw)

@@ -1,0 +1,271 @@
+"""The IDM reconstruction network: the prior's T-step sampler as one invertible network.
+
+Sampler (research.md §1), on the prior's value range [-1, 1] (``x_model = 2·x_image − 1``)::
+
+    x = sqrt(ᾱ_T) · (2·A†y − 1)                                  start
+    for t = T … 1:
+        ε  = shuffle(UNet(unshuffle(x)))                           (injectors see A, y, step t)
+        x̂₀ = (x − sqrt(1 − ᾱ_t)·ε) / sqrt(ᾱ_t)
+        x̂₀ = 2·DC((x̂₀ + 1)/2) − 1,  DC(x) = x − A†(A x − y)       data consistency on [0, 1]
+        x  = sqrt(ᾱ_{t−1})·x̂₀ + sqrt(1 − ᾱ_{t−1})·ε               DDIM, η = 0 (ᾱ_0 = 1: x = x̂₀)
+    output (x + 1)/2 on [0, 1]
+
+with a learnable α ∈ R^T, ᾱ = cumprod(α) (α clamped to [1e-4, 0.9999] in use). Images are padded
+internally (zeros, bottom/right) to a multiple of :attr:`IDMConfig.size_multiple` and the output is
+cropped to the operator's domain ``(B, C, *op.domain_size)``.
+
+Invertibility (:mod:`idm.invertible`): the T steps form a
+:class:`~idm.invertible.ReversibleSampler` (level 1: each step is a coupling on duplicated streams
+``(x, s·x)``, merged ``y₁ + m·y₂``); the U-Net is a :class:`~idm.invertible.ReversibleUNet` whose
+shape-preserving runs, injectors included, are reversible sequences (level 2). ``levels`` only
+selects the memory strategy — ``"none"`` plain autograd, ``"steps"`` level 1 only, ``"both"`` — the
+parameters and the function are the same. Without grad (inference) every level runs the plain
+forward, which stores nothing anyway.
+
+Note: with the couplings' ``v = 0.5`` (the official initialisation) the network at initialisation is
+not exactly the plain sampler (see :mod:`idm.invertible.coupling`); with every ``v`` set to 0
+(:meth:`IDMNet.zero_couplings`, only for ``levels="none"``) it is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import IDMError, check_ratio
+from ..invertible import ReversibleSampler, ReversibleUNet, convert_unet, set_memory_mode
+from ..invertible.convert import InjectionSite
+from ..physics.base import LinearOperator
+from ..priors.schedule import NoiseSchedule, from_model_range, to_model_range
+from ..priors.unet import UNet
+from .adapt import adapt_unet, alpha_from_abar, constant_timestep, initial_abar
+from .config import IDMConfig
+from .injector import Injector
+from .measurement import MeasurementContext
+
+ARCHITECTURE = "idm"
+ALPHA_RANGE = (1e-4, 0.9999)
+
+
+class SamplingStep(nn.Module):
+    """Step ``t`` of the sampler as a coupling body ``(x, context) -> x_{t−1}`` (canvas, model range).
+
+    ``context = {"meas": MeasurementContext, "abar": (T+1,) tensor with abar[0] = 1}``. The U-Net
+    is shared by all steps (registered in each so reversible backward sees its parameters).
+    """
+
+    def __init__(self, t: int, unet: ReversibleUNet, unshuffle: int) -> None:
+        super().__init__()
+        self.t, self.unshuffle = int(t), int(unshuffle)
+        self.unet = unet
+
+    def noise(self, x: torch.Tensor, meas: MeasurementContext) -> torch.Tensor:
+        """ε estimate for the canvas ``x`` (B, C, H, W)."""
+        u = self.unshuffle
+        h = F.pixel_unshuffle(x, u) if u > 1 else x
+        eps = self.unet(h, {"meas": meas, "step": self.t - 1})
+        return F.pixel_shuffle(eps, u) if u > 1 else eps
+
+    def forward(self, x: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
+        meas: MeasurementContext = context["meas"]
+        abar: torch.Tensor = context["abar"]
+        eps = self.noise(x, meas)
+        with torch.autocast(x.device.type, enabled=False):  # data consistency in full precision
+            eps = eps.to(x.dtype)
+            a, a_prev = abar[self.t].to(x.dtype), abar[self.t - 1].to(x.dtype)
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            x0 = to_model_range(meas.data_consistency(from_model_range(x0)))
+            return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+    def extra_repr(self) -> str:
+        return f"t={self.t}"
+
+
+class IDMNet(nn.Module):
+    """IDM: ``forward(y, op) -> x`` of shape ``(B, C, *op.domain_size)``, values nominally in [0, 1].
+
+    Args:
+        prior_unet: the pre-trained prior's U-Net (copied, not modified), or None for an untrained
+            network of the architecture in ``config`` (to load weights into).
+        config: :class:`IDMConfig`; ``config.unet`` must match ``prior_unet.config``.
+    """
+
+    def __init__(self, prior_unet: UNet | None, config: IDMConfig) -> None:
+        super().__init__()
+        if prior_unet is not None and prior_unet.config != config.unet:
+            raise IDMError(f"IDM config's U-Net {config.unet} does not match the prior's {prior_unet.config}")
+        self.config = config
+        schedule = NoiseSchedule.from_dict(config.prior_schedule)
+        abar = initial_abar(config.steps, config.schedule_init, config.alpha_init, schedule)
+        unet = adapt_unet(prior_unet if prior_unet is not None else UNet(config.unet), config.unshuffle)
+        self.unet = convert_unet(
+            unet,
+            t_constant=constant_timestep(schedule, abar),
+            injectors=self._injector_factory(unet) if config.injectors else None,
+            v_init=config.coupling_v,
+        )
+        self.alpha = nn.Parameter(alpha_from_abar(abar).float())
+        steps = [SamplingStep(t, self.unet, config.unshuffle) for t in range(config.steps, 0, -1)]
+        self.sampler = ReversibleSampler(steps, v_init=config.coupling_v)
+        self.set_levels(config.levels)
+
+    def _injector_factory(self, unet: UNet):
+        last = {f"down{i}": len(s.blocks) - 1 for i, s in enumerate(unet.down)}
+        last.update({f"up{i}": len(s.blocks) - 1 for i, s in enumerate(unet.up)})
+        last["middle"] = len(unet.middle.blocks) - 1
+        cfg = self.config
+
+        def factory(site: InjectionSite) -> Injector | None:
+            if site.position != last[site.stage]:
+                return None
+            return Injector(site.channels, cfg.unshuffle * 2**site.level, cfg.channels, cfg.steps)
+
+        return factory
+
+    # --- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_prior(cls, prior: Any, config: IDMConfig | None = None, **changes: Any) -> "IDMNet":
+        """IDM network initialised from a :class:`~idm.priors.Prior` (its U-Net and schedule)."""
+        base = config.to_dict() if config is not None else IDMConfig().to_dict()
+        base.update(changes, unet=prior.unet.config.to_dict(), prior_schedule=prior.schedule.to_dict())
+        return cls(prior.unet, IDMConfig.from_dict(base))
+
+    @property
+    def levels(self) -> str:
+        return self.config.levels
+
+    def set_levels(self, levels: str) -> "IDMNet":
+        """Switch the invertibility levels (memory strategy only; parameters unchanged)."""
+        self.config = self.config.with_levels(levels)
+        set_memory_mode(self.unet, "reversible" if levels == "both" else "plain")
+        self.sampler.memory_mode = "plain" if levels == "none" else "reversible"
+        return self
+
+    @torch.no_grad()
+    def zero_couplings(self) -> "IDMNet":
+        """Set every coupling's v to 0: the network becomes exactly the plain sampler with
+        injectors (not invertible; only usable with ``levels="none"``)."""
+        if self.levels != "none":
+            raise IDMError("couplings with v = 0 cannot be inverted; set levels='none' first")
+        for name, p in self.named_parameters():
+            if name.endswith(".v") or name == "v":
+                p.zero_()
+        return self
+
+    # --- the sampler -------------------------------------------------------------------------
+    def abar(self) -> torch.Tensor:
+        """``(T + 1,)`` cumulative products ``[1, ᾱ_1, …, ᾱ_T]`` of the clamped α."""
+        alpha = self.alpha.clamp(*ALPHA_RANGE)
+        return torch.cat([alpha.new_ones(1), alpha.cumprod(0)])
+
+    def forward(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+        """Measurements ``y`` (``op.measurement_shape(B, C)``) → estimate ``(B, C, *op.domain_size)``."""
+        op.check_measurements(y)
+        if y.shape[1] != self.config.channels:
+            raise IDMError(f"IDM network expects {self.config.channels}-channel measurements, got {y.shape[1]}")
+        if len(op.domain_size) != 2:
+            raise IDMError(f"IDM works on 2D images, the operator's domain is {op.domain_size}")
+        if not y.is_floating_point() or not bool(torch.isfinite(y).all()):
+            raise IDMError("measurements must be finite real floating-point values")
+        y = y.to(self.alpha.dtype)
+        meas = MeasurementContext.build(op, y, self.config.size_multiple)
+        abar = self.abar()
+        x = abar[-1].sqrt() * to_model_range(meas.pad(op.A_dagger(y)))
+        out = self.sampler(x, {"meas": meas, "abar": abar})
+        return meas.crop(from_model_range(out))
+
+    # --- weights -----------------------------------------------------------------------------
+    def unique_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict with each tensor once (the U-Net is shared by every step)."""
+        seen: set[int] = set()
+        out: dict[str, torch.Tensor] = {}
+        for key, tensor in self.state_dict(keep_vars=True).items():
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                out[key] = tensor.detach()
+        return out
+
+    def load_unique_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "state") -> None:
+        """Load a :meth:`unique_state_dict`; :class:`IDMError` on missing/unexpected/mis-shaped tensors."""
+        full = self.state_dict(keep_vars=True)
+        first: dict[int, str] = {}
+        canonical = {key: first.setdefault(id(t), key) for key, t in full.items()}
+        expected = set(first.values())
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unexpected:
+            raise IDMError(
+                f"{source} does not match the IDM network (missing {len(missing)} tensors e.g. {missing[:2]}, "
+                f"unexpected {len(unexpected)} e.g. {unexpected[:2]})"
+            )
+        for key in expected:
+            if tuple(tensors[key].shape) != tuple(full[key].shape):
+                raise IDMError(f"{source}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+                               f"the network expects {tuple(full[key].shape)}")
+        self.load_state_dict({key: tensors[canonical[key]] for key in full})
+
+    def checkpoint_config(self, *, ratio: float, operator: str = "blockcs", block_size: int | None = 32,
+                          extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            **(extra or {}),
+            "architecture": ARCHITECTURE,
+            "operator": operator,
+            "ratio": check_ratio(ratio),
+            "block_size": block_size,
+            "value_range": [0, 1],
+            "idm": self.config.to_dict(),
+        }
+
+    def save(self, directory: str | os.PathLike[str], card: str, *, ratio: float, operator: str = "blockcs",
+             block_size: int | None = 32, extra: dict[str, Any] | None = None,
+             dtype: torch.dtype | None = torch.float16) -> Path:
+        """Write a checkpoint directory (weights as ``dtype``: fp16 / bf16, None keeps fp32)."""
+        from ..io.checkpoint import save_checkpoint
+
+        config = self.checkpoint_config(ratio=ratio, operator=operator, block_size=block_size, extra=extra)
+        return save_checkpoint(directory, self.unique_state_dict(), config, card, dtype=dtype)
+
+
+def idm_from_config(config: dict[str, Any]) -> IDMNet:
+    """An (untrained) :class:`IDMNet` of the architecture recorded in a checkpoint config."""
+    if config.get("architecture") != ARCHITECTURE:
+        raise IDMError(f"checkpoint is not an IDM network (architecture={config.get('architecture')!r})")
+    try:
+        idm_config = IDMConfig.from_dict(config["idm"])
+    except (KeyError, TypeError) as exc:
+        raise IDMError(f"IDM checkpoint config is incomplete or malformed: {exc}") from None
+    return IDMNet(None, idm_config)
+
+
+def load_idm(
+    name_or_path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    ratio: float | None = None,
+    levels: str | None = None,
+) -> tuple[IDMNet, dict[str, Any]]:
+    """Load an IDM checkpoint (directory or shipped name) → ``(network in eval mode, config)``.
+
+    ``ratio``: if given, the checkpoint must have been trained for it (:class:`IDMError` otherwise).
+    ``levels``: override the stored invertibility levels (default: ``"none"``, the fast plain
+    network — the function is the same; fine-tuning sets its own).
+    """
+    from ..io.checkpoint import load_checkpoint, read_checkpoint_config, resolve_checkpoint
+
+    path = resolve_checkpoint(name_or_path)
+    stored = read_checkpoint_config(path)
+    if stored.get("architecture") != ARCHITECTURE:
+        raise IDMError(f"{path} is not an IDM checkpoint (architecture {stored.get('architecture')!r})")
+    expect: dict[str, Any] = {"architecture": ARCHITECTURE}
+    if ratio is not None:
+        expect["ratio"] = check_ratio(ratio)
+    tensors, config = load_checkpoint(path, expect=expect, device="cpu", dtype=torch.float32)
+    net = idm_from_config(config)
+    net.load_unique_state_dict(tensors, source=f"checkpoint {path}")
+    net.set_levels(levels or "none")
+    net.eval()
+    return net.to(device), config

@@ -1,0 +1,175 @@
+"""End-to-end fine-tuning (``train.finetune`` / ``idm finetune``): export, exact resume, re-init, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from idm.cli import main as idm_main
+from idm.data import save_image
+from idm.io.checkpoint import load_state, read_checkpoint_config
+from idm.network import load_idm
+from idm.physics import BlockCS
+from idm.priors import NoiseSchedule, Prior, UNet, UNetConfig
+from idm.registry import get_method
+from train.finetune import build_network, build_parser, lr_factor, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4, num_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # --threads 1 below sets it process-wide
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A tiny prior checkpoint, 3 training images (48×48) and 2 validation images (44×36)."""
+    root = tmp_path_factory.mktemp("finetune")
+    generator = torch.Generator().manual_seed(0)
+    Prior(UNet(TINY), NoiseSchedule()).save(root / "prior", "# tiny prior")
+    for i in range(3):
+        image = F.interpolate(torch.rand(1, 1, 12, 12, generator=generator), size=(48, 48), mode="bilinear")
+        save_image(root / "data" / f"train{i}.png", image[0].clamp(0, 1))
+    for i in range(2):
+        image = F.interpolate(torch.rand(1, 1, 11, 9, generator=generator), size=(44, 36), mode="bilinear")
+        save_image(root / "val" / f"val{i}.png", image[0].clamp(0, 1))
+    return root
+
+
+def tiny_args(workspace: Path, out: Path, *extra: str, steps: int = 3, ratio: float = 0.25) -> list[str]:
+    return [
+        "--init", str(workspace / "prior"), "--ratio", str(ratio), "--data", str(workspace / "data"),
+        "--out", str(out), "--steps", str(steps), "--batch", "2", "--patch", "32", "--block-size", "8",
+        "--sampling-steps", "2", "--lr", "1e-3", "--val-every", "0", "--threads", "1", "--no-progress", *extra,
+    ]
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def exported(workspace: Path) -> Path:
+    run = workspace / "run-export"
+    args = tiny_args(workspace, run, "--val", str(workspace / "val"), "--val-every", "2", steps=4)
+    assert main(args) == 0
+    return run
+
+
+def test_finetune_trains_validates_and_exports_a_loadable_checkpoint(workspace: Path, exported: Path) -> None:
+    assert len(losses(exported)) == 4
+    validations = [json.loads(line) for line in (exported / "val.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in validations] == [2, 4]
+    assert all(0 < v["psnr"] < 100 and -1 <= v["ssim"] <= 1 for v in validations)
+    checkpoint = exported / "checkpoint"
+    config = read_checkpoint_config(checkpoint)
+    assert config["architecture"] == "idm" and config["ratio"] == 0.25 and config["block_size"] == 8
+    assert config["training"]["steps"] == 4 and config["training"]["batch"] == 2
+    assert config["validation"]["psnr"] == pytest.approx(validations[-1]["psnr"])
+    card = (checkpoint / "README.md").read_text()
+    for needle in ("python -m train.finetune", "hardware", "wall time", "4 x 2", "PSNR"):
+        assert needle in card
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}
+    # the trained weights differ from the prior's initial network, and the `idm` method loads them
+    state = load_state(exported / "state.safetensors")
+    assert not torch.equal(state["model"]["alpha"], torch.tensor([0.5, 0.5]))
+    reconstruct = get_method("idm").build(checkpoint=str(checkpoint), ratio=0.25)
+    op = BlockCS((44, 36), 0.25, block_size=8)
+    x = torch.rand(1, 1, 44, 36)
+    with torch.no_grad():
+        assert reconstruct(op.measure(x), op).shape == (1, 1, 48, 40)
+
+
+def test_resume_continues_exactly(workspace: Path) -> None:
+    straight, split = workspace / "straight", workspace / "split"
+    assert main(tiny_args(workspace, straight, "--save-every", "2", steps=4)) == 0
+    assert main(tiny_args(workspace, split, "--save-every", "2", "--stop-after", "2", steps=4)) == 0
+    assert len(losses(split)) == 2 and not (split / "checkpoint").exists()
+    assert main(tiny_args(workspace, split, "--save-every", "2", "--resume", steps=4)) == 0
+    assert losses(split) == losses(straight)  # the same next loss as uninterrupted, bit for bit
+    a, b = load_state(straight / "state.safetensors"), load_state(split / "state.safetensors")
+    assert a["step"] == b["step"] == 4 and b["resumes"] == 1
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+
+
+def test_init_from_an_idm_checkpoint_at_another_ratio(workspace: Path, exported: Path) -> None:
+    run = workspace / "from-idm"
+    args = tiny_args(workspace, run, steps=1, ratio=0.5)
+    args[args.index("--init") + 1] = str(exported / "checkpoint")
+    assert main(args) == 0
+    config = read_checkpoint_config(run / "checkpoint")
+    assert config["ratio"] == 0.5
+    assert config["training"]["init_kind"] == "idm" and config["training"]["init_ratio"] == 0.25
+    # the network starts from the 25% checkpoint's weights (not from the prior)
+    parsed = build_parser().parse_args(args)
+    start, provenance = build_network(parsed)
+    source, _ = load_idm(exported / "checkpoint")
+    assert provenance["init_kind"] == "idm" and start.levels == "both"
+    for (key, a), b in zip(start.unique_state_dict().items(), source.unique_state_dict().values()):
+        assert torch.equal(a, b), key
+    # the architecture of an IDM --init is fixed
+    args[args.index("--sampling-steps") + 1] = "3"
+    args[args.index("--out") + 1] = str(workspace / "from-idm-T3")
+    assert main(args) == 2
+
+
+def test_user_errors_exit_with_status_2(workspace: Path, capsys) -> None:
+    run = workspace / "errors"
+    assert idm_main(["finetune", *tiny_args(workspace, run, "--patch", "36", steps=1)]) == 2
+    assert "multiple of --block-size" in capsys.readouterr().err
+    assert main(tiny_args(workspace, run, steps=1)) == 0
+    assert main(tiny_args(workspace, run, steps=1)) == 2  # state exists, no --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main(tiny_args(workspace, run, "--resume", "--seed", "1", steps=1)) == 2
+    assert "--seed" in capsys.readouterr().err
+    assert main(tiny_args(workspace, workspace / "errors2", "--ratio", "0", steps=1)) == 2
+    assert main(tiny_args(workspace, workspace / "errors3", "--init", str(workspace / "nope"), steps=1)) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_learning_rate_schedules() -> None:
+    assert [lr_factor(s, "step", 0, 100) for s in (0, 19, 20, 40, 60, 80, 99)] == [1, 1, 0.5, 0.25, 0.125, 0.0625, 0.0625]
+    assert lr_factor(0, "cosine", 10, 100) == pytest.approx(0.1)
+    assert lr_factor(10, "cosine", 10, 100) == pytest.approx(1.0)
+    assert lr_factor(100, "cosine", 10, 100) == pytest.approx(0.1)
+
+
+def test_two_cpu_processes_stay_in_sync_and_match_one_process(workspace: Path) -> None:
+    """DDP over gloo (torchrun + accelerate on CPU): ranks agree and equal a single process on the global batch.
+
+    About 25 s (two fresh interpreters); not marked slow since it is the only proof of the distributed path.
+    """
+    if not shutil.which("torchrun", path=str(Path(sys.executable).parent)):
+        pytest.skip("torchrun not installed next to the interpreter")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    single, multi = workspace / "single", workspace / "ddp"
+    assert main(tiny_args(workspace, single, steps=2)) == 0
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "train.finetune",
+               *tiny_args(workspace, multi, steps=2), "--save-every", "1"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = read_checkpoint_config(multi / "checkpoint")
+    assert config["training"]["hardware"].startswith("2 x ")  # really two processes
+    # every save checked that both ranks hold identical parameters (the run fails otherwise)
+    assert len(losses(multi)) == 2  # one log, written by rank 0 only
+    assert losses(multi) == pytest.approx(losses(single), rel=1e-5)
+    a, b = load_state(single / "state.safetensors"), load_state(multi / "state.safetensors")
+    for key, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][key], tensor, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,344 @@
+"""Fine-tune the IDM network end to end for scrambled block CS at one sampling ratio.
+
+    python -m train.finetune --init prior-gray --ratio 0.1 --data ../shared/data/natural/Train400 \\
+        --val ../shared/data/natural/Set12 --out runs/idm-cs10 --steps 20000 --batch 8 --patch 128
+    idm finetune ...                               (same options)
+    accelerate launch -m train.finetune ...        (multi-GPU / multi-CPU; --batch is the global batch)
+
+``--init`` is a prior checkpoint (the network starts as the prior's T-step sampler, research.md §1)
+or an IDM checkpoint trained at another ratio (its weights and architecture are reused). Loss: L1
+between the network's final output and the patch. Each step measures its global batch with one
+:class:`~idm.physics.BlockCS` whose pixel permutation is redrawn (seed = f(seed, step)); Φ is the
+fixed matrix of ``--matrix-seed`` (the one evaluation uses). Adam; the LR is halved at 20/40/60/80 %
+of ``--steps`` (``--lr-schedule step``, the paper's schedule) or follows a cosine to 10 % after a
+linear warm-up. The run folder gets:
+
+* ``state.safetensors`` every ``--save-every`` steps (atomic): model, optimizer, LR scheduler, grad
+  scaler, step, wall time, RNG states; ``--resume`` continues exactly (patches are indexed by
+  position, permutations seeded by step). Each save also checks that all processes hold identical
+  parameters;
+* ``log.jsonl`` (``{"step", "loss", "lr"}`` per step) and ``val.jsonl`` (``{"step", "psnr", "ssim"}``
+  every ``--val-every`` steps: mean over ``--val`` images measured with permutation seeds 0, 1, …,
+  scored like :func:`idm.evaluation.evaluate` — PSNR peak 255 and scikit-image SSIM on the crop);
+* at the end, a compact checkpoint (``--export``, default ``RUNDIR/checkpoint``; fp16 weights,
+  config, model card with command, steps, batch, hardware, wall time and validation PSNR/SSIM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from idm.errors import IDMError, check_ratio
+from train.common import (
+    EXPORT_DTYPES, LOG_FILE, Progress, RunLog, RunSummary, add_run_control_arguments, add_run_folder_arguments,
+    check_training_args, checked_state_path, command_line, data_row, export_directory, final_loss, hardware,
+    load_run_state, mean_loss, new_accelerator, optimizer_step, patch_loader, resume_progress, resumed_batches,
+    run_script, save_training_state, time_is_up, trajectory_args, warmup_cosine,
+)
+
+VAL_FILE = "val.jsonl"
+#: options that determine the training trajectory: a resumed run must repeat them
+TRAJECTORY_OPTIONS = (
+    "init", "ratio", "block_size", "matrix_seed", "data", "steps", "batch", "patch", "lr", "lr_schedule",
+    "warmup", "grad_clip", "sampling_steps", "unshuffle", "schedule_init", "mixed_precision", "seed",
+)
+#: the paper halves the LR at epochs 10/20/30/40 of 50
+STEP_MILESTONES = (0.2, 0.4, 0.6, 0.8)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the fine-tuning options to ``parser`` (shared by ``idm finetune``)."""
+    io = parser.add_argument_group("initialisation, data and run folder")
+    io.add_argument("--init", default="prior-gray",
+                    help="prior checkpoint (name or folder), or an IDM checkpoint at another ratio (default prior-gray)")
+    io.add_argument("--data", help="folder of training images (e.g. Train400)")
+    io.add_argument("--val", help="folder of validation images (e.g. Set12 or BSD68)")
+    io.add_argument("--val-limit", type=int, help="only the first N validation images")
+    io.add_argument("--out", help="run folder (default runs/idm-csNN)")
+    add_run_folder_arguments(io)
+
+    cs = parser.add_argument_group("measurement (scrambled block CS)")
+    cs.add_argument("--ratio", type=float, required=True, help="sampling ratio in (0, 1]")
+    cs.add_argument("--block-size", type=int, default=32, help="block size B (default 32)")
+    cs.add_argument("--matrix-seed", type=int, default=0, help="seed of the sampling matrix Φ (default 0, as evaluation)")
+
+    tr = parser.add_argument_group("training")
+    tr.add_argument("--steps", type=int, default=20000, help="total optimizer steps (default 20000)")
+    tr.add_argument("--batch", type=int, default=8, help="global batch size (default 8)")
+    tr.add_argument("--patch", type=int, default=128, help="square patch size, a multiple of the block size (default 128)")
+    tr.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4, Adam)")
+    tr.add_argument("--lr-schedule", choices=("step", "cosine"), default="step",
+                    help="step: halve at 20/40/60/80%% of --steps (paper); cosine: to 10%% after --warmup")
+    tr.add_argument("--warmup", type=int, default=0, help="linear LR warm-up steps (default 0)")
+    tr.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 = off (default 1)")
+    tr.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate mixed precision")
+    tr.add_argument("--levels", choices=("both", "steps", "none"), default="both",
+                    help="invertibility levels (memory only; same result): both (default), steps, none")
+    tr.add_argument("--seed", type=int, default=0, help="seed of initialisation, patches and permutations (default 0)")
+
+    net = parser.add_argument_group("network (with a prior --init; an IDM --init keeps its own)")
+    net.add_argument("--sampling-steps", type=int, help="sampling steps T (default 3)")
+    net.add_argument("--unshuffle", type=int, choices=(1, 2), help="pixel-unshuffle factor of the U-Net input (default 2)")
+    net.add_argument("--schedule-init", choices=("paper", "prior"), help="initial ᾱ: paper (α = 0.5) or prior (default paper)")
+
+    run = parser.add_argument_group("run control")
+    run.add_argument("--val-every", type=int, default=1000, help="steps between validations, 0 = only at the end")
+    add_run_control_arguments(run, max_minutes_help="stop (saving the state) after this much wall time")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train.finetune", description=__doc__.splitlines()[0])
+    return add_arguments(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_script(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return train(args)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
+    """LR multiplier at ``step``: linear warm-up, then ``step`` halvings or a cosine to 10 %."""
+    if schedule == "cosine":
+        return warmup_cosine(step, warmup, total)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 ** sum(step >= round(m * total) for m in STEP_MILESTONES)
+
+
+def permutation_seed(seed: int, step: int) -> int:
+    """Seed of the pixel permutation of training step ``step`` (shared by all processes)."""
+    return (seed * 1_000_003 + step) % (2**63 - 1) + 10_000  # evaluation uses seeds 0, 1, …
+
+
+def _validate_args(args: argparse.Namespace, world: int) -> None:
+    check_training_args(args, world, positive=("block_size",))
+    args.ratio = check_ratio(args.ratio)
+    if args.val_every < 0:
+        raise IDMError(f"--val-every must be >= 0, got {args.val_every}")
+    if args.patch % args.block_size:
+        raise IDMError(f"--patch {args.patch} must be a multiple of --block-size {args.block_size}")
+    if args.out is None:
+        args.out = f"runs/idm-cs{round(args.ratio * 100)}"
+
+
+def build_network(args: argparse.Namespace):
+    """The network to fine-tune from ``--init`` and its provenance ``{"init", "init_kind", ...}``."""
+    from idm.io.checkpoint import read_checkpoint_config, resolve_checkpoint
+    from idm.network import IDMNet, load_idm
+    from idm.priors import load_prior
+
+    path = resolve_checkpoint(args.init)
+    architecture = read_checkpoint_config(path).get("architecture")
+    changes = {k: v for k, v in (("steps", args.sampling_steps), ("unshuffle", args.unshuffle),
+                                 ("schedule_init", args.schedule_init)) if v is not None}
+    if architecture == "unet":
+        net = IDMNet.from_prior(load_prior(path), levels=args.levels, **changes)
+        return net, {"init": str(args.init), "init_kind": "prior"}
+    if architecture == "idm":
+        net, config = load_idm(path, levels=args.levels)
+        differing = {k: v for k, v in changes.items() if getattr(net.config, k) != v}
+        if differing:
+            raise IDMError(
+                f"--init {args.init} is an IDM checkpoint; its architecture cannot be changed "
+                f"({', '.join(f'{k}={v}' for k, v in differing.items())})"
+            )
+        return net, {"init": str(args.init), "init_kind": "idm", "init_ratio": config.get("ratio")}
+    raise IDMError(f"--init {args.init}: not a prior or IDM checkpoint (architecture {architecture!r})")
+
+
+def parameter_checksum(model: torch.nn.Module) -> torch.Tensor:
+    """``(2,)`` float64: sum and sum of squares of all parameters (to compare processes)."""
+    values = [p.detach().double() for p in model.parameters()]
+    return torch.stack([sum(v.sum() for v in values), sum((v * v).sum() for v in values)])
+
+
+@torch.no_grad()
+def validate(net: Any, images: list[tuple[str, torch.Tensor]], args: argparse.Namespace,
+             device: torch.device) -> dict[str, float]:
+    """Mean PSNR/SSIM of ``net`` over ``images``, each measured with permutation seed = its index."""
+    from idm.evaluation import blockcs_factory
+    from idm.metrics import psnr, ssim_skimage
+
+    make = blockcs_factory(args.ratio, seed=0, block_size=args.block_size)
+    scores = []
+    for index, (_, image) in enumerate(images):
+        x = image.unsqueeze(0).to(device)
+        op = make(tuple(image.shape[1:]), index)
+        if args.matrix_seed:
+            op = type(op)(**{**op.config_args(), "matrix_seed": args.matrix_seed})
+        estimate = op.crop(net(op.measure(x), op)).clamp(0, 1)
+        scores.append((float(psnr(estimate, x)[0]), float(ssim_skimage(estimate, x)[0])))
+    return {"psnr": sum(s[0] for s in scores) / len(scores), "ssim": sum(s[1] for s in scores) / len(scores)}
+
+
+# --- training --------------------------------------------------------------------------------
+def train(args: argparse.Namespace) -> int:
+    from accelerate.utils import gather_object, set_seed
+
+    from idm.data import ImageFolder
+    from idm.network import IDMConfig, IDMNet
+    from idm.physics import BlockCS
+
+    accelerator = new_accelerator(args.mixed_precision)
+    world, device = accelerator.num_processes, accelerator.device
+    _validate_args(args, world)
+    run_dir = Path(args.out)
+    state_path = checked_state_path(run_dir, args.resume)
+
+    set_seed(args.seed)
+    state = None
+    if args.resume:
+        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS)
+        model = IDMNet(None, IDMConfig.from_dict(state["idm_config"])).set_levels(args.levels)
+        model.load_unique_state_dict(state["model"], source=f"training state {state_path}")
+        provenance = state["provenance"]
+    else:
+        model, provenance = build_network(args)
+    model.train()
+    size_multiple = model.config.size_multiple
+    if args.patch % size_multiple:
+        raise IDMError(f"--patch {args.patch} must be a multiple of {size_multiple} for this network")
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, args.lr_schedule, args.warmup, args.steps)
+    )
+    command = command_line("train.finetune", args, (*TRAJECTORY_OPTIONS, "levels", "out", "val", "val_limit"))
+    progress = Progress(command=command)
+    if state is not None:
+        progress = resume_progress(state, accelerator, optimizer, scheduler,
+                                   logs=[run_dir / LOG_FILE, run_dir / VAL_FILE])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    net = accelerator.unwrap_model(model)
+
+    train_images = ImageFolder(args.data)
+    loader = patch_loader(train_images, args, progress.step, accelerator)
+    val_images = None
+    if args.val and accelerator.is_main_process:
+        folder = ImageFolder(args.val, limit=args.val_limit)
+        val_images = [folder[i] for i in range(len(folder))]
+    base_op = BlockCS((args.patch, args.patch), args.ratio, block_size=args.block_size, matrix_seed=args.matrix_seed)
+
+    def run_validation(step: int) -> dict[str, float] | None:
+        """Validate a full-precision copy of the current weights (main process only)."""
+        if val_images is None:
+            return None
+        copy = IDMNet(None, net.config).set_levels("none").to(device).eval()
+        copy.load_unique_state_dict(net.unique_state_dict())
+        scores = validate(copy, val_images, args, device)
+        with open(run_dir / VAL_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **scores}) + "\n")
+        return scores
+
+    def checkpoint_state(step: int, wall: float) -> None:
+        if world > 1:  # gather_object waits for every process
+            sums = gather_object([parameter_checksum(net).tolist()])
+            if any(s != sums[0] for s in sums):
+                raise IDMError(f"processes hold different parameters at step {step}: {sums}")
+        save_training_state(state_path, accelerator, progress, step=step, wall_time=wall,
+                            args=trajectory_args(args, TRAJECTORY_OPTIONS), optimizer=optimizer, scheduler=scheduler,
+                            provenance=provenance, idm_config=net.config.to_dict(), model=net.unique_state_dict())
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    stop = args.steps if args.stop_after is None else min(args.steps, progress.step + args.stop_after)
+    step, last_val = progress.step, None
+    with RunLog(run_dir / LOG_FILE, main=accelerator.is_main_process, total=args.steps, initial=progress.step,
+                desc=f"finetune cs{round(args.ratio * 100)}", show=not args.no_progress) as log:
+        for batch in resumed_batches(loader, progress.rng):
+            if step >= stop:
+                break
+            x = batch.to(device, non_blocking=True)
+            op = base_op.redraw(permutation_seed(args.seed, step))
+            y = op.A(x)
+            loss = F.l1_loss(model(y, op).float(), x)
+            lr = optimizer_step(accelerator, model, optimizer, scheduler, loss, args.grad_clip)
+            step += 1
+
+            value = mean_loss(accelerator, loss, step)
+            if args.val_every and step % args.val_every == 0 and step < args.steps:
+                if accelerator.is_main_process:
+                    last_val = run_validation(step)
+                accelerator.wait_for_everyone()
+            log.record({"step": step, "loss": value, "lr": lr},
+                       **({"val_psnr": f"{last_val['psnr']:.2f}"} if last_val else {}))
+
+            wall = progress.wall_time + time.monotonic() - t0
+            out_of_time = time_is_up(t0, args.max_minutes, world)
+            if step % args.save_every == 0 or step == stop or out_of_time:
+                checkpoint_state(step, wall)
+            if out_of_time:
+                break
+
+    if step < args.steps:
+        accelerator.print(f"stopped at step {step}/{args.steps}; continue with the same command plus --resume")
+        return 0
+    if accelerator.is_main_process:
+        scores = run_validation(step)
+        summary = RunSummary(progress.command, hardware(world, device), progress.wall_time + time.monotonic() - t0,
+                             progress.resumes, final_loss(run_dir / LOG_FILE))
+        export_dir = export_directory(args)
+        export(net, export_dir, args, summary, num_images=len(train_images), provenance=provenance, validation=scores)
+        accelerator.print(f"exported the fine-tuned network to {export_dir}"
+                          + (f" (validation PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f})" if scores else ""))
+    accelerator.wait_for_everyone()
+    return 0
+
+
+def export(net: Any, directory: Path, args: argparse.Namespace, summary: RunSummary, *, num_images: int,
+           provenance: dict[str, Any], validation: dict[str, float] | None) -> Path:
+    """Write the fine-tuned network as a compact checkpoint directory with a model card."""
+    cfg = net.config
+    val_name = f"{args.val}" + (f" (first {args.val_limit})" if args.val_limit else "") if args.val else None
+    training = {
+        **provenance, "data": str(args.data), "num_images": num_images, "patch": args.patch, "steps": args.steps,
+        "batch": args.batch, "lr": args.lr, "lr_schedule": args.lr_schedule, "levels": args.levels,
+        "mixed_precision": args.mixed_precision, "seed": args.seed, "matrix_seed": args.matrix_seed,
+        **summary.fields(), "storage_dtype": args.export_dtype,
+    }
+    extra: dict[str, Any] = {"training": training, "matrix_seed": args.matrix_seed}
+    if validation:
+        extra["validation"] = {"data": val_name, **validation}
+    alphas = [round(float(a), 4) for a in net.abar().detach()[1:]]
+    params = sum(p.numel() for p in net.parameters())
+    lines = [
+        f"# idm IDM network — scrambled block CS, ratio {args.ratio:g}",
+        "",
+        f"The {cfg.steps}-step sampler of a diffusion prior fine-tuned end to end (research.md §1). "
+        f"{params / 1e6:.2f} M parameters stored as {args.export_dtype}. Use with "
+        f"`idm reconstruct --method idm --checkpoint <this folder>` or `idm.network.load_idm(path)`.",
+        "",
+        "| | |", "|---|---|",
+        f"| measurement | scrambled block CS, ratio {args.ratio:g}, block {args.block_size}, Φ seed {args.matrix_seed} |",
+        f"| initialisation | {provenance.get('init_kind')} `{provenance.get('init')}` |",
+        f"| network | T = {cfg.steps}, unshuffle {cfg.unshuffle}, U-Net base {cfg.unet.base_channels} ch, mults "
+        f"{list(cfg.unet.channel_mults)}, injectors {'on' if cfg.injectors else 'off'}, learned ᾱ {alphas} |",
+        data_row(args, num_images),
+        f"| steps x batch | {args.steps} x {args.batch} |",
+        f"| optimizer | Adam lr {args.lr:g}, schedule {args.lr_schedule}, grad clip {args.grad_clip:g}, L1 loss |",
+        f"| invertibility / mixed precision | {args.levels} / {args.mixed_precision} |",
+        *summary.card_rows(),
+    ]
+    if validation:
+        lines.append(f"| validation on `{val_name}` | PSNR {validation['psnr']:.2f} dB, SSIM {validation['ssim']:.4f} |")
+    lines += summary.command_lines()
+    return net.save(directory, "\n".join(lines) + "\n", ratio=args.ratio, operator="blockcs",
+                    block_size=args.block_size, extra=extra, dtype=EXPORT_DTYPES[args.export_dtype])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
