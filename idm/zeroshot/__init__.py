@@ -1,0 +1,33 @@
+"""Zero-shot solvers on the diffusion prior: DDNM, DDNM+ and DPS (research.md §2).
+
+The samplers are small functions with one signature (k-diffusion style)::
+
+    sample_xxx(model, y, op, schedule, *, steps, size_multiple=1, generator=None,
+               progress=False, callback=None, **method_options) -> x
+
+``model(x, t) -> ε`` on the prior's range [-1, 1]; ``y`` measurements of [0, 1] images by the
+linear operator ``op`` (any :class:`~idm.physics.LinearOperator`: only ``A``, ``A_dagger`` are
+used); ``x`` the estimate ``(B, C, *op.domain_size)`` on [0, 1], not clipped. Importing this
+package registers the methods ``ddnm``, ``ddnm+`` and ``dps`` (:mod:`idm.zeroshot.method`).
+"""
+
+from .common import Canvas, data_consistency, jump_indices, misfit, timestep_pairs
+from .ddnm import noise_aware_weights, sample_ddnm
+from .dps import sample_dps
+from .method import DEFAULT_PRIOR, SOLVERS, ZeroShotReconstructor, build_solver, solver_options
+
+__all__ = [
+    "Canvas",
+    "DEFAULT_PRIOR",
+    "SOLVERS",
+    "ZeroShotReconstructor",
+    "build_solver",
+    "data_consistency",
+    "jump_indices",
+    "misfit",
+    "noise_aware_weights",
+    "sample_ddnm",
+    "sample_dps",
+    "solver_options",
+    "timestep_pairs",
+]

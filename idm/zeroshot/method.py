@@ -1,0 +1,168 @@
+"""The zero-shot solvers as registered reconstruction methods: ``ddnm``, ``ddnm+`` and ``dps``.
+
+Each factory loads a diffusion prior (``checkpoint``: a prior directory or shipped name, default
+``"prior-gray"``) and returns a :class:`ZeroShotReconstructor`, ``reconstruct(y, op) -> x`` with
+``x`` ``(B, C, *op.domain_size)`` on [0, 1] (not clipped). Each call draws its noise from a fresh
+CPU generator seeded with ``seed``, so a result depends only on ``(seed, y, op)``. Options (keyword
+arguments of ``build``) are those of :data:`SOLVERS`; ``ratio`` is accepted and ignored (the
+operator carries it), anything else raises :class:`IDMError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import IDMError
+from ..physics.base import LinearOperator
+from ..priors.prior import Prior, load_prior
+from ..registry import register_method
+from .common import check_inputs
+from .ddnm import sample_ddnm
+from .dps import sample_dps
+
+#: the prior used when no checkpoint is given
+DEFAULT_PRIOR = "prior-gray"
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A zero-shot method: its sampler, its options with their defaults (whose types they must
+    have) and whether the sampler is told the measurement noise ``op.noise.sigma``."""
+
+    sampler: Callable[..., torch.Tensor]
+    defaults: Mapping[str, Any]
+    noise_aware: bool = False
+    description: str = ""
+    limits: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+
+
+_STEP_LIMIT = (1, math.inf)
+SOLVERS: dict[str, SolverSpec] = {
+    "ddnm": SolverSpec(
+        sample_ddnm,
+        {"steps": 100, "eta": 0.85, "clip": True},
+        description="DDNM: range-null-space zero-shot sampling on the diffusion prior (100 steps, η=0.85)",
+        limits={"steps": _STEP_LIMIT, "eta": (0.0, 1.0)},
+    ),
+    "ddnm+": SolverSpec(
+        sample_ddnm,
+        {"steps": 100, "eta": 0.85, "clip": True, "travel_length": 1, "travel_repeat": 1},
+        noise_aware=True,
+        description="DDNM+: noise-aware DDNM for noisy measurements, optional time travel",
+        limits={"steps": _STEP_LIMIT, "eta": (0.0, 1.0), "travel_length": _STEP_LIMIT, "travel_repeat": _STEP_LIMIT},
+    ),
+    "dps": SolverSpec(
+        sample_dps,
+        {"steps": 1000, "zeta": 1.0, "clip": True},
+        description="DPS: diffusion posterior sampling, gradient of ‖y − A x̂₀‖ through the U-Net (1000 steps)",
+        limits={"steps": _STEP_LIMIT, "zeta": (0.0, math.inf)},
+    ),
+}
+
+
+def solver_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The defaults of method ``name`` updated with ``options``, type- and range-checked.
+
+    ``ratio`` is dropped; unknown names, wrong types and out-of-range values raise :class:`IDMError`.
+    """
+    spec = SOLVERS[name]
+    given = {key: value for key, value in options.items() if key != "ratio"}
+    unknown = sorted(set(given) - set(spec.defaults))
+    if unknown:
+        raise IDMError(
+            f"method {name!r} has no option(s) {', '.join(unknown)}; options: {', '.join(sorted(spec.defaults))}"
+        )
+    settings = dict(spec.defaults)
+    for key, value in given.items():
+        settings[key] = _checked(name, key, value, spec.defaults[key], spec.limits.get(key))
+    return settings
+
+
+def _checked(method: str, key: str, value: Any, default: Any, limits: tuple[float, float] | None) -> Any:
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise IDMError(f"method {method!r}: option {key} must be of type {kind.__name__}, got {value!r}")
+    if limits is not None and not limits[0] <= value <= limits[1]:
+        raise IDMError(f"method {method!r}: option {key} must lie in [{limits[0]:g}, {limits[1]:g}], got {value!r}")
+    return kind(value)
+
+
+class ZeroShotReconstructor:
+    """``reconstruct(y, op) -> x``: one zero-shot method bound to a loaded prior and its settings."""
+
+    def __init__(self, name: str, prior: Prior, settings: Mapping[str, Any], *, seed: int, progress: bool) -> None:
+        self.name, self.prior, self.settings = name, prior, dict(settings)
+        self.seed, self.progress = int(seed), bool(progress)
+
+    def __call__(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+        """Measurements ``y`` (``op.measurement_shape(B, C)``) → ``(B, C, *op.domain_size)`` on [0, 1], on y's device."""
+        check_inputs(y, op, self.prior.channels)
+        spec = SOLVERS[self.name]
+        extra = {"sigma_y": op.noise.sigma} if spec.noise_aware else {}
+        generator = torch.Generator().manual_seed(self.seed)
+        x = spec.sampler(
+            self.prior,
+            y.to(device=self.prior.device, dtype=torch.float32),
+            op,
+            self.prior.schedule,
+            size_multiple=self.prior.unet.config.size_multiple,
+            generator=generator,
+            progress=self.progress,
+            **self.settings,
+            **extra,
+        )
+        return x.to(y.device)
+
+    def __repr__(self) -> str:
+        return f"ZeroShotReconstructor({self.name!r}, {', '.join(f'{k}={v!r}' for k, v in self.settings.items())})"
+
+
+def build_solver(
+    name: str,
+    *,
+    checkpoint: Any = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+    **options: Any,
+) -> ZeroShotReconstructor:
+    """Factory behind the registered methods (see the module docstring)."""
+    settings = solver_options(name, options)
+    prior = load_prior(DEFAULT_PRIOR if checkpoint is None else checkpoint, device=device)
+    prior.unet.requires_grad_(False)
+    if settings["steps"] > prior.schedule.num_steps:
+        raise IDMError(
+            f"method {name!r}: {settings['steps']} steps exceed the prior's {prior.schedule.num_steps}-step schedule"
+        )
+    return ZeroShotReconstructor(name, prior, settings, seed=seed, progress=progress)
+
+
+def _register(name: str) -> None:
+    def build(
+        *,
+        checkpoint: Any = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        progress: bool = False,
+        **options: Any,
+    ) -> ZeroShotReconstructor:
+        return build_solver(name, checkpoint=checkpoint, device=device, seed=seed, progress=progress, **options)
+
+    build.__doc__ = f"``{name}``: {SOLVERS[name].description}. Options and defaults: {dict(SOLVERS[name].defaults)}."
+    register_method(name, SOLVERS[name].description, needs_checkpoint=True)(build)
+
+
+_register("ddnm")
+_register("ddnm+")
+_register("dps")

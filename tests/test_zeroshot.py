@@ -1,0 +1,218 @@
+"""Zero-shot solvers on a tiny random prior: DDNM consistency, DDNM+ reduction, DPS guidance, options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from idm.errors import IDMError
+from idm.physics import BlockCS, Denoising, Inpainting, SuperResolution
+from idm.priors import NoiseSchedule, Prior, UNet, UNetConfig, load_prior
+from idm.registry import METHODS, get_method
+from idm.zeroshot import Canvas, jump_indices, noise_aware_weights, sample_dps, timestep_pairs
+
+#: size_multiple 4, so the odd test images below need the padded canvas
+TINY = UNetConfig(base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1, attention_levels=(2,), groups=4, num_heads=2)
+SIZE = (19, 21)
+METHOD_NAMES = ("ddnm", "ddnm+", "dps")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prior_dir(tmp_path_factory) -> str:
+    """A tiny random prior saved as a checkpoint (its zero-initialised output layer randomised)."""
+    torch.manual_seed(3)
+    unet = UNet(TINY)
+    with torch.no_grad():
+        for p in unet.out.parameters():
+            p.normal_(0, 0.05)
+    directory = tmp_path_factory.mktemp("zeroshot") / "prior"
+    Prior(unet, NoiseSchedule()).save(directory, "# tiny test prior", dtype=None)
+    return str(directory)
+
+
+def images(batch: int = 2, size: tuple[int, int] = SIZE) -> torch.Tensor:
+    """Smooth random images in [0, 1]."""
+    x = torch.rand(batch, 1, 5, 5, generator=torch.Generator().manual_seed(batch))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+OPERATORS = {
+    "blockcs": lambda sigma=0.0: BlockCS(SIZE, 0.3, block_size=8, seed=1, noise_sigma=sigma),
+    "inpainting": lambda sigma=0.0: Inpainting(SIZE, ratio=0.4, seed=2, noise_sigma=sigma),
+    "superres": lambda sigma=0.0: SuperResolution(SIZE, 2, noise_sigma=sigma),
+    "denoising": lambda sigma=0.0: Denoising(SIZE, noise_sigma=sigma),
+}
+
+
+def measure(op, x: torch.Tensor) -> torch.Tensor:
+    return op.measure(x, generator=torch.Generator().manual_seed(7))
+
+
+def build(name: str, prior_dir: str, **options):
+    return get_method(name).build(checkpoint=prior_dir, **options)
+
+
+# --- shared pieces -------------------------------------------------------------------------------
+def test_timestep_pairs_descend_to_the_clean_image() -> None:
+    schedule = NoiseSchedule()
+    pairs = timestep_pairs(schedule, 5)
+    assert [t for t, _ in pairs] == schedule.respaced(5)[::-1]
+    assert pairs[0][0] == 999 and pairs[-1] == (0, -1)
+    assert all(t_next < t for t, t_next in pairs) and len(pairs) == 5
+
+
+def test_time_travel_jumps_back_and_repeats() -> None:
+    n, length, repeat = 7, 2, 3
+    order = jump_indices(n, length, repeat)
+    assert order[0] == n - 1 and order[-1] == -1
+    moves = [b - a for a, b in zip(order, order[1:])]
+    assert set(moves) == {-1, 1}
+    starts = range(0, n - length, length)  # jump points 0, 2, 4
+    assert moves.count(1) == len(starts) * (repeat - 1) * length
+    assert moves.count(-1) == n + moves.count(1)  # every index left upwards is denoised again
+    assert jump_indices(n) == list(range(n - 1, -2, -1))
+    with pytest.raises(IDMError, match="time travel"):
+        jump_indices(n, 0, 1)
+
+
+def test_canvas_pads_to_the_multiple_and_crops_back() -> None:
+    canvas = Canvas.for_operator(Inpainting(SIZE, ratio=0.5), 4)
+    assert canvas.size == (20, 24) and canvas.domain == SIZE
+    x, inner = torch.randn(2, 1, 20, 24), torch.randn(2, 1, *SIZE)
+    pasted = canvas.paste(x, inner)
+    assert torch.equal(canvas.crop(pasted), inner)
+    assert torch.equal(pasted[..., 19:, :], x[..., 19:, :]) and torch.equal(pasted[..., :, 21:], x[..., :, 21:])
+
+
+def test_noise_aware_weights() -> None:
+    assert noise_aware_weights(0.6, 0.8, 0.0) == (1.0, 0.8)
+    lam, gamma = noise_aware_weights(0.6, 0.8, 0.5)  # σ ≥ aσ_y: full correction, less fresh noise
+    assert lam == 1.0 and math.isclose(gamma**2, 0.8**2 - 0.3**2)
+    lam, gamma = noise_aware_weights(0.9, 0.1, 0.5)  # σ < aσ_y: partial correction, no noise
+    assert math.isclose(lam, 0.1 / 0.45) and gamma == 0.0
+
+
+# --- DDNM / DDNM+ --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["blockcs", "inpainting", "superres"])
+def test_ddnm_output_satisfies_the_measurements(prior_dir: str, kind: str) -> None:
+    op = OPERATORS[kind]()
+    y = measure(op, images())
+    x = build("ddnm", prior_dir, steps=4)(y, op)
+    assert x.shape == (2, 1, *op.domain_size)
+    torch.testing.assert_close(op.A(x), y, atol=1e-4, rtol=0)
+
+
+def test_ddnm_plus_equals_ddnm_without_noise(prior_dir: str) -> None:
+    op = OPERATORS["blockcs"]()
+    y = measure(op, images())
+    plain = build("ddnm", prior_dir, steps=5, seed=4)(y, op)
+    plus = build("ddnm+", prior_dir, steps=5, seed=4)(y, op)
+    assert torch.equal(plain, plus)
+
+
+def test_ddnm_plus_uses_the_noise_level_and_time_travel(prior_dir: str) -> None:
+    op = OPERATORS["blockcs"](0.1)
+    y = measure(op, images())
+    plain = build("ddnm", prior_dir, steps=5)(y, op)
+    plus = build("ddnm+", prior_dir, steps=5)(y, op)
+    travel = build("ddnm+", prior_dir, steps=5, travel_length=2, travel_repeat=2)(y, op)
+    assert not torch.allclose(plain, plus) and not torch.allclose(plus, travel)
+    # noisy y: the last steps shrink the correction, so DDNM+ does not reproduce the noise exactly
+    torch.testing.assert_close(op.A(plain), y, atol=1e-4, rtol=0)
+    assert float((op.A(plus) - y).abs().max()) > 1e-3
+
+
+# --- DPS -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["blockcs", "inpainting"])
+def test_dps_guidance_lowers_the_data_misfit(prior_dir: str, kind: str) -> None:
+    op = OPERATORS[kind]()
+    y = measure(op, images(1))
+    with torch.no_grad():  # as the CLI and the benchmark call it: DPS enables gradients itself
+        free = build("dps", prior_dir, steps=20, zeta=0.0)(y, op)
+        guided = build("dps", prior_dir, steps=20, zeta=1.0)(y, op)
+    misfit_free, misfit_guided = float((op.A(free) - y).norm()), float((op.A(guided) - y).norm())
+    assert misfit_guided < 0.8 * misfit_free
+
+
+def test_dps_misfit_falls_from_its_start(prior_dir: str) -> None:
+    prior = load_prior(prior_dir)
+    prior.unet.requires_grad_(False)
+    op = OPERATORS["blockcs"]()
+    y = measure(op, images(1))
+    seen: list[float] = []
+    x = sample_dps(prior, y, op, prior.schedule, steps=20, zeta=1.0, size_multiple=4,
+                   generator=torch.Generator().manual_seed(0), callback=lambda s: seen.append(float(s["misfit"][0])))
+    assert len(seen) == 20
+    final = 2 * float((op.A(x) - y).norm())  # the misfit is measured on the prior's [-1, 1] scale
+    assert final < 0.5 * seen[0]
+    assert all(p.grad is None for p in prior.unet.parameters())
+
+
+# --- every method ----------------------------------------------------------------------------------
+def test_methods_are_registered() -> None:
+    assert set(METHOD_NAMES) <= set(METHODS.names())
+    assert all(METHODS.get(name).needs_checkpoint for name in METHOD_NAMES)
+
+
+@pytest.mark.parametrize("kind", sorted(OPERATORS))
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_every_method_on_every_operator_is_seeded(prior_dir: str, name: str, kind: str) -> None:
+    op = OPERATORS[kind](0.05 if kind == "denoising" else 0.0)
+    y = measure(op, images())
+    first = build(name, prior_dir, steps=3, seed=1, ratio=0.3)(y, op)
+    again = build(name, prior_dir, steps=3, seed=1)(y, op)
+    other = build(name, prior_dir, steps=3, seed=2)(y, op)
+    assert first.shape == (2, 1, *op.domain_size) and bool(torch.isfinite(first).all())
+    assert torch.equal(first, again)
+    if name == "ddnm" and kind == "denoising":  # A = I has no null space: DDNM returns y whatever the noise
+        torch.testing.assert_close(first, y, atol=1e-5, rtol=0)
+    else:
+        assert not torch.allclose(first, other)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_bad_options_are_rejected(prior_dir: str, name: str) -> None:
+    with pytest.raises(IDMError, match="no option"):
+        build(name, prior_dir, temperature=1.0)
+    with pytest.raises(IDMError, match="steps must be of type int"):
+        build(name, prior_dir, steps="5")
+    with pytest.raises(IDMError, match="steps"):
+        build(name, prior_dir, steps=0)
+    with pytest.raises(IDMError, match="exceed"):
+        build(name, prior_dir, steps=1001)
+    with pytest.raises(IDMError, match="not found"):
+        get_method(name).build(checkpoint=prior_dir + "-missing")
+
+
+def test_option_ranges(prior_dir: str) -> None:
+    with pytest.raises(IDMError, match="eta"):
+        build("ddnm", prior_dir, eta=1.5)
+    with pytest.raises(IDMError, match="zeta"):
+        build("dps", prior_dir, zeta=-1.0)
+    with pytest.raises(IDMError, match="travel_length"):
+        build("ddnm", prior_dir, travel_length=2)  # time travel is a DDNM+ option
+    with pytest.raises(IDMError, match="clip must be of type bool"):
+        build("dps", prior_dir, clip=1)
+
+
+def test_bad_measurements_are_rejected(prior_dir: str) -> None:
+    op = OPERATORS["inpainting"]()
+    reconstruct = build("ddnm", prior_dir, steps=2)
+    y = measure(op, images(1))
+    with pytest.raises(IDMError, match="channel"):
+        reconstruct(y.repeat(1, 2, 1, 1), op)
+    with pytest.raises(IDMError, match="NaN"):
+        reconstruct(torch.full_like(y, float("nan")), op)
+    with pytest.raises(IDMError, match="do not match"):
+        reconstruct(y[..., :-1], op)
