@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .errors import IDMError
 from .metrics import psnr, ssim_skimage
 from .physics import BlockCS, LinearOperator
-from .registry import get_method
+from .registry import Reconstruct, get_method
 
 #: (image size, image index) → operator that measures that image
 OperatorFactory = Callable[[tuple[int, ...], int], LinearOperator]
@@ -85,13 +85,16 @@ def evaluate(
     progress: bool = False,
     total: int | None = None,
     options: Mapping[str, Any] | None = None,
+    reconstruct: Reconstruct | None = None,
 ) -> Evaluation:
     """Measure, reconstruct and score each ``(name, image (1, H, W) in [0, 1])``.
 
-    ``options``: extra keyword arguments for the method's factory (e.g. ``{"steps": 20}``)."""
-    reconstruct = get_method(method).build(
-        checkpoint=checkpoint, device=device, seed=seed, ratio=ratio, **dict(options or {})
-    )
+    ``options``: extra keyword arguments for the method's factory (e.g. ``{"steps": 20}``);
+    ``reconstruct``: the method already built (then ``checkpoint`` and ``options`` are unused)."""
+    if reconstruct is None:
+        reconstruct = get_method(method).build(
+            checkpoint=checkpoint, device=device, seed=seed, ratio=ratio, **dict(options or {})
+        )
     result = Evaluation(method=method, ratio=ratio)
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(images, total=total, desc=method, unit="img", disable=not progress, leave=False)

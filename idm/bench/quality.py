@@ -27,7 +27,7 @@ from ..data import ImageFolder  # noqa: E402
 from ..errors import IDMError, check_ratio  # noqa: E402
 from ..evaluation import Evaluation, blockcs_factory, evaluate  # noqa: E402
 from ..io.atomic import atomic_write  # noqa: E402
-from .methods import MethodChoice, add_method_arguments, build_method, choose_methods, skippable  # noqa: E402
+from .methods import MethodChoice, add_method_arguments, build_method, choose_methods  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,10 +65,11 @@ def run_quality(
         factory = blockcs_factory(ratio, seed=seed, block_size=block_size, noise_sigma=noise)
         for choice in methods:
             # a trial build finds default methods whose checkpoint is missing (evaluate builds again)
-            if skippable(choice) and build_method(choice, device=device, seed=seed, ratio=ratio) is None:
+            reconstruct = build_method(choice, device=device, seed=seed, ratio=ratio)
+            if reconstruct is None:
                 continue
-            result = evaluate(choice.name, images, factory, ratio=ratio, checkpoint=choice.checkpoint, device=device,
-                              seed=seed, keep_outputs=True, progress=True, total=len(images), options=choice.options)
+            result = evaluate(choice.name, images, factory, ratio=ratio, device=device, seed=seed,
+                              keep_outputs=True, progress=True, total=len(images), reconstruct=reconstruct)
             first = images[0][0]
             result.outputs = {first: result.outputs[first]}
             results.append(result)

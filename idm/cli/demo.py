@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..data import sample_images  # noqa: E402
 from ..errors import check_ratio  # noqa: E402
 from ..evaluation import Evaluation, blockcs_factory, evaluate  # noqa: E402
+from ..bench.methods import MethodChoice, build_method  # noqa: E402
 from ..io.atomic import atomic_write  # noqa: E402
 from ..registry import METHODS  # noqa: E402
 from .common import write_json  # noqa: E402
@@ -37,9 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     ratios = [check_ratio(r) for r in args.ratios]
-    methods = args.methods or [m for m in DEMO_METHODS if m in METHODS.names()]
-    for name in methods:
-        METHODS.get(name)
+    names = args.methods or [m for m in DEMO_METHODS if m in METHODS.names()]
+    methods = [MethodChoice(METHODS.get(name).name, explicit=bool(args.methods)) for name in names]
     images = sample_images(args.size)
     if args.limit:
         images = dict(list(images.items())[: args.limit])
@@ -47,10 +47,15 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: list[Evaluation] = []
     for ratio in ratios:
-        for name in methods:
+        for choice in methods:
+            # a default method whose shipped checkpoint is missing is skipped with a note
+            reconstruct = build_method(choice, device=args.device, seed=args.seed, ratio=ratio)
+            if reconstruct is None:
+                continue
             results.append(
-                evaluate(name, images.items(), blockcs_factory(ratio, seed=args.seed), ratio=ratio,
-                         device=args.device, seed=args.seed, keep_outputs=True, progress=True, total=len(images))
+                evaluate(choice.name, images.items(), blockcs_factory(ratio, seed=args.seed), ratio=ratio,
+                         device=args.device, seed=args.seed, keep_outputs=True, progress=True, total=len(images),
+                         reconstruct=reconstruct)
             )
         figure = out / f"demo-ratio{round(ratio * 100):02d}.png"
         write_figure(figure, images, [r for r in results if r.ratio == ratio])
