@@ -15,10 +15,11 @@ when it started; weights, optimiser state and the batch are allocated before and
 parameter gradients the step creates are included (identical in every mode). ``seconds_per_step``
 is the fastest of ``repeats`` unprofiled steps, measured after the profiled one (the warm-up).
 
-In ``invertible`` mode the peak is one U-Net's reversible-run outputs and skips, the parameter
-gradients (held from the second step on), and the transient of the largest recomputed block — for
-the default channel multipliers the checkpointed channel-changing first ResBlock of the finest up
-stage (``cat(h, skip)``, 3× the channels at full resolution), which bounds the saving at small T.
+In ``invertible`` mode the peak is one U-Net's stored reversible-run outputs and skips, the
+parameter gradients (held from the second step on), and the recomputation and backward of the
+largest block — for the default channel multipliers the channel-changing first ResBlock of the
+finest up stage (``cat(h, skip)``, 3× the channels at full resolution), which alone is about 70% of
+the peak and bounds the saving at small T (measured breakdown: :mod:`idm.invertible.sequence`).
 
 The network comes from a *factory* ``factory(case, device) -> TrainingSetup`` so the benchmark can
 run the real IDM network later; :func:`chain_factory` builds the IDM-like

@@ -5,6 +5,9 @@ maximal runs of consecutive shape-preserving bodies; each run becomes a
 :class:`~idm.invertible.sequence.ReversibleSequence` (duplicate → couplings → merge), every other
 layer (channel-changing ResBlocks, Down/Upsample, ``input_conv``, ``out``) is a
 :class:`CheckpointedBody` (non-reentrant activation checkpointing unless ``memory_mode == "plain"``).
+A resample followed directly by a checkpointed layer (the next stage's channel-changing first
+ResBlock) runs with it as one checkpointed segment, so the resample's output is not stored
+(:func:`run_links`).
 
 Shape-preserving bodies are: ResBlocks with equal in/out channels, AttentionBlocks, caller-supplied
 injectors, and — the one non-obvious case — the first ResBlock of an up stage, whose input is
@@ -99,6 +102,31 @@ class CheckpointedBody(UNetBody):
         return super().forward(h, state)
 
 
+#: a shape-changing layer and the state it is called with
+Link = tuple[CheckpointedBody, dict[str, Any]]
+
+
+def _run_plain_links(h: torch.Tensor, links: list[Link]) -> torch.Tensor:
+    for body, state in links:
+        h = body(h, state)
+    return h
+
+
+def run_links(links: list[Link], h: torch.Tensor) -> torch.Tensor:
+    """Consecutive shape-changing layers (e.g. an Upsample and the channel-changing ResBlock after
+    it) as one checkpointed segment, each layer also checkpointed inside it.
+
+    Only the segment's input is kept for backward (for the finest Upsample: its 64-channel input at
+    half resolution, which the reversible run before it keeps anyway), not the intermediate
+    (its full-resolution output, the next layer's input): the outer recomputation produces it, the
+    next layer consumes it without saving it, and the inner checkpoint of the first layer
+    recomputes what that layer's backward needs only once the next layer's backward is done.
+    """
+    if len(links) > 1 and links[0][0].memory_mode != "plain" and torch.is_grad_enabled():
+        return checkpoint(_run_plain_links, h, links, use_reentrant=False)
+    return _run_plain_links(h, links)
+
+
 class ReversibleStage(nn.Module):
     """A converted :class:`~idm.priors.unet.UNetStage`: ``segments`` (sequences / checkpointed bodies), ``resample``."""
 
@@ -109,8 +137,14 @@ class ReversibleStage(nn.Module):
         self.level = level
         self.takes_skip = takes_skip
 
-    def run_blocks(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        for segment in self.segments:
+    def run_blocks(self, h: torch.Tensor, state: dict[str, Any], lead: list[Link] | None = None) -> torch.Tensor:
+        """Run the segments on ``h``; ``lead``: shape-changing layers to run first (the previous
+        stage's resample), merged with this stage's leading checkpointed body (see :func:`run_links`)."""
+        links, segments = list(lead or []), list(self.segments)
+        if segments and isinstance(segments[0], CheckpointedBody):
+            links.append((segments.pop(0), state))
+        h = run_links(links, h)
+        for segment in segments:
             h = segment(h, state)
         return h
 
@@ -180,17 +214,17 @@ class ReversibleUNet(nn.Module):
         state: dict[str, Any] = {"emb": self.emb, "skip": None, "user": context}
         h = self.input_conv(x, state)
         skips = []
+        lead: list[Link] = []  # a stage's resample runs together with the next stage's first layer
         for stage in self.down:
-            h = stage.run_blocks(h, state)
+            h = stage.run_blocks(h, state, lead)
             skips.append(h)
-            if stage.resample is not None:
-                h = stage.resample(h, state)
-        h = self.middle.run_blocks(h, state)
+            lead = [] if stage.resample is None else [(stage.resample, state)]
+        h = self.middle.run_blocks(h, state, lead)
+        lead = []
         for stage in self.up:
-            h = stage.run_blocks(h, {**state, "skip": skips.pop()})
-            if stage.resample is not None:
-                h = stage.resample(h, state)
-        return self.out(h, state)
+            h = stage.run_blocks(h, {**state, "skip": skips.pop()}, lead)
+            lead = [] if stage.resample is None else [(stage.resample, state)]
+        return self.out(run_links(lead, h), state)
 
 
 def _convert_stage(
