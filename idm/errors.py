@@ -7,6 +7,8 @@ names the problem. The CLI prints ``error: <message>`` and exits with status 2.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class IDMError(ValueError):
     """A clear, one-line problem with the user's input."""
@@ -21,3 +23,10 @@ def check_ratio(ratio: float) -> float:
     if not (0.0 < value <= 1.0):
         raise IDMError(f"sampling ratio must lie in (0, 1], got {value:g}")
     return value
+
+
+def check_keys(given: Iterable[str], known: Iterable[str], what: str) -> None:
+    """Raise :class:`IDMError` naming the keys of ``given`` not in ``known`` (``what``: e.g. ``"U-Net config"``)."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise IDMError(f"unknown {what} keys: {', '.join(unknown)}")

@@ -1,11 +1,15 @@
-"""Shared test fixtures."""
+"""Shared test fixtures and factories (tiny U-Nets and priors; import the factories with
+``from conftest import ...``)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+
+from idm.priors import NoiseSchedule, Prior, UNet, UNetConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -21,3 +25,33 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest (and avoids oversubscribing shared cores).
+
+    Use per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_unet_config(**changes) -> UNetConfig:
+    """A U-Net config small enough for CPU tests: 8 base channels, two levels, attention on level 1;
+    ``changes`` override single fields (e.g. ``num_res_blocks=2``)."""
+    tiny = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4, num_heads=2)
+    return replace(tiny, **changes)
+
+
+def tiny_prior(config: UNetConfig, seed: int) -> Prior:
+    """A random prior (linear schedule) built after ``torch.manual_seed(seed)``; its zero-initialised
+    output conv gets N(0, 0.05²) weights, so ε is not identically zero."""
+    torch.manual_seed(seed)
+    unet = UNet(config)
+    with torch.no_grad():
+        for p in unet.out.parameters():
+            p.normal_(0, 0.05)
+    return Prior(unet, NoiseSchedule())

@@ -12,12 +12,7 @@ from idm.bench.memory import BENCH_MODES, UNET_PRESETS, MemoryCase, chain_factor
 from idm.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cpu_peak_counts_transient_allocations():

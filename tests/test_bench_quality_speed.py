@@ -18,29 +18,21 @@ from idm.data import ImageFolder
 from idm.errors import IDMError
 from idm.evaluation import blockcs_factory, evaluate
 from idm.network import IDMNet
-from idm.priors import NoiseSchedule, Prior, UNet, UNetConfig
+from idm.priors import Prior
 
-TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4, num_heads=2)
+from conftest import tiny_prior, tiny_unet_config
+
+TINY = tiny_unet_config()
 QUALITY_KEYS = {"method", "ratio", "psnr", "ssim", "seconds"}
 SPEED_KEYS = {"method", "seconds", "unet_evals"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def prior() -> Prior:
-    torch.manual_seed(5)
-    unet = UNet(TINY)
-    with torch.no_grad():
-        for p in unet.out.parameters():
-            p.normal_(0, 0.05)
-    return Prior(unet, NoiseSchedule())
+    return tiny_prior(TINY, seed=5)
 
 
 @pytest.fixture(scope="module")

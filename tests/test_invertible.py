@@ -22,20 +22,16 @@ from idm.invertible import (
 )
 from idm.priors.unet import UNet, UNetConfig
 
-TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4, num_heads=2)
+from conftest import tiny_unet_config
+
+TINY = tiny_unet_config()
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 #: float32 only: per-tensor bound for gradients that are sums with cancellation (the scalars v, s, m),
 #: whose relative error can exceed the float32 rounding of the whole gradient by ~10x
 FLOAT32_PER_TENSOR = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomised_unet(config: UNetConfig = TINY, dtype: torch.dtype = torch.float64) -> UNet:

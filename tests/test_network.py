@@ -14,10 +14,12 @@ from idm.errors import IDMError
 from idm.network import IDMConfig, IDMNet, load_idm
 from idm.network.adapt import adapt_unet
 from idm.physics import BlockCS, Inpainting, SuperResolution
-from idm.priors import NoiseSchedule, Prior, UNet, UNetConfig
+from idm.priors import NoiseSchedule, Prior, UNet
 from idm.registry import get_method
 
-TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=2, attention_levels=(1,), groups=4, num_heads=2)
+from conftest import tiny_unet_config
+
+TINY = tiny_unet_config(num_res_blocks=2)
 
 
 def randomized(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
@@ -29,13 +31,7 @@ def randomized(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
     return module
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest (and avoids oversubscribing shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,34 +10,26 @@ import torch.nn.functional as F
 
 from idm.errors import IDMError
 from idm.physics import BlockCS, Denoising, Inpainting, SuperResolution
-from idm.priors import NoiseSchedule, Prior, UNet, UNetConfig, load_prior
+from idm.priors import NoiseSchedule, load_prior
 from idm.registry import METHODS, get_method
 from idm.zeroshot import Canvas, jump_indices, noise_aware_weights, sample_dps, timestep_pairs
 
+from conftest import tiny_prior, tiny_unet_config
+
 #: size_multiple 4, so the odd test images below need the padded canvas
-TINY = UNetConfig(base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1, attention_levels=(2,), groups=4, num_heads=2)
+TINY = tiny_unet_config(channel_mults=(1, 2, 2), attention_levels=(2,))
 SIZE = (19, 21)
 METHOD_NAMES = ("ddnm", "ddnm+", "dps")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def prior_dir(tmp_path_factory) -> str:
     """A tiny random prior saved as a checkpoint (its zero-initialised output layer randomised)."""
-    torch.manual_seed(3)
-    unet = UNet(TINY)
-    with torch.no_grad():
-        for p in unet.out.parameters():
-            p.normal_(0, 0.05)
     directory = tmp_path_factory.mktemp("zeroshot") / "prior"
-    Prior(unet, NoiseSchedule()).save(directory, "# tiny test prior", dtype=None)
+    tiny_prior(TINY, seed=3).save(directory, "# tiny test prior", dtype=None)
     return str(directory)
 
 

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from . import import_if_built
 
 #: benchmark name → (module, one-line help); modules not built yet are skipped
 BENCHES: dict[str, tuple[str, str]] = {
@@ -18,12 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser("bench", help="run a benchmark (memory, ...)")
     benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name, (module_name, help_text) in BENCHES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # benchmark not built yet
-                continue
-            raise
+        module = import_if_built(module_name)
+        if module is None:  # benchmark not built yet
+            continue
         sub = benches.add_parser(name, help=help_text, description=(module.__doc__ or "").splitlines()[0] or None)
         module.add_arguments(sub)
         sub.set_defaults(func=module.run_cli)

@@ -40,7 +40,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import IDMError
 from ..priors.unet import UNet, UNetStage
 from .sequence import MemoryMode, ReversibleSequence, check_memory_mode
 
@@ -155,8 +154,15 @@ class ReversibleStage(nn.Module):
 class ReversibleUNet(nn.Module):
     """The U-Net in reversible form: ``forward(x, context=None) -> eps``, ``(B, C, H, W)`` both.
 
-    Build it with :func:`convert_unet`. ``context`` (any pytree of tensors and other objects) is
-    handed unchanged to every injector; its tensors receive gradients.
+    Shares its blocks with ``unet``; see the module docstring. ``context`` (any pytree of tensors
+    and other objects) is handed unchanged to every injector; its tensors receive gradients.
+
+    Args:
+        unet: the prior's U-Net.
+        t_constant: timestep whose embedding is frozen into the converted network.
+        injectors: ``factory(site) -> module | None`` inserting shape-preserving modules.
+        v_init, s_init, m_init: initial coupling / duplication / merge scalars of every run.
+        memory_mode: ``"reversible"`` (default), ``"checkpoint"`` or ``"plain"``.
     """
 
     def __init__(
@@ -201,16 +207,8 @@ class ReversibleUNet(nn.Module):
     def sequences(self) -> list[ReversibleSequence]:
         return [seq for stage in self.stages().values() for seq in stage.sequences()]
 
-    def check_input(self, x: torch.Tensor) -> None:
-        cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise IDMError(f"U-Net expects input (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        m = cfg.size_multiple
-        if x.shape[-2] % m or x.shape[-1] % m:
-            raise IDMError(f"U-Net input size {tuple(x.shape[-2:])} must be divisible by {m}; pad the image first")
-
     def forward(self, x: torch.Tensor, context: Any = None) -> torch.Tensor:
-        self.check_input(x)
+        self.config.check_input(x)
         state: dict[str, Any] = {"emb": self.emb, "skip": None, "user": context}
         h = self.input_conv(x, state)
         skips = []
@@ -259,31 +257,6 @@ def _convert_stage(
     return ReversibleStage(segments, resample, level=stage.level, takes_skip=stage.takes_skip)
 
 
-def convert_unet(
-    unet: UNet,
-    *,
-    t_constant: float = 0.0,
-    injectors: InjectorFactory | None = None,
-    v_init: float = 0.5,
-    s_init: float = 1.0,
-    m_init: float = 0.0,
-    memory_mode: MemoryMode = "reversible",
-) -> ReversibleUNet:
-    """The reversible form of ``unet`` (shares its blocks); see the module docstring.
-
-    Args:
-        unet: the prior's U-Net.
-        t_constant: timestep whose embedding is frozen into the converted network.
-        injectors: ``factory(site) -> module | None`` inserting shape-preserving modules.
-        v_init, s_init, m_init: initial coupling / duplication / merge scalars of every run.
-        memory_mode: ``"reversible"`` (default), ``"checkpoint"`` or ``"plain"``.
-    """
-    return ReversibleUNet(
-        unet,
-        t_constant=t_constant,
-        injectors=injectors,
-        v_init=v_init,
-        s_init=s_init,
-        m_init=m_init,
-        memory_mode=memory_mode,
-    )
+#: ``convert_unet(unet, **options)``: the reversible form of ``unet``, i.e. :class:`ReversibleUNet`
+#: under the name the rest of idm uses.
+convert_unet = ReversibleUNet

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from ..errors import IDMError
+from ..errors import IDMError, check_keys
 from ..priors.unet import UNetConfig
 
 #: invertibility levels: ``none`` plain autograd, ``steps`` each sampling step a reversible
@@ -48,7 +48,7 @@ class IDMConfig:
                                                                      "beta_start": 1e-4, "beta_end": 0.02})
 
     def __post_init__(self) -> None:
-        if isinstance(self.unet, dict):
+        if not isinstance(self.unet, UNetConfig):  # a dict, e.g. from JSON
             object.__setattr__(self, "unet", UNetConfig.from_dict(self.unet))
         if int(self.steps) < 1:
             raise IDMError(f"IDM needs at least one sampling step, got steps={self.steps}")
@@ -90,11 +90,6 @@ class IDMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "IDMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise IDMError(f"unknown IDM config keys: {', '.join(unknown)}")
-        kw = dict(d)
-        if "unet" in kw:
-            kw["unet"] = UNetConfig.from_dict(kw["unet"])
-        return cls(**kw)
+        """Inverse of :meth:`to_dict` (``unet`` is parsed in ``__post_init__``); unknown keys raise."""
+        check_keys(d, (f.name for f in fields(cls)), "IDM config")
+        return cls(**d)

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import IDMError
+from ..errors import IDMError, check_keys
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,14 @@ class UNetConfig:
     def emb_dim(self) -> int:
         return 4 * self.base_channels
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise :class:`IDMError` unless ``x`` is ``(B, in_channels, H, W)`` with H, W multiples of ``size_multiple``."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise IDMError(f"U-Net expects input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        m = self.size_multiple
+        if x.shape[-2] % m or x.shape[-1] % m:
+            raise IDMError(f"U-Net input size {tuple(x.shape[-2:])} must be divisible by {m}; pad the image first")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["channel_mults"] = list(self.channel_mults)
@@ -106,15 +114,9 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise IDMError(f"unknown U-Net config keys: {', '.join(unknown)}")
-        kw = dict(d)
-        for key in ("channel_mults", "attention_levels"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
-        return cls(**kw)
+        """Inverse of :meth:`to_dict` (lists become tuples in ``__post_init__``); unknown keys raise."""
+        check_keys(d, (f.name for f in fields(cls)), "U-Net config")
+        return cls(**d)
 
 
 def _groups(channels: int, groups: int) -> int:
@@ -320,13 +322,8 @@ class UNet(nn.Module):
         return self.time_embed(feats.to(self.time_embed[0].weight.dtype))
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise :class:`IDMError` unless ``x`` is ``(B, in_channels, H, W)`` with H, W multiples of ``size_multiple``."""
-        cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise IDMError(f"U-Net expects input (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        m = cfg.size_multiple
-        if x.shape[-2] % m or x.shape[-1] % m:
-            raise IDMError(f"U-Net input size {tuple(x.shape[-2:])} must be divisible by {m}; pad the image first")
+        """Raise :class:`IDMError` unless ``x`` fits this U-Net (see :meth:`UNetConfig.check_input`)."""
+        self.config.check_input(x)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor | float | int | None = None, *, emb: torch.Tensor | None = None

@@ -106,6 +106,15 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
 
 
+def initial_state(
+    y: torch.Tensor, op: LinearOperator, size_multiple: int, generator: torch.Generator | None
+) -> tuple[Canvas, torch.Tensor]:
+    """The canvas of ``op`` (padded to ``size_multiple``) and the initial state ``x_T ~ N(0, I)``
+    of shape ``(B, C, *canvas.size)`` (B, C those of ``y``), drawn from ``generator``, on ``y``'s device/dtype."""
+    canvas = Canvas.for_operator(op, size_multiple)
+    return canvas, randn((*y.shape[:2], *canvas.size), generator, y)
+
+
 def data_consistency(
     x0: torch.Tensor, y: torch.Tensor, op: LinearOperator, canvas: Canvas, weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..physics.base import LinearOperator
 from ..priors.schedule import NoiseSchedule
-from .common import Callback, Canvas, EpsModel, abar_at, data_consistency, randn, timestep_pairs
+from .common import Callback, EpsModel, abar_at, data_consistency, initial_state, randn, timestep_pairs
 
 
 def noise_aware_weights(a: float, sigma: float, sigma_y: float) -> tuple[float, float]:
@@ -77,11 +77,10 @@ def sample_ddnm(
         generator: CPU generator of the initial noise and the fresh noise of each step.
         callback: called after every step with ``{"i", "t", "x", "x0"}`` (``x0``: corrected, [0, 1] domain).
     """
-    canvas = Canvas.for_operator(op, size_multiple)
-    batch, channels = y.shape[:2]
+    canvas, x = initial_state(y, op, size_multiple, generator)
+    batch = y.shape[0]
     sigma_y_model = 2.0 * float(sigma_y)  # [0, 1] → [-1, 1] scale
     pairs = timestep_pairs(schedule, steps, travel_length, travel_repeat)
-    x = randn((batch, channels, *canvas.size), generator, y)
     image = canvas.crop(x)
     for i, (t, t_next) in enumerate(tqdm(pairs, disable=not progress, desc="ddnm", leave=False)):
         abar, abar_next = abar_at(schedule, t), abar_at(schedule, t_next)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..physics.base import LinearOperator
 from ..priors.schedule import NoiseSchedule, from_model_range
-from .common import Callback, Canvas, EpsModel, abar_at, misfit, randn, timestep_pairs
+from .common import Callback, EpsModel, abar_at, initial_state, misfit, randn, timestep_pairs
 
 
 def sample_dps(
@@ -49,10 +49,9 @@ def sample_dps(
     Runs with gradients enabled internally (also under ``torch.no_grad()``); the model's
     parameters receive no gradients.
     """
-    canvas = Canvas.for_operator(op, size_multiple)
-    batch, channels = y.shape[:2]
+    canvas, x = initial_state(y, op, size_multiple, generator)
+    batch = y.shape[0]
     pairs = timestep_pairs(schedule, steps)
-    x = randn((batch, channels, *canvas.size), generator, y)
     for i, (t, t_next) in enumerate(tqdm(pairs, disable=not progress, desc="dps", leave=False)):
         abar, abar_next = abar_at(schedule, t), abar_at(schedule, t_next)
         t_batch = torch.full((batch,), t, dtype=torch.long, device=x.device)
