@@ -283,7 +283,14 @@ def export(prior: Any, directory: Path, args: argparse.Namespace, summary: RunSu
         lines += ["", f"One-step denoising PSNR on `{args.eval_data}` (x̂₀ from x_t at matched noise level):", "",
                   "| σ (of 255) | t | input PSNR | x̂₀ PSNR |", "|---|---|---|---|"]
         lines += [f"| {k[5:]} | {v['t']} | {v['input_psnr']:.2f} | {v['psnr']:.2f} |" for k, v in denoising.items()]
-    return prior.save(directory, "\n".join(lines) + "\n", dtype=EXPORT_DTYPES[args.export_dtype])
+        lines += ["", "Reproduce this table (loads the stored weights):", "", "```bash",
+                  f"idm pretrain --evaluate {directory} --data {args.eval_data}", "```"]
+    lines += ["", f"Samples (DDIM, 50 steps, seed {args.seed}, {args.patch}×{args.patch}):", "",
+              "![samples](samples.png)", "",
+              f"`idm sample --checkpoint {directory} --n 16 --steps 50 --size {args.patch} --seed {args.seed} -o grid.png`"]
+    saved = prior.save(directory, "\n".join(lines) + "\n", dtype=EXPORT_DTYPES[args.export_dtype])
+    _write_samples(prior, saved / "samples.png", args)
+    return saved
 
 
 if __name__ == "__main__":
