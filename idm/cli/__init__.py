@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from types import ModuleType
 
 from ..errors import IDMError
 
-#: subcommand name → module (imported lazily so ``idm --help`` stays fast)
+#: subcommand name → module defining ``add_parser``
 SUBCOMMANDS: dict[str, str] = {
     "demo": "idm.cli.demo",
     "measure": "idm.cli.measure",
@@ -27,24 +26,11 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-def import_if_built(module_name: str) -> ModuleType | None:
-    """The module ``module_name``, or None if it does not exist (not built yet); errors inside it still raise."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return None
-        raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idm", description=__doc__.splitlines()[0] if __doc__ else None)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in SUBCOMMANDS.values():
-        module = import_if_built(module_name)
-        if module is None:  # subcommand not built yet
-            continue
-        module.add_parser(subparsers)
+        importlib.import_module(module_name).add_parser(subparsers)
     return parser
 
 

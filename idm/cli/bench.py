@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import import_if_built
+import importlib
 
-#: benchmark name → (module, one-line help); modules not built yet are skipped
+#: benchmark name → (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
     "memory": ("idm.bench.memory", "training-step memory and time of a T-step sampler per memory mode"),
     "quality": ("idm.bench.quality", "reconstruction quality of the methods"),
@@ -19,9 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser("bench", help="run a benchmark (memory, ...)")
     benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name, (module_name, help_text) in BENCHES.items():
-        module = import_if_built(module_name)
-        if module is None:  # benchmark not built yet
-            continue
+        module = importlib.import_module(module_name)
         sub = benches.add_parser(name, help=help_text, description=(module.__doc__ or "").splitlines()[0] or None)
         module.add_arguments(sub)
         sub.set_defaults(func=module.run_cli)
