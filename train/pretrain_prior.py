@@ -247,6 +247,7 @@ def _write_samples(prior: Any, path: Path, args: argparse.Namespace) -> None:
 def export(prior: Any, directory: Path, args: argparse.Namespace, summary: RunSummary, *, num_images: int,
            steps_done: int) -> Path:
     """Write the EMA prior as a checkpoint directory with a model card."""
+    from idm.priors import load_prior
     from idm.priors.evaluate import evaluate_denoising
     from idm.priors.unet import count_parameters
 
@@ -285,11 +286,12 @@ def export(prior: Any, directory: Path, args: argparse.Namespace, summary: RunSu
         lines += [f"| {k[5:]} | {v['t']} | {v['input_psnr']:.2f} | {v['psnr']:.2f} |" for k, v in denoising.items()]
         lines += ["", "Reproduce this table (loads the stored weights):", "", "```bash",
                   f"idm pretrain --evaluate {directory} --data {args.eval_data}", "```"]
-    lines += ["", f"Samples (DDIM, 50 steps, seed {args.seed}, {args.patch}×{args.patch}):", "",
+    lines += ["", f"Samples (DDIM, 50 steps, seed {args.seed}, {args.patch}×{args.patch}), drawn from the stored weights:", "",
               "![samples](samples.png)", "",
               f"`idm sample --checkpoint {directory} --n 16 --steps 50 --size {args.patch} --seed {args.seed} -o grid.png`"]
     saved = prior.save(directory, "\n".join(lines) + "\n", dtype=EXPORT_DTYPES[args.export_dtype])
-    _write_samples(prior, saved / "samples.png", args)
+    # drawn from the stored (e.g. fp16) weights, so the card's `idm sample` command redraws exactly this grid
+    _write_samples(load_prior(saved), saved / "samples.png", args)
     return saved
 
 
