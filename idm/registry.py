@@ -7,7 +7,10 @@ domain, shape ``(B, C, *op.domain_size)``, values nominally in [0, 1]. The facto
 expensive work once (loading weights); the callable is applied to many images and operators.
 
 Methods register themselves with :func:`register_method` when their module is imported;
-:func:`get_method` imports the built-in method modules on first use.
+:func:`get_method` imports the built-in method modules on first use. A method records what its
+``checkpoint`` is (``checkpoint_kind``): ``"prior"`` (a diffusion prior: idm prior checkpoint,
+diffusers folder or ``hf:`` id — the zero-shot methods), ``"idm"``, ``"unrolled"``, or None
+(the method takes no checkpoint).
 """
 
 from __future__ import annotations
@@ -33,10 +36,17 @@ Builder = Callable[..., Reconstruct]
 
 @dataclass(frozen=True)
 class MethodInfo:
+    """A registered method: ``checkpoint_kind`` names what its ``checkpoint`` argument is (None: none)."""
+
     name: str
     build: Builder
     description: str
-    needs_checkpoint: bool = False
+    checkpoint_kind: str | None = None
+
+    @property
+    def needs_checkpoint(self) -> bool:
+        """Whether the method loads a checkpoint (given, or its default one)."""
+        return self.checkpoint_kind is not None
 
 
 class MethodRegistry:
@@ -47,9 +57,11 @@ class MethodRegistry:
         self._builtin_modules = builtin_modules
         self._loaded = False
 
-    def register(self, name: str, description: str, needs_checkpoint: bool = False) -> Callable[[Builder], Builder]:
+    def register(self, name: str, description: str, checkpoint_kind: str | None = None) -> Callable[[Builder], Builder]:
+        """Decorator registering ``build`` as method ``name`` (``checkpoint_kind``: see the module docstring)."""
+
         def decorator(build: Builder) -> Builder:
-            self._methods[name] = MethodInfo(name, build, description, needs_checkpoint)
+            self._methods[name] = MethodInfo(name, build, description, checkpoint_kind)
             return build
 
         return decorator

@@ -11,6 +11,7 @@ from torch import nn
 
 from idm.bench.chain import ChainSampler
 from idm.invertible import (
+    CheckpointedBody,
     Coupling,
     InjectionSite,
     ReversibleSampler,
@@ -237,20 +238,29 @@ def test_converted_unet_at_idm_initialisation_is_a_different_network():
     assert not torch.allclose(out, ref, atol=1e-6)
 
 
+def segment_summary(rev: ReversibleUNet) -> list[tuple[str, tuple[int, ...], int | None, list[str]]]:
+    """(segment type, skips consumed, skip produced, [body kind:module type, ...]) per segment."""
+    rows = []
+    for segment, pops, push in zip(rev.segments, rev.pops, rev.pushes):
+        bodies = [segment] if isinstance(segment, CheckpointedBody) else list(segment.bodies)
+        rows.append((type(segment).__name__, pops, push, [f"{b.kind}:{type(b.module).__name__}" for b in bodies]))
+    return rows
+
+
 def test_conversion_structure():
     rev = convert_unet(randomised_unet())
-    assert list(rev.stages()) == ["down0", "down1", "middle", "up0", "up1"]
-    kinds = [[type(s).__name__ for s in stage.segments] for stage in rev.stages().values()]
-    # down1 starts with a channel-changing ResBlock; up0's first ResBlock is shape-preserving
-    # given its skip; up1's (finest) is not.
-    assert kinds == [
-        ["ReversibleSequence"],
-        ["CheckpointedBody", "ReversibleSequence"],
-        ["ReversibleSequence"],
-        ["ReversibleSequence"],
-        ["CheckpointedBody"],
+    # down1 starts with a channel-changing ResBlock (checkpointed together with the Downsample
+    # before it); the coarsest up ResBlock is shape-preserving given its skip and joins the middle
+    # run; the finest is not (checkpointed with the Upsample before it and the output head after).
+    assert segment_summary(rev) == [
+        ("CheckpointedBody", (), None, ["plain:Conv2d"]),
+        ("ReversibleSequence", (), 1, ["block:ResBlock"]),
+        ("CheckpointedChain", (), None, ["block:Downsample", "block:ResBlock"]),
+        ("ReversibleSequence", (), 4, ["block:AttentionBlock"]),
+        ("ReversibleSequence", (4,), None, ["block:ResBlock", "block:AttentionBlock", "block:ResBlock",
+                                            "skip_block:ResBlock", "block:AttentionBlock"]),
+        ("CheckpointedChain", (1,), None, ["block:Upsample", "skip_block:ResBlock", "plain:Sequential"]),
     ]
-    assert rev.up[0].segments[0].couplings[0].body.kind == "skip_block"
     assert rev.emb.shape == (1, TINY.emb_dim) and not rev.emb.requires_grad
     assert all(p.dtype == torch.float64 for p in rev.parameters())
 
@@ -310,6 +320,8 @@ def test_injectors_are_inserted_and_get_gradients():
 
     rev = convert_unet(randomised_unet(), injectors=factory)
     assert {s.stage for s in sites} == {"down0", "down1", "middle", "up0", "up1"}
+    assert [(s.stage, s.position) for s in sites if s.last] == [("down0", 0), ("down1", 1), ("middle", 2),
+                                                                ("up0", 1), ("up1", 0)]
     injectors = [m for m in rev.modules() if isinstance(m, ScaleInjector)]
     assert len(injectors) == len(sites) - sum(s.stage == "up1" for s in sites)
     # every injector sits inside a reversible run

@@ -1,4 +1,4 @@
-"""Fine-tune the IDM network end to end for scrambled block CS at one sampling ratio.
+"""Fine-tune the IDM network end to end (or train the ``unrolled`` baseline) for scrambled block CS at one ratio.
 
     python -m train.finetune --init prior-gray --ratio 0.1 --data ../shared/data/natural/Train400 \\
         --val ../shared/data/natural/Set12 --out runs/idm-cs10 --steps 20000 --batch 8 --patch 128
@@ -6,7 +6,9 @@
     accelerate launch -m train.finetune ...        (multi-GPU / multi-CPU; --batch is the global batch)
 
 ``--init`` is a prior checkpoint (the network starts as the prior's T-step sampler, research.md §1)
-or an IDM checkpoint trained at another ratio (its weights and architecture are reused). Loss: L1
+or an IDM checkpoint trained at another ratio (its weights and architecture are reused). With
+``--arch unrolled`` the same loop trains the learned baseline :mod:`idm.baselines.unrolled` from
+scratch (``--phases``, ``--channels``), or from an unrolled checkpoint at another ratio. Loss: L1
 between the network's final output and the patch. Each step measures its global batch with one
 :class:`~idm.physics.BlockCS` whose pixel permutation is redrawn (seed = f(seed, step)); Φ is the
 fixed matrix of ``--matrix-seed`` (the one evaluation uses). Adam; the LR is halved at 20/40/60/80 %
@@ -47,18 +49,29 @@ from train.common import (
 VAL_FILE = "val.jsonl"
 #: options that determine the training trajectory: a resumed run must repeat them
 TRAJECTORY_OPTIONS = (
-    "init", "ratio", "block_size", "matrix_seed", "data", "steps", "batch", "patch", "lr", "lr_schedule",
+    "arch", "init", "prior", "prune", "phases", "channels", "ratio", "block_size", "matrix_seed", "data", "steps", "batch", "patch", "lr", "lr_schedule",
     "warmup", "grad_clip", "sampling_steps", "unshuffle", "schedule_init", "mixed_precision", "seed",
 )
 #: the paper halves the LR at epochs 10/20/30/40 of 50
 STEP_MILESTONES = (0.2, 0.4, 0.6, 0.8)
+#: trainable reconstruction networks (``--arch``)
+ARCHITECTURES = ("idm", "unrolled")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the fine-tuning options to ``parser`` (shared by ``idm finetune``)."""
     io = parser.add_argument_group("initialisation, data and run folder")
-    io.add_argument("--init", default="prior-gray",
-                    help="prior checkpoint (name or folder), or an IDM checkpoint at another ratio (default prior-gray)")
+    io.add_argument("--arch", choices=ARCHITECTURES, default="idm",
+                    help="idm: fine-tune the IDM network (default); unrolled: train the ISTA-Net+ baseline")
+    io.add_argument("--init", help="idm: a prior checkpoint (name or folder, default prior-gray) or an IDM checkpoint "
+                                   "at another ratio; unrolled: an unrolled checkpoint at another ratio (default: "
+                                   "from scratch)")
+    io.add_argument("--prior", help="idm: the prior to start from — a prior checkpoint, a local diffusers folder "
+                                    "(UNet2DModel or Stable-Diffusion-style UNet2DConditionModel, model or pipeline "
+                                    "folder) or an explicit hub id hf:ORG/NAME (the only case that downloads)")
+    io.add_argument("--prune", choices=("none", "paper"),
+                    help="diffusers --prior: none, or paper (cross-attention, middle block and two deepest stages "
+                         "removed); default paper for UNet2DConditionModel, none for UNet2DModel")
     io.add_argument("--data", help="folder of training images (e.g. Train400)")
     io.add_argument("--val", help="folder of validation images (e.g. Set12 or BSD68)")
     io.add_argument("--val-limit", type=int, help="only the first N validation images")
@@ -81,13 +94,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     tr.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 = off (default 1)")
     tr.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate mixed precision")
     tr.add_argument("--levels", choices=("both", "steps", "none"), default="both",
-                    help="invertibility levels (memory only; same result): both (default), steps, none")
+                    help="IDM invertibility levels (memory only; same result): both (default), steps, none")
     tr.add_argument("--seed", type=int, default=0, help="seed of initialisation, patches and permutations (default 0)")
 
     net = parser.add_argument_group("network (with a prior --init; an IDM --init keeps its own)")
     net.add_argument("--sampling-steps", type=int, help="sampling steps T (default 3)")
     net.add_argument("--unshuffle", type=int, choices=(1, 2), help="pixel-unshuffle factor of the U-Net input (default 2)")
     net.add_argument("--schedule-init", choices=("paper", "prior"), help="initial ᾱ: paper (α = 0.5) or prior (default paper)")
+    net.add_argument("--phases", type=int, help="unrolled from scratch: phases K (default 9)")
+    net.add_argument("--channels", type=int, help="unrolled from scratch: feature channels (default 32)")
 
     run = parser.add_argument_group("run control")
     run.add_argument("--val-every", type=int, default=1000, help="steps between validations, 0 = only at the end")
@@ -132,23 +147,53 @@ def _validate_args(args: argparse.Namespace, world: int) -> None:
         raise IDMError(f"--val-every must be >= 0, got {args.val_every}")
     if args.patch % args.block_size:
         raise IDMError(f"--patch {args.patch} must be a multiple of --block-size {args.block_size}")
+    idm_only = ("sampling_steps", "unshuffle", "schedule_init") if args.arch == "unrolled" else ("phases", "channels")
+    given = [f"--{name.replace('_', '-')}" for name in idm_only if getattr(args, name) is not None]
+    if given:
+        raise IDMError(f"{', '.join(given)} do(es) not apply to --arch {args.arch}")
+    if args.prior is not None and (args.arch != "idm" or args.init is not None):
+        raise IDMError("--prior starts an IDM network from a prior: use it with --arch idm and without --init")
+    if args.prune is not None and args.prior is None:
+        raise IDMError("--prune applies to a diffusers --prior only")
+    if args.arch == "idm" and args.init is None and args.prior is None:
+        args.init = "prior-gray"
     if args.out is None:
-        args.out = f"runs/idm-cs{round(args.ratio * 100)}"
+        args.out = f"runs/{args.arch}-cs{round(args.ratio * 100)}"
 
 
 def build_network(args: argparse.Namespace):
-    """The network to fine-tune from ``--init`` and its provenance ``{"init", "init_kind", ...}``."""
+    """The network to train from ``--arch``/``--init`` and its provenance ``{"init", "init_kind", ...}``."""
+    from idm.baselines.unrolled import UnrolledConfig, UnrolledNet, load_unrolled
     from idm.io.checkpoint import read_checkpoint_config, resolve_checkpoint
-    from idm.network import IDMNet, load_idm
-    from idm.priors import load_prior
+    from idm.network import load_idm
+    from idm.priors.hub import is_diffusers_folder, is_hub_id
 
-    path = resolve_checkpoint(args.init)
-    architecture = read_checkpoint_config(path).get("architecture")
+    if args.arch == "unrolled" and args.init is None:
+        sizes = {k: v for k, v in (("phases", args.phases), ("channels", args.channels)) if v is not None}
+        return UnrolledNet(UnrolledConfig(**sizes)), {"init": None, "init_kind": "scratch"}
+    source = args.prior if getattr(args, "prior", None) is not None else args.init
+    is_diffusers = args.arch == "idm" and (is_hub_id(source) or is_diffusers_folder(source))
+    path = None if is_diffusers else resolve_checkpoint(source)
+    architecture = None if is_diffusers else read_checkpoint_config(path).get("architecture")
+    if args.prior is not None and not is_diffusers and architecture != "unet":
+        raise IDMError(f"--prior {args.prior} is not a prior (architecture {architecture!r}); use --init for IDM checkpoints")
+    if args.arch == "unrolled":
+        if architecture != "unrolled":
+            raise IDMError(f"--arch unrolled: --init {args.init} is not an unrolled checkpoint ({architecture!r})")
+        net, config = load_unrolled(path)
+        if any(v is not None and v != getattr(net.config, k) for k, v in (("phases", args.phases),
+                                                                            ("channels", args.channels))):
+            raise IDMError(f"--init {args.init} is an unrolled checkpoint; --phases/--channels cannot change it")
+        return net, {"init": str(args.init), "init_kind": "unrolled", "init_ratio": config.get("ratio")}
     changes = {k: v for k, v in (("steps", args.sampling_steps), ("unshuffle", args.unshuffle),
                                  ("schedule_init", args.schedule_init)) if v is not None}
-    if architecture == "unet":
-        net = IDMNet.from_prior(load_prior(path), levels=args.levels, **changes)
-        return net, {"init": str(args.init), "init_kind": "prior"}
+    if is_diffusers or architecture == "unet":
+        from idm.invertible.diffusers import PruneOptions
+        from idm.network import idm_from_prior
+
+        prune = {None: None, "paper": PruneOptions.paper().to_dict(), "none": PruneOptions().to_dict()}[args.prune]
+        net = idm_from_prior(source, prune=prune, levels=args.levels, **changes)
+        return net, {"init": str(source), "init_kind": "diffusers" if is_diffusers else "prior"}
     if architecture == "idm":
         net, config = load_idm(path, levels=args.levels)
         differing = {k: v for k, v in changes.items() if getattr(net.config, k) != v}
@@ -159,6 +204,16 @@ def build_network(args: argparse.Namespace):
             )
         return net, {"init": str(args.init), "init_kind": "idm", "init_ratio": config.get("ratio")}
     raise IDMError(f"--init {args.init}: not a prior or IDM checkpoint (architecture {architecture!r})")
+
+
+def empty_network(arch: str, config: dict[str, Any]):
+    """An untrained network of architecture ``arch`` with the hyper-parameters ``config`` (``net.config.to_dict()``)."""
+    from idm.baselines.unrolled import UnrolledConfig, UnrolledNet
+    from idm.network import IDMConfig, IDMNet
+
+    if arch == "unrolled":
+        return UnrolledNet(UnrolledConfig.from_dict(config))
+    return IDMNet(None, IDMConfig.from_dict(config))
 
 
 def parameter_checksum(model: torch.nn.Module) -> torch.Tensor:
@@ -191,7 +246,6 @@ def train(args: argparse.Namespace) -> int:
     from accelerate.utils import gather_object, set_seed
 
     from idm.data import ImageFolder
-    from idm.network import IDMConfig, IDMNet
     from idm.physics import BlockCS
 
     accelerator = new_accelerator(args.mixed_precision)
@@ -204,7 +258,7 @@ def train(args: argparse.Namespace) -> int:
     state = None
     if args.resume:
         state = load_run_state(state_path, args, TRAJECTORY_OPTIONS)
-        model = IDMNet(None, IDMConfig.from_dict(state["idm_config"])).set_levels(args.levels)
+        model = empty_network(args.arch, state["net_config"]).set_levels(args.levels)
         model.load_unique_state_dict(state["model"], source=f"training state {state_path}")
         provenance = state["provenance"]
     else:
@@ -217,7 +271,8 @@ def train(args: argparse.Namespace) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.lr_schedule, args.warmup, args.steps)
     )
-    command = command_line("train.finetune", args, (*TRAJECTORY_OPTIONS, "levels", "out", "val", "val_limit"))
+    memory = ("levels",) if args.arch == "idm" else ()
+    command = command_line("train.finetune", args, (*TRAJECTORY_OPTIONS, *memory, "out", "val", "val_limit"))
     progress = Progress(command=command)
     if state is not None:
         progress = resume_progress(state, accelerator, optimizer, scheduler,
@@ -237,7 +292,7 @@ def train(args: argparse.Namespace) -> int:
         """Validate a full-precision copy of the current weights (main process only)."""
         if val_images is None:
             return None
-        copy = IDMNet(None, net.config).set_levels("none").to(device).eval()
+        copy = empty_network(args.arch, net.config.to_dict()).set_levels("none").to(device).eval()
         copy.load_unique_state_dict(net.unique_state_dict())
         scores = validate(copy, val_images, args, device)
         with open(run_dir / VAL_FILE, "a", encoding="utf-8") as handle:
@@ -251,14 +306,14 @@ def train(args: argparse.Namespace) -> int:
                 raise IDMError(f"processes hold different parameters at step {step}: {sums}")
         save_training_state(state_path, accelerator, progress, step=step, wall_time=wall,
                             args=trajectory_args(args, TRAJECTORY_OPTIONS), optimizer=optimizer, scheduler=scheduler,
-                            provenance=provenance, idm_config=net.config.to_dict(), model=net.unique_state_dict())
+                            provenance=provenance, net_config=net.config.to_dict(), model=net.unique_state_dict())
 
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     stop = args.steps if args.stop_after is None else min(args.steps, progress.step + args.stop_after)
     step, last_val = progress.step, None
     with RunLog(run_dir / LOG_FILE, main=accelerator.is_main_process, total=args.steps, initial=progress.step,
-                desc=f"finetune cs{round(args.ratio * 100)}", show=not args.no_progress) as log:
+                desc=f"{args.arch} cs{round(args.ratio * 100)}", show=not args.no_progress) as log:
         for batch in resumed_batches(loader, progress.rng):
             if step >= stop:
                 break
@@ -293,7 +348,7 @@ def train(args: argparse.Namespace) -> int:
                              progress.resumes, final_loss(run_dir / LOG_FILE))
         export_dir = export_directory(args)
         export(net, export_dir, args, summary, num_images=len(train_images), provenance=provenance, validation=scores)
-        accelerator.print(f"exported the fine-tuned network to {export_dir}"
+        accelerator.print(f"exported the trained network to {export_dir}"
                           + (f" (validation PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f})" if scores else ""))
     accelerator.wait_for_everyone()
     return 0
@@ -301,36 +356,50 @@ def train(args: argparse.Namespace) -> int:
 
 def export(net: Any, directory: Path, args: argparse.Namespace, summary: RunSummary, *, num_images: int,
            provenance: dict[str, Any], validation: dict[str, float] | None) -> Path:
-    """Write the fine-tuned network as a compact checkpoint directory with a model card."""
+    """Write the trained network as a compact checkpoint directory with a model card."""
     cfg = net.config
     val_name = f"{args.val}" + (f" (first {args.val_limit})" if args.val_limit else "") if args.val else None
     training = {
         **provenance, "data": str(args.data), "num_images": num_images, "patch": args.patch, "steps": args.steps,
-        "batch": args.batch, "lr": args.lr, "lr_schedule": args.lr_schedule, "levels": args.levels,
+        "batch": args.batch, "lr": args.lr, "lr_schedule": args.lr_schedule, "arch": args.arch,
+        **({"levels": args.levels} if args.arch == "idm" else {}),
         "mixed_precision": args.mixed_precision, "seed": args.seed, "matrix_seed": args.matrix_seed,
         **summary.fields(), "storage_dtype": args.export_dtype,
     }
     extra: dict[str, Any] = {"training": training, "matrix_seed": args.matrix_seed}
     if validation:
         extra["validation"] = {"data": val_name, **validation}
-    alphas = [round(float(a), 4) for a in net.abar().detach()[1:]]
     params = sum(p.numel() for p in net.parameters())
+    if args.arch == "unrolled":
+        title, summary_line, use, network = (
+            "unrolled baseline (ISTA-Net+ family)",
+            f"A learned {cfg.phases}-phase proximal-gradient network trained from scratch (research.md §2).",
+            "`idm reconstruct --method unrolled --checkpoint <this folder>`",
+            f"{cfg.phases} phases, {cfg.channels} feature channels")
+        init = f"{provenance.get('init_kind')}" + (f" `{provenance['init']}`" if provenance.get("init") else "")
+    else:
+        alphas = [round(float(a), 4) for a in net.abar().detach()[1:]]
+        title, summary_line, use, network = (
+            "IDM network",
+            f"The {cfg.steps}-step sampler of a diffusion prior fine-tuned end to end (research.md §1).",
+            "`idm reconstruct --method idm --checkpoint <this folder>` or `idm.network.load_idm(path)`",
+            f"T = {cfg.steps}, unshuffle {cfg.unshuffle}, {cfg.describe_backbone()}, "
+            f"injectors {'on' if cfg.injectors else 'off'}, learned ᾱ {alphas}")
+        init = f"{provenance.get('init_kind')} `{provenance.get('init')}`"
     lines = [
-        f"# idm IDM network — scrambled block CS, ratio {args.ratio:g}",
+        f"# idm {title} — scrambled block CS, ratio {args.ratio:g}",
         "",
-        f"The {cfg.steps}-step sampler of a diffusion prior fine-tuned end to end (research.md §1). "
-        f"{params / 1e6:.2f} M parameters stored as {args.export_dtype}. Use with "
-        f"`idm reconstruct --method idm --checkpoint <this folder>` or `idm.network.load_idm(path)`.",
+        f"{summary_line} {params / 1e6:.2f} M parameters stored as {args.export_dtype}. Use with {use}.",
         "",
         "| | |", "|---|---|",
         f"| measurement | scrambled block CS, ratio {args.ratio:g}, block {args.block_size}, Φ seed {args.matrix_seed} |",
-        f"| initialisation | {provenance.get('init_kind')} `{provenance.get('init')}` |",
-        f"| network | T = {cfg.steps}, unshuffle {cfg.unshuffle}, U-Net base {cfg.unet.base_channels} ch, mults "
-        f"{list(cfg.unet.channel_mults)}, injectors {'on' if cfg.injectors else 'off'}, learned ᾱ {alphas} |",
+        f"| initialisation | {init} |",
+        f"| network | {network} |",
         data_row(args, num_images),
         f"| steps x batch | {args.steps} x {args.batch} |",
         f"| optimizer | Adam lr {args.lr:g}, schedule {args.lr_schedule}, grad clip {args.grad_clip:g}, L1 loss |",
-        f"| invertibility / mixed precision | {args.levels} / {args.mixed_precision} |",
+        (f"| invertibility / mixed precision | {args.levels} / {args.mixed_precision} |" if args.arch == "idm"
+         else f"| mixed precision | {args.mixed_precision} |"),
         *summary.card_rows(),
     ]
     if validation:

@@ -1,5 +1,5 @@
-"""Classic reconstruction baselines, registered as methods on import: ``pinv`` and ``tv``."""
+"""Baselines, registered as methods on import: classic ``pinv`` and ``tv``, learned ``unrolled``."""
 
-from . import pinv, tv
+from . import pinv, tv, unrolled
 
-__all__ = ["pinv", "tv"]
+__all__ = ["pinv", "tv", "unrolled"]

@@ -106,7 +106,31 @@ def chain_factory(unet_config: UNetConfig, *, seed: int = 0) -> ModelFactory:
     return build
 
 
-#: ``--model`` name → ``builder(unet_config, seed) -> ModelFactory``; the IDM network adds itself here
+def idm_factory(prior: str, *, seed: int = 0, ratio: float = 0.1, prune: dict[str, Any] | None = None) -> ModelFactory:
+    """Factory of IDM fine-tuning steps (:class:`~idm.network.IDMNet` from ``prior`` — a prior
+    checkpoint, a local diffusers folder or an explicit ``hf:`` id — with T = the case's steps;
+    scrambled block CS at ``ratio``, L1 loss), i.e. what ``idm finetune --prior`` trains."""
+    from ..network import idm_from_prior
+    from ..physics import BlockCS
+
+    def build(case: MemoryCase, device: torch.device) -> TrainingSetup:
+        torch.manual_seed(seed)
+        model = idm_from_prior(prior, prune=prune, steps=case.steps).to(device).train()
+        apply_mode(model, model.sampler, case.mode)
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.rand((case.batch, model.config.channels, case.size, case.size), generator=generator).to(device)
+        op = BlockCS((case.size, case.size), ratio, block_size=min(32, case.size), seed=seed)
+        y = op.A(x)
+
+        def loss() -> torch.Tensor:
+            return (model(y, op) - x).abs().mean()
+
+        return TrainingSetup(model, loss)
+
+    return build
+
+
+#: ``--model`` name → ``builder(unet_config, seed) -> ModelFactory``
 BENCH_MODELS: dict[str, Callable[..., ModelFactory]] = {"chain": chain_factory}
 
 
@@ -252,6 +276,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="network to train: chain = IDM-like inpainting sampler (default chain)")
     parser.add_argument("--unet-config", default="small",
                         help=f"U-Net preset ({', '.join(UNET_PRESETS)}) or a JSON file of UNetConfig (default small)")
+    parser.add_argument("--prior", help="instead: train the IDM network (block CS 10%%, T = --steps) built from this "
+                        "prior — a prior checkpoint, a local diffusers folder (UNet2DModel or SD-style "
+                        "UNet2DConditionModel) or an explicit hf:ORG/NAME")
+    parser.add_argument("--prune", choices=("none", "paper"),
+                        help="diffusers --prior: pruning (default paper for UNet2DConditionModel, none for UNet2DModel)")
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per configuration, the fastest is reported (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batch (default 0)")
     parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's choice); 1 gives "
@@ -261,14 +290,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    config = resolve_unet_config(args.unet_config)
     if min(args.steps) < 1:
         raise IDMError(f"--steps must be >= 1, got {min(args.steps)}")
     if args.batch < 1 or args.repeats < 1:
         raise IDMError("--batch and --repeats must be >= 1")
-    bad = [s for s in args.size if s < 1 or s % config.size_multiple]
+    if args.prune is not None and args.prior is None:
+        raise IDMError("--prune applies to a diffusers --prior only")
+    if args.prior is not None:
+        from ..invertible.diffusers import PruneOptions
+        from ..network import idm_from_prior
+
+        prune = {None: None, "paper": PruneOptions.paper().to_dict(), "none": PruneOptions().to_dict()}[args.prune]
+        probe = idm_from_prior(args.prior, prune=prune, steps=1)
+        multiple, params = probe.config.size_multiple, sum(p.numel() for p in probe.parameters())
+        what = f"IDM network from {args.prior}"
+        factory = idm_factory(args.prior, seed=args.seed, prune=prune)
+        del probe
+    else:
+        config = resolve_unet_config(args.unet_config)
+        multiple, params = config.size_multiple, sum(p.numel() for p in UNet(config).parameters())
+        what = f"U-Net {args.unet_config}"
+        factory = BENCH_MODELS[args.model](config, seed=args.seed)
+    bad = [s for s in args.size if s < 1 or s % multiple]
     if bad:
-        raise IDMError(f"--size {bad[0]} must be a positive multiple of {config.size_multiple} for this U-Net")
+        raise IDMError(f"--size {bad[0]} must be a positive multiple of {multiple} for this network")
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise IDMError(f"--plot must name a .png file, got {args.plot}")
     try:
@@ -283,15 +328,14 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise IDMError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    params = sum(p.numel() for p in UNet(config).parameters())
-    print(f"U-Net {args.unet_config}: {params / 1e6:.2f}M parameters; device {device} "
+    print(f"{what}: {params / 1e6:.2f}M parameters; device {device} "
           f"({torch.get_num_threads()} threads); "
           "peak = tensor bytes allocated by one forward+backward above the start "
           "(parameter gradients included, same in every mode)")
     print(TABLE_HEADER)
     result = run_memory_bench(
         steps=args.steps, sizes=args.size, modes=args.modes, batch=args.batch, device=device,
-        factory=BENCH_MODELS[args.model](config, seed=args.seed), repeats=args.repeats,
+        factory=factory, repeats=args.repeats,
         progress=lambda row: print(format_row(row), flush=True),
     )
     for line in format_summary(result["rows"]):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import IDMError, check_ratio
 from ..io.atomic import atomic_write
+from ..registry import METHODS, MethodInfo
 
 
 def add_measurement_args(parser: argparse.ArgumentParser, *, ratio_required: bool = False) -> None:
@@ -22,7 +23,24 @@ def add_measurement_args(parser: argparse.ArgumentParser, *, ratio_required: boo
 def add_method_args(parser: argparse.ArgumentParser, default: str | None = "tv") -> None:
     parser.add_argument("--method", default=default, help=f"reconstruction method (default {default}); see --list-methods")
     parser.add_argument("--checkpoint", help="checkpoint folder or shipped name, for learned methods")
+    parser.add_argument("--prior", metavar="PATH",
+                        help="diffusion prior of the zero-shot methods (ddnm, ddnm+, dps): a prior checkpoint "
+                             "folder or name, a local diffusers UNet2DModel folder, or hf:ORG/NAME[/SUBFOLDER]")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+
+
+def method_checkpoint(args: argparse.Namespace, method: MethodInfo) -> str | None:
+    """The ``checkpoint`` to build ``method`` with, from ``--checkpoint`` or ``--prior`` (at most one;
+    ``--prior`` only for methods whose checkpoint is a diffusion prior)."""
+    if args.prior is None:
+        return args.checkpoint
+    if args.checkpoint is not None:
+        raise IDMError("give either --prior or --checkpoint, not both")
+    if method.checkpoint_kind != "prior":
+        users = ", ".join(name for name in METHODS.names() if METHODS.get(name).checkpoint_kind == "prior")
+        takes = "no checkpoint" if method.checkpoint_kind is None else "--checkpoint"
+        raise IDMError(f"--prior is for the methods built on a diffusion prior ({users}); method {method.name!r} takes {takes}")
+    return args.prior
 
 
 def checked_ratio(args: argparse.Namespace) -> float:

@@ -7,7 +7,7 @@ import argparse
 from ..data import ImageFolder
 from ..evaluation import blockcs_factory, evaluate
 from ..registry import METHODS
-from .common import add_measurement_args, add_method_args, checked_ratio, write_json
+from .common import add_measurement_args, add_method_args, checked_ratio, method_checkpoint, write_json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -23,14 +23,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     ratio = checked_ratio(args)
-    METHODS.get(args.method)
+    checkpoint = method_checkpoint(args, METHODS.get(args.method))
     folder = ImageFolder(args.data, limit=args.limit)
     result = evaluate(
         args.method,
         (folder[i] for i in range(len(folder))),
         blockcs_factory(ratio, seed=args.seed, block_size=args.block_size, noise_sigma=args.noise),
         ratio=ratio,
-        checkpoint=args.checkpoint,
+        checkpoint=checkpoint,
         device=args.device,
         seed=args.seed,
         progress=True,

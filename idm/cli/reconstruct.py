@@ -14,7 +14,7 @@ from ..io.measurement import build_operator, load_measurement
 from ..metrics import psnr, ssim_skimage
 from ..physics import BlockCS
 from ..registry import METHODS
-from .common import add_measurement_args, add_method_args, checked_ratio, output_paths
+from .common import add_measurement_args, add_method_args, checked_ratio, method_checkpoint, output_paths
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.input or not args.output:
         raise IDMError("give an input (measurement file or image) and -o OUTPUT")
     method = METHODS.get(args.method)  # fail on an unknown method before any work
+    checkpoint = method_checkpoint(args, method)
     truth = None
     if Path(args.input).suffix.lower() == ".safetensors":
         meas = load_measurement(args.input)
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         names = [args.input]
     paths = output_paths(args.output, names)
     ratio = op.config().get("ratio")
-    reconstruct = method.build(checkpoint=args.checkpoint, device=args.device, seed=args.seed, ratio=ratio)
+    reconstruct = method.build(checkpoint=checkpoint, device=args.device, seed=args.seed, ratio=ratio)
     start = time.perf_counter()
     with torch.no_grad():
         x = op.crop(reconstruct(y.to(args.device), op)).clamp(0, 1).cpu()

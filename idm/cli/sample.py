@@ -13,7 +13,9 @@ from ..errors import IDMError
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("sample", help="draw samples from a diffusion prior into a PNG grid")
-    parser.add_argument("--checkpoint", default="prior-gray", help="prior checkpoint folder or shipped name (default prior-gray)")
+    parser.add_argument("--checkpoint", default="prior-gray",
+                        help="prior checkpoint folder or shipped name (default prior-gray), "
+                             "a diffusers UNet2DModel folder or hf:ORG/NAME")
     parser.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="sampler (default ddim)")

@@ -4,13 +4,15 @@
 * :class:`ReversibleSequence` — duplicate ``(x, s·x)`` → couplings → merge ``y₁ + m·y₂``; in
   ``"reversible"`` memory mode only the output is stored and inputs are recomputed by inversion.
 * :class:`ReversibleSampler` — level 1: one coupling per sampling step.
-* :func:`convert_unet` / :class:`ReversibleUNet` — level 2: the prior's U-Net with every run of
-  shape-preserving blocks (and caller-supplied injectors) reversible, the rest checkpointed.
+* :func:`convert_unet` / :class:`ReversibleUNet` — level 2: a U-Net (ours, or any described by a
+  :class:`UNetLayout`, e.g. a diffusers model) with every run of shape-preserving layers (and
+  caller-supplied injectors) reversible, the rest checkpointed.
 * :func:`set_memory_mode`, :func:`inversion_error` — switch memory strategy, check inversion drift.
 """
 
-from .convert import CheckpointedBody, InjectionSite, ReversibleStage, ReversibleUNet, UNetBody, convert_unet
+from .convert import CheckpointedBody, CheckpointedChain, InjectionSite, ReversibleUNet, UNetBody, convert_unet
 from .coupling import Coupling
+from .layout import Layer, UNetLayout, unet_layout
 from .sequence import (
     MEMORY_MODES,
     MemoryMode,
@@ -23,15 +25,18 @@ from .sequence import (
 __all__ = [
     "MEMORY_MODES",
     "CheckpointedBody",
+    "CheckpointedChain",
     "Coupling",
     "InjectionSite",
+    "Layer",
     "MemoryMode",
     "ReversibleSampler",
     "ReversibleSequence",
-    "ReversibleStage",
     "ReversibleUNet",
     "UNetBody",
+    "UNetLayout",
     "convert_unet",
     "inversion_error",
     "set_memory_mode",
+    "unet_layout",
 ]

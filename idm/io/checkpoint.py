@@ -173,6 +173,32 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
     raise IDMError(f"checkpoint not found: {path}")
 
 
+def shipped_checkpoint(family: str, ratio: float | None, train_hint: str) -> str:
+    """Name ``{family}-cs{NN}`` of the checkpoint for sampling ``ratio`` (e.g. ``idm-cs10`` for 0.1),
+    if one can be found; :class:`IDMError` naming ``train_hint`` (how to train one) otherwise."""
+    from ..errors import check_ratio
+
+    if ratio is None:
+        raise IDMError(f"method {family!r} needs the sampling ratio (to pick a shipped checkpoint) or --checkpoint")
+    name = f"{family}-cs{round(check_ratio(ratio) * 100)}"
+    try:
+        resolve_checkpoint(name)
+    except IDMError:
+        raise IDMError(f"no shipped {family} checkpoint for ratio {float(ratio):g}; pass --checkpoint or train "
+                       f"one with {train_hint} --ratio {float(ratio):g}") from None
+    return name
+
+
+def check_trained_operator(name: str | os.PathLike[str], config: dict[str, Any], op: Any) -> None:
+    """:class:`IDMError` unless the operator ``op`` is of the kind and ratio the checkpoint ``name``
+    (with ``config``) was trained for."""
+    trained_ratio, trained_kind = float(config["ratio"]), config.get("operator", "blockcs")
+    if op.kind != trained_kind:
+        raise IDMError(f"checkpoint {name} was trained for {trained_kind} measurements, got {op.kind}")
+    measured = op.config().get("ratio")
+    if measured is None or abs(float(measured) - trained_ratio) > 1e-6:
+        raise IDMError(f"checkpoint {name} was trained for ratio {trained_ratio:g}, the measurements have ratio {measured}")
+
 # --- training states -----------------------------------------------------------------------
 def _child(path: str, name: object) -> str:
     """Path-like name of an entry: ``model/conv.weight``, ``optimizer/state/0/exp_avg``."""

@@ -24,7 +24,12 @@ class IDMConfig:
         unshuffle: the U-Net runs on a ``unshuffle``× pixel-unshuffled image (2 as in the paper,
             or 1 to run the prior at full resolution, as is).
         unet: the **prior's** U-Net config (image channels in/out); with ``unshuffle = u`` the
-            network's U-Net has ``channels · u²`` input/output channels (:meth:`network_unet`).
+            network's U-Net has ``channels · u²`` input/output channels.
+            None when ``backbone`` is given.
+        backbone: a diffusers U-Net instead of ours: ``{"library": "diffusers", "class_name":
+            "UNet2DModel" | "UNet2DConditionModel", "config": the model's config, "prune":
+            PruneOptions dict, "image_channels": C, "source": where it came from}``
+            (:mod:`idm.invertible.diffusers`); the weights live in the IDM checkpoint.
         injectors: add the measurement-injection adapters (one per U-Net stage and step).
         levels: invertibility, one of :data:`LEVELS`; it changes memory use, not the function.
         schedule_init: ``"paper"`` (every α_t = ``alpha_init``, research.md §1) or ``"prior"``
@@ -38,7 +43,7 @@ class IDMConfig:
 
     steps: int = 3
     unshuffle: int = 2
-    unet: UNetConfig = field(default_factory=UNetConfig)
+    unet: UNetConfig | None = field(default_factory=UNetConfig)
     injectors: bool = True
     levels: str = "both"
     schedule_init: str = "paper"
@@ -46,9 +51,17 @@ class IDMConfig:
     coupling_v: float = 0.5
     prior_schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "linear", "num_steps": 1000,
                                                                      "beta_start": 1e-4, "beta_end": 0.02})
+    backbone: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.unet, UNetConfig):  # a dict, e.g. from JSON
+        if self.backbone is not None:
+            object.__setattr__(self, "unet", None)
+            missing = {"library", "class_name", "config", "prune", "image_channels"} - set(self.backbone)
+            if missing or self.backbone["library"] != "diffusers":
+                raise IDMError(f"IDM backbone must be a diffusers description (missing {sorted(missing)})")
+        elif self.unet is None:
+            raise IDMError("IDM config needs a U-Net config or a backbone")
+        elif not isinstance(self.unet, UNetConfig):  # a dict, e.g. from JSON
             object.__setattr__(self, "unet", UNetConfig.from_dict(self.unet))
         if int(self.steps) < 1:
             raise IDMError(f"IDM needs at least one sampling step, got steps={self.steps}")
@@ -68,24 +81,31 @@ class IDMConfig:
     @property
     def channels(self) -> int:
         """Image channels C."""
-        return self.unet.in_channels
+        return int(self.backbone["image_channels"]) if self.backbone else self.unet.in_channels
 
     @property
     def size_multiple(self) -> int:
         """The network pads images internally to a multiple of this."""
+        if self.backbone:  # every kept down stage but the last halves the resolution
+            kept = len(self.backbone["config"]["down_block_types"]) - int(self.backbone["prune"].get("deepest", 0))
+            return 2 ** (kept - 1) * self.unshuffle
         return self.unet.size_multiple * self.unshuffle
 
-    def network_unet(self) -> UNetConfig:
-        """Config of the U-Net inside the network (``C·u²`` channels in and out)."""
-        u2 = self.unshuffle**2
-        return replace(self.unet, in_channels=self.unet.in_channels * u2, out_channels=self.unet.out_channels * u2)
+    def describe_backbone(self) -> str:
+        """One line for model cards: the U-Net the network was built from."""
+        if self.backbone:
+            cfg, prune = self.backbone["config"], self.backbone["prune"]
+            return (f"diffusers {self.backbone['class_name']} from `{self.backbone.get('source')}` (blocks "
+                    f"{list(cfg['block_out_channels'])}, pruned: {', '.join(k for k, v in prune.items() if v) or 'nothing'}"
+                    f"{' = ' + str(prune['deepest']) if prune.get('deepest') else ''})")
+        return f"U-Net base {self.unet.base_channels} ch, mults {list(self.unet.channel_mults)}"
 
     def with_levels(self, levels: str) -> "IDMConfig":
         return replace(self, levels=levels)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["unet"] = self.unet.to_dict()
+        d["unet"] = None if self.unet is None else self.unet.to_dict()
         return d
 
     @classmethod

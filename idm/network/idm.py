@@ -38,12 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IDMError, check_ratio
-from ..invertible import ReversibleSampler, ReversibleUNet, convert_unet, set_memory_mode
+from ..invertible import ReversibleSampler, ReversibleUNet, convert_unet, set_memory_mode, unet_layout
 from ..invertible.convert import InjectionSite
 from ..physics.base import LinearOperator
 from ..priors.schedule import NoiseSchedule, from_model_range, to_model_range
 from ..priors.unet import UNet
-from .adapt import adapt_unet, alpha_from_abar, constant_timestep, initial_abar
+from .adapt import adapt_diffusers_unet, adapt_unet, alpha_from_abar, constant_timestep, initial_abar
 from .config import IDMConfig
 from .injector import Injector
 from .measurement import MeasurementContext
@@ -90,23 +90,28 @@ class IDMNet(nn.Module):
     """IDM: ``forward(y, op) -> x`` of shape ``(B, C, *op.domain_size)``, values nominally in [0, 1].
 
     Args:
-        prior_unet: the pre-trained prior's U-Net (copied, not modified), or None for an untrained
-            network of the architecture in ``config`` (to load weights into).
+        prior_unet: the pre-trained prior's U-Net (copied, not modified) — ours, or a diffusers
+            model when ``config.backbone`` is set — or None for an untrained network of the
+            architecture in ``config`` (to load weights into).
         config: :class:`IDMConfig`; ``config.unet`` must match ``prior_unet.config``.
     """
 
-    def __init__(self, prior_unet: UNet | None, config: IDMConfig) -> None:
+    def __init__(self, prior_unet: nn.Module | None, config: IDMConfig) -> None:
         super().__init__()
-        if prior_unet is not None and prior_unet.config != config.unet:
-            raise IDMError(f"IDM config's U-Net {config.unet} does not match the prior's {prior_unet.config}")
         self.config = config
         schedule = NoiseSchedule.from_dict(config.prior_schedule)
         abar = initial_abar(config.steps, config.schedule_init, config.alpha_init, schedule)
-        unet = adapt_unet(prior_unet if prior_unet is not None else UNet(config.unet), config.unshuffle)
+        t_constant = constant_timestep(schedule, abar)
+        if config.backbone is not None:
+            layout = self._diffusers_layout(prior_unet, t_constant)
+        else:
+            if prior_unet is not None and getattr(prior_unet, "config", None) != config.unet:
+                raise IDMError(f"IDM config's U-Net {config.unet} does not match the prior's {prior_unet.config}")
+            unet = adapt_unet(prior_unet if prior_unet is not None else UNet(config.unet), config.unshuffle)
+            layout = unet_layout(unet, t_constant)
         self.unet = convert_unet(
-            unet,
-            t_constant=constant_timestep(schedule, abar),
-            injectors=self._injector_factory(unet) if config.injectors else None,
+            layout,
+            injectors=self._injector_factory() if config.injectors else None,
             v_init=config.coupling_v,
         )
         self.alpha = nn.Parameter(alpha_from_abar(abar).float())
@@ -114,14 +119,25 @@ class IDMNet(nn.Module):
         self.sampler = ReversibleSampler(steps, v_init=config.coupling_v)
         self.set_levels(config.levels)
 
-    def _injector_factory(self, unet: UNet):
-        last = {f"down{i}": len(s.blocks) - 1 for i, s in enumerate(unet.down)}
-        last.update({f"up{i}": len(s.blocks) - 1 for i, s in enumerate(unet.up)})
-        last["middle"] = len(unet.middle.blocks) - 1
+    def _diffusers_layout(self, model: nn.Module | None, t_constant: int):
+        """Layout of the pruned, channel-adapted copy of the diffusers ``model`` (built from the
+        recorded config when None)."""
+        from ..invertible.diffusers import PruneOptions, diffusers_layout, prune_diffusers_unet
+
+        backbone = self.config.backbone
+        if model is None:
+            model = diffusers_from_config(backbone)
+        elif type(model).__name__ != backbone["class_name"]:
+            raise IDMError(f"IDM backbone is a {backbone['class_name']}, got a {type(model).__name__}")
+        pruned = prune_diffusers_unet(model, PruneOptions.from_dict(backbone["prune"]))
+        adapt_diffusers_unet(pruned, self.config.channels, self.config.unshuffle)
+        return diffusers_layout(pruned, t_constant)
+
+    def _injector_factory(self):
         cfg = self.config
 
         def factory(site: InjectionSite) -> Injector | None:
-            if site.position != last[site.stage]:
+            if not site.last:
                 return None
             return Injector(site.channels, cfg.unshuffle * 2**site.level, cfg.channels, cfg.steps)
 
@@ -130,10 +146,31 @@ class IDMNet(nn.Module):
     # --- construction ------------------------------------------------------------------------
     @classmethod
     def from_prior(cls, prior: Any, config: IDMConfig | None = None, **changes: Any) -> "IDMNet":
-        """IDM network initialised from a :class:`~idm.priors.Prior` (its U-Net and schedule)."""
+        """IDM network initialised from a prior: a :class:`~idm.priors.Prior` (its U-Net and
+        schedule) or a :class:`~idm.priors.hub.DiffusersPrior` (see :meth:`from_diffusers`)."""
+        if getattr(prior, "model", None) is not None and not hasattr(prior, "unet"):
+            return cls.from_diffusers(prior.model, prior.schedule, image_channels=prior.channels,
+                                      source=getattr(prior, "source", None), config=config, **changes)
         base = config.to_dict() if config is not None else IDMConfig().to_dict()
         base.update(changes, unet=prior.unet.config.to_dict(), prior_schedule=prior.schedule.to_dict())
         return cls(prior.unet, IDMConfig.from_dict(base))
+
+    @classmethod
+    def from_diffusers(cls, model: nn.Module, schedule: NoiseSchedule, *, image_channels: int = 1,
+                       prune: "dict[str, Any] | None" = None, source: str | None = None,
+                       config: IDMConfig | None = None, **changes: Any) -> "IDMNet":
+        """IDM network from a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` and its noise
+        ``schedule`` (:mod:`idm.invertible.diffusers`); ``prune``: :class:`PruneOptions` fields
+        (default: the paper's pruning for SD-style models, none for ``UNet2DModel``)."""
+        from ..invertible.diffusers import PruneOptions, class_name
+
+        name = class_name(model)
+        options = PruneOptions.from_dict(prune) if prune is not None else PruneOptions.default_for(name)
+        backbone = {"library": "diffusers", "class_name": name, "config": _json_config(model.config),
+                    "prune": options.to_dict(), "image_channels": int(image_channels), "source": source}
+        base = config.to_dict() if config is not None else IDMConfig().to_dict()
+        base.update(changes, unet=None, backbone=backbone, prior_schedule=schedule.to_dict())
+        return cls(model, IDMConfig.from_dict(base))
 
     @property
     def levels(self) -> str:
@@ -228,6 +265,59 @@ class IDMNet(nn.Module):
 
         config = self.checkpoint_config(ratio=ratio, operator=operator, block_size=block_size, extra=extra)
         return save_checkpoint(directory, self.unique_state_dict(), config, card, dtype=dtype)
+
+
+def _json_config(config: Any) -> dict[str, Any]:
+    """A diffusers model config as plain JSON data (tuples → lists)."""
+    import json
+
+    return json.loads(json.dumps(dict(config)))
+
+
+def diffusers_from_config(backbone: dict[str, Any]) -> nn.Module:
+    """An untrained diffusers model of the recorded class and config (no download)."""
+    try:
+        import diffusers
+    except ImportError:
+        raise IDMError("this IDM network is built on a diffusers U-Net: pip install 'idm[hub]'") from None
+    cls = getattr(diffusers, backbone["class_name"], None)
+    if cls is None:
+        raise IDMError(f"diffusers has no model class {backbone['class_name']!r}")
+    return cls.from_config(backbone["config"])
+
+
+def idm_from_diffusers(path_or_hub_id: str | os.PathLike[str], *, image_channels: int = 1,
+                       prune: dict[str, Any] | None = None, **changes: Any) -> IDMNet:
+    """IDM network from a local diffusers folder (model or pipeline; ``UNet2DModel`` or
+    ``UNet2DConditionModel``) or an explicit ``hf:`` hub id, with the folder's noise schedule
+    (the DDPM default, with a warning, when it has none). ``changes``: :class:`IDMConfig` fields."""
+    import sys
+
+    from ..priors.hub import load_diffusers_unet
+    from ..priors.schedule import schedule_from_diffusers
+
+    model, scheduler, source = load_diffusers_unet(path_or_hub_id)
+    if scheduler is None:
+        print(f"warning: {source} has no scheduler config; assuming the DDPM schedule (linear, 1000 steps)",
+              file=sys.stderr)
+        schedule = NoiseSchedule()
+    else:
+        schedule = schedule_from_diffusers(scheduler)
+    return IDMNet.from_diffusers(model, schedule, image_channels=image_channels, prune=prune, source=source, **changes)
+
+
+def idm_from_prior(source: str | os.PathLike[str], *, prune: dict[str, Any] | None = None, **changes: Any) -> IDMNet:
+    """IDM network at initialisation from a prior given as a prior checkpoint (name or folder), a
+    local diffusers folder or an explicit ``hf:`` hub id. ``changes``: :class:`IDMConfig` fields;
+    ``prune``: for diffusers models (:class:`~idm.invertible.diffusers.PruneOptions` fields)."""
+    from ..priors import load_prior
+    from ..priors.hub import is_diffusers_folder, is_hub_id
+
+    if is_hub_id(source) or is_diffusers_folder(source):
+        return idm_from_diffusers(source, prune=prune, **changes)
+    if prune is not None:
+        raise IDMError("prune options apply to diffusers priors only")
+    return IDMNet.from_prior(load_prior(source), **changes)
 
 
 def idm_from_config(config: dict[str, Any]) -> IDMNet:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import IDMError
-from .prior import Prior
+from .prior import PriorLike
 from .schedule import from_model_range, to_model_range
 
 
@@ -31,7 +31,7 @@ def _as_batch(image: torch.Tensor, channels: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_denoising(
-    prior: Prior, images: Iterable[torch.Tensor], sigmas: Iterable[float] = (15, 25, 50), *, seed: int = 0
+    prior: PriorLike, images: Iterable[torch.Tensor], sigmas: Iterable[float] = (15, 25, 50), *, seed: int = 0
 ) -> dict[str, dict[str, float]]:
     """One-step x̂₀ denoising PSNR of ``prior`` on ``images`` ((C, H, W) or (1, C, H, W), [0, 1]).
 
@@ -42,9 +42,9 @@ def evaluate_denoising(
     images = [_as_batch(im, prior.channels) for im in images]
     if not images:
         raise IDMError("denoising evaluation needs at least one image")
-    device, m = prior.device, prior.unet.config.size_multiple
-    was_training = prior.unet.training
-    prior.unet.eval()
+    device, m = prior.device, prior.size_multiple
+    was_training = prior.module.training
+    prior.module.eval()
     results: dict[str, dict[str, float]] = {}
     try:
         for sigma in sigmas:
@@ -70,5 +70,5 @@ def evaluate_denoising(
                 "images": len(images),
             }
     finally:
-        prior.unet.train(was_training)
+        prior.module.train(was_training)
     return results

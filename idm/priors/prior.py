@@ -7,15 +7,20 @@ state dict), ``config.json`` ::
      "unet": UNetConfig.to_dict(), "schedule": NoiseSchedule.to_dict(), ...extra}
 
 and ``README.md`` (the model card).
+
+:class:`PriorLike` is the interface the zero-shot solvers and evaluations use; it is met by
+:class:`Prior` and by :class:`idm.priors.hub.DiffusersPrior` (a pre-trained diffusers U-Net),
+and :func:`load_prior` returns either, depending on what it is given.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from ..errors import IDMError
 from .samplers import SAMPLERS
@@ -26,8 +31,75 @@ ARCHITECTURE = "unet"
 VALUE_RANGE = (-1.0, 1.0)
 
 
+class PriorLike(Protocol):
+    """What a diffusion prior offers its users: ``prior(x, t) -> eps``, ``x`` (B, channels, H, W)
+    on [-1, 1] with H, W multiples of ``size_multiple``, ``t`` (B,) integer timesteps of ``schedule``."""
+
+    schedule: NoiseSchedule
+    value_range: tuple[float, float]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    def module(self) -> nn.Module: ...
+
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def size_multiple(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+
+class PriorSampling:
+    """``sample(n, size, ...)`` for any :class:`PriorLike` (mixed into :class:`Prior` and
+    :class:`~idm.priors.hub.DiffusersPrior`)."""
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        size: int | tuple[int, int] = 64,
+        *,
+        steps: int = 50,
+        sampler: str = "ddim",
+        eta: float | None = None,
+        seed: int | None = 0,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Draw ``n`` images of ``size`` (an int or (H, W), multiples of ``size_multiple``) with a
+        sampler of :data:`SAMPLERS` → (n, C, H, W) on [0, 1]."""
+        if sampler not in SAMPLERS:
+            raise IDMError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
+        if n < 1:
+            raise IDMError(f"number of samples must be >= 1, got {n}")
+        h, w = (size, size) if isinstance(size, int) else size
+        m = self.size_multiple
+        if h < 1 or w < 1:
+            raise IDMError(f"sample size must be positive, got {(h, w)}")
+        if h % m or w % m:
+            raise IDMError(f"sample size {(h, w)} must be divisible by {m} (the U-Net's size multiple)")
+        device = self.device
+        gen = torch.Generator(device=device)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(int(seed))
+        x = torch.randn((n, self.channels, h, w), generator=gen, device=device)
+        kw = {} if eta is None else {"eta": eta}
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            x0 = SAMPLERS[sampler](self, x, self.schedule, steps, generator=gen, progress=progress, **kw)
+        finally:
+            self.module.train(was_training)
+        return from_model_range(x0).clamp(0.0, 1.0)
+
+
 @dataclass
-class Prior:
+class Prior(PriorSampling):
     """ε-prediction diffusion prior on the value range [-1, 1] (images [0, 1] map to ``2x - 1``).
 
     ``prior(x, t) -> eps`` calls the U-Net; ``x`` (B, C, H, W) on [-1, 1], ``t`` (B,) timesteps.
@@ -53,6 +125,16 @@ class Prior:
     def channels(self) -> int:
         return self.unet.config.in_channels
 
+    @property
+    def module(self) -> nn.Module:
+        """The network (the U-Net), e.g. for ``.eval()`` or ``.requires_grad_(False)``."""
+        return self.unet
+
+    @property
+    def size_multiple(self) -> int:
+        """Image height and width must be multiples of this."""
+        return self.unet.config.size_multiple
+
     def to(self, device: str | torch.device) -> "Prior":
         self.unet.to(device)
         return self
@@ -66,41 +148,6 @@ class Prior:
             "unet": self.unet.config.to_dict(),
             "schedule": self.schedule.to_dict(),
         }
-
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        size: int | tuple[int, int] = 64,
-        *,
-        steps: int = 50,
-        sampler: str = "ddim",
-        eta: float | None = None,
-        seed: int | None = 0,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """Draw ``n`` images of ``size`` (an int or (H, W)) from the prior → (n, C, H, W) on [0, 1]."""
-        if sampler not in SAMPLERS:
-            raise IDMError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
-        if n < 1:
-            raise IDMError(f"number of samples must be >= 1, got {n}")
-        h, w = (size, size) if isinstance(size, int) else size
-        device = self.device
-        gen = torch.Generator(device=device)
-        if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(int(seed))
-        x = torch.randn((n, self.channels, h, w), generator=gen, device=device)
-        self.unet.check_input(x)
-        kw = {} if eta is None else {"eta": eta}
-        was_training = self.unet.training
-        self.unet.eval()
-        try:
-            x0 = SAMPLERS[sampler](self, x, self.schedule, steps, generator=gen, progress=progress, **kw)
-        finally:
-            self.unet.train(was_training)
-        return from_model_range(x0).clamp(0.0, 1.0)
 
     def save(self, directory: str | Path, card: str, *, dtype: torch.dtype | None = torch.float16) -> Path:
         """Write the checkpoint directory (weights stored as ``dtype``, e.g. fp16/bf16; None keeps fp32)."""
@@ -123,13 +170,20 @@ def prior_from_config(config: dict[str, Any]) -> Prior:
     return Prior(UNet(unet_cfg), schedule, {k: v for k, v in config.items() if k not in reserved})
 
 
-def load_prior(name_or_path: str | Path = "prior-gray", device: str | torch.device = "cpu") -> Prior:
-    """Load a prior checkpoint (a directory, or a bare name searched in the repo's ``checkpoints/``).
+def load_prior(name_or_path: str | Path = "prior-gray", device: str | torch.device = "cpu") -> PriorLike:
+    """Load a diffusion prior, in eval mode, on ``device``:
 
-    Weights stored in fp16/bf16 are loaded as float32. The U-Net is returned in eval mode.
+    * an idm prior checkpoint (a directory, or a bare name searched in the repo's ``checkpoints/``)
+      → :class:`Prior` (weights stored in fp16/bf16 are loaded as float32);
+    * a local diffusers ``UNet2DModel`` folder (model or pipeline layout), or ``hf:ORG/NAME[/SUBFOLDER]``
+      for the Hugging Face Hub → :class:`idm.priors.hub.DiffusersPrior` (grayscale; see
+      :func:`idm.priors.hub.load_diffusers_prior`).
     """
     from ..io.checkpoint import load_checkpoint, resolve_checkpoint
+    from .hub import is_diffusers_folder, is_hub_id, load_diffusers_prior
 
+    if is_hub_id(name_or_path) or is_diffusers_folder(name_or_path):
+        return load_diffusers_prior(str(name_or_path), device=device)
     path = resolve_checkpoint(name_or_path)
     tensors, config = load_checkpoint(path, expect={"architecture": ARCHITECTURE}, device="cpu", dtype=torch.float32)
     prior = prior_from_config(config)

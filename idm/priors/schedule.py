@@ -38,9 +38,14 @@ def _gather(values: torch.Tensor, t: torch.Tensor | int | Sequence[int], like: t
     return out.reshape(-1, *([1] * (like.ndim - 1))) if out.ndim else out
 
 
+#: schedule kinds: betas linear in beta, linear in sqrt(beta) (Stable Diffusion), cosine ᾱ
+SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
+
+
 class NoiseSchedule:
-    """A discrete schedule of ``num_steps`` betas: ``kind`` is ``"linear"`` (beta_start → beta_end)
-    or ``"cosine"`` (Nichol & Dhariwal 2021, betas clipped at 0.999)."""
+    """A discrete schedule of ``num_steps`` betas (float64). ``kind`` is ``"linear"`` (beta_start →
+    beta_end), ``"scaled_linear"`` (``linspace(sqrt(beta_start), sqrt(beta_end))²``, Stable
+    Diffusion) or ``"cosine"`` (Nichol & Dhariwal 2021, betas clipped at 0.999; ignores beta_start/end)."""
 
     def __init__(self, kind: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
         if num_steps < 1:
@@ -49,13 +54,15 @@ class NoiseSchedule:
         self.beta_start, self.beta_end = float(beta_start), float(beta_end)
         if kind == "linear":
             betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        elif kind == "scaled_linear":
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
         elif kind == "cosine":
             s = 0.008
             steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
             f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
         else:
-            raise IDMError(f"unknown noise schedule {kind!r}; use 'linear' or 'cosine'")
+            raise IDMError(f"unknown noise schedule {kind!r}; use one of {', '.join(SCHEDULE_KINDS)}")
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
 
@@ -112,3 +119,41 @@ class NoiseSchedule:
         """Timestep whose noise-to-signal ratio is closest to ``ratio`` (increasing in t)."""
         nsr = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
         return int(torch.argmin((nsr - ratio).abs()))
+
+
+#: diffusers ``beta_schedule`` names → :class:`NoiseSchedule` kinds
+DIFFUSERS_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+
+
+def schedule_from_diffusers(config: dict[str, Any]) -> NoiseSchedule:
+    """The :class:`NoiseSchedule` of a diffusers scheduler config (``scheduler_config.json`` of a
+    DDPM/DDIM/PNDM/... scheduler, as a dict).
+
+    Reads ``num_train_timesteps``, ``beta_schedule`` (``linear``, ``scaled_linear`` or
+    ``squaredcos_cap_v2`` → ``cosine``), ``beta_start``, ``beta_end``, with diffusers' defaults
+    (1000, linear, 1e-4, 0.02) for missing entries. Explicit ``trained_betas``, zero-terminal-SNR
+    rescaling and variance-exploding (sigma) schedulers raise :class:`IDMError`.
+    """
+    if not isinstance(config, dict):
+        raise IDMError(f"a diffusers scheduler config must be a JSON object, got {type(config).__name__}")
+    name = config.get("_class_name", "scheduler")
+    if config.get("trained_betas") is not None:
+        raise IDMError(f"diffusers {name} with explicit trained_betas is not supported")
+    if config.get("rescale_betas_zero_snr"):
+        raise IDMError(f"diffusers {name} with rescale_betas_zero_snr is not supported (ᾱ_T = 0 has no x̂₀)")
+    if "beta_start" not in config and "beta_schedule" not in config and "sigma_max" in config:
+        raise IDMError(f"diffusers {name} is a variance-exploding (sigma) scheduler; only DDPM-type beta schedules are supported")
+    beta_schedule = config.get("beta_schedule", "linear")
+    if beta_schedule not in DIFFUSERS_BETA_SCHEDULES:
+        raise IDMError(
+            f"diffusers beta_schedule {beta_schedule!r} is not supported; supported: {', '.join(DIFFUSERS_BETA_SCHEDULES)}"
+        )
+    try:
+        return NoiseSchedule(
+            DIFFUSERS_BETA_SCHEDULES[beta_schedule],
+            int(config.get("num_train_timesteps", 1000)),
+            float(config.get("beta_start", 1e-4)),
+            float(config.get("beta_end", 0.02)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise IDMError(f"malformed diffusers scheduler config: {exc}") from None

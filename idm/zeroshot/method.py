@@ -1,7 +1,8 @@
 """The zero-shot solvers as registered reconstruction methods: ``ddnm``, ``ddnm+`` and ``dps``.
 
 Each factory loads a diffusion prior (``checkpoint``: a prior directory or shipped name, default
-``"prior-gray"``) and returns a :class:`ZeroShotReconstructor`, ``reconstruct(y, op) -> x`` with
+``"prior-gray"``, or a diffusers ``UNet2DModel`` folder / ``hf:ORG/NAME`` id, see
+:func:`idm.priors.load_prior`) and returns a :class:`ZeroShotReconstructor`, ``reconstruct(y, op) -> x`` with
 ``x`` ``(B, C, *op.domain_size)`` on [0, 1] (not clipped). Each call draws its noise from a fresh
 CPU generator seeded with ``seed``, so a result depends only on ``(seed, y, op)``. Options (keyword
 arguments of ``build``) are those of :data:`SOLVERS`; ``ratio`` is accepted and ignored (the
@@ -19,7 +20,7 @@ import torch
 
 from ..errors import IDMError
 from ..physics.base import LinearOperator
-from ..priors.prior import Prior, load_prior
+from ..priors.prior import PriorLike, load_prior
 from ..registry import register_method
 from .common import check_inputs
 from .ddnm import sample_ddnm
@@ -101,7 +102,7 @@ def _checked(method: str, key: str, value: Any, default: Any, limits: tuple[floa
 class ZeroShotReconstructor:
     """``reconstruct(y, op) -> x``: one zero-shot method bound to a loaded prior and its settings."""
 
-    def __init__(self, name: str, prior: Prior, settings: Mapping[str, Any], *, seed: int, progress: bool) -> None:
+    def __init__(self, name: str, prior: PriorLike, settings: Mapping[str, Any], *, seed: int, progress: bool) -> None:
         self.name, self.prior, self.settings = name, prior, dict(settings)
         self.seed, self.progress = int(seed), bool(progress)
 
@@ -116,7 +117,7 @@ class ZeroShotReconstructor:
             y.to(device=self.prior.device, dtype=torch.float32),
             op,
             self.prior.schedule,
-            size_multiple=self.prior.unet.config.size_multiple,
+            size_multiple=self.prior.size_multiple,
             generator=generator,
             progress=self.progress,
             **self.settings,
@@ -140,7 +141,7 @@ def build_solver(
     """Factory behind the registered methods (see the module docstring)."""
     settings = solver_options(name, options)
     prior = load_prior(DEFAULT_PRIOR if checkpoint is None else checkpoint, device=device)
-    prior.unet.requires_grad_(False)
+    prior.module.requires_grad_(False)
     if settings["steps"] > prior.schedule.num_steps:
         raise IDMError(
             f"method {name!r}: {settings['steps']} steps exceed the prior's {prior.schedule.num_steps}-step schedule"
@@ -160,7 +161,7 @@ def _register(name: str) -> None:
         return build_solver(name, checkpoint=checkpoint, device=device, seed=seed, progress=progress, **options)
 
     build.__doc__ = f"``{name}``: {SOLVERS[name].description}. Options and defaults: {dict(SOLVERS[name].defaults)}."
-    register_method(name, SOLVERS[name].description, needs_checkpoint=True)(build)
+    register_method(name, SOLVERS[name].description, checkpoint_kind="prior")(build)
 
 
 _register("ddnm")
