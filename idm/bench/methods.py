@@ -22,7 +22,6 @@ from typing import Any
 
 from ..errors import IDMError
 from ..registry import METHODS, Reconstruct
-from ..zeroshot import SOLVERS as ZERO_SHOT_SOLVERS
 
 #: methods compared by default (those registered in this installation)
 DEFAULT_METHODS: tuple[str, ...] = ("pinv", "tv", "unrolled", "ddnm", "dps", "idm")
@@ -43,7 +42,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help=f"methods to compare (default: the registered ones among {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--prior", metavar="DIR",
-                        help=f"prior checkpoint of the zero-shot methods ({', '.join(ZERO_SHOT_SOLVERS)}); default: theirs")
+                        help="prior of the methods that take one (ddnm, ddnm+, dps): a prior checkpoint, a local diffusers "
+                             "folder or hf:ID; default: theirs")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="METHOD=DIR",
                         help="checkpoint of one method, e.g. idm=checkpoints/idm-cs10 (repeatable)")
     parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
@@ -80,7 +80,7 @@ def choose_methods(args: argparse.Namespace) -> list[MethodChoice]:
         METHODS.get(name)  # unknown method → IDMError listing the available ones
     checkpoints: dict[str, str] = {}
     if args.prior is not None:
-        checkpoints.update({name: args.prior for name in names if name in ZERO_SHOT_SOLVERS})
+        checkpoints.update({name: args.prior for name in names if METHODS.get(name).checkpoint_kind == "prior"})
     for item in args.checkpoint:
         name, path = _split(item, "=", "--checkpoint (expected METHOD=DIR)")
         if name not in names:
