@@ -373,7 +373,9 @@ def export(net: Any, directory: Path, args: argparse.Namespace, summary: RunSumm
     if args.arch == "unrolled":
         title, summary_line, use, network = (
             "unrolled baseline (ISTA-Net+ family)",
-            f"A learned {cfg.phases}-phase proximal-gradient network trained from scratch (research.md §2).",
+            f"A learned {cfg.phases}-phase proximal-gradient network (research.md §2), "
+            + ("trained from scratch." if provenance.get("init_kind") == "scratch"
+               else f"trained further from `{provenance.get('init')}` (ratio {provenance.get('init_ratio')})."),
             "`idm reconstruct --method unrolled --checkpoint <this folder>`",
             f"{cfg.phases} phases, {cfg.channels} feature channels")
         init = f"{provenance.get('init_kind')}" + (f" `{provenance['init']}`" if provenance.get("init") else "")
