@@ -55,3 +55,21 @@ def tiny_prior(config: UNetConfig, seed: int) -> Prior:
         for p in unet.out.parameters():
             p.normal_(0, 0.05)
     return Prior(unet, NoiseSchedule())
+
+
+def blockcs_training_losses(net: torch.nn.Module, x: torch.Tensor, steps: int, lr: float = 3e-3) -> list[float]:
+    """L1 losses of ``steps`` Adam steps of ``net(y, op)`` on images ``x`` (B, 1, 32, 32), block CS
+    at 25 % with B = 8, the permutation redrawn each step (as ``idm finetune`` does)."""
+    from idm.physics import BlockCS
+
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    base = BlockCS((32, 32), 0.25, block_size=8)
+    losses = []
+    for step in range(steps):
+        op = base.redraw(step)
+        loss = (net(op.A(x), op) - x).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses

@@ -17,7 +17,7 @@ from idm.physics import BlockCS, Inpainting, SuperResolution
 from idm.priors import NoiseSchedule, Prior, UNet
 from idm.registry import get_method
 
-from conftest import tiny_unet_config
+from conftest import blockcs_training_losses, tiny_unet_config
 
 TINY = tiny_unet_config(num_res_blocks=2)
 
@@ -161,17 +161,7 @@ def test_reversible_training_stores_less_than_plain_autograd(prior: Prior) -> No
 def test_loss_falls_when_training_a_tiny_network(prior: Prior) -> None:
     torch.manual_seed(0)
     net = IDMNet.from_prior(prior, steps=2, unshuffle=2, levels="both")
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    base = BlockCS((32, 32), 0.25, block_size=8)
-    x = images(4)
-    losses = []
-    for step in range(12):
-        op = base.redraw(step)
-        loss = (net(op.A(x), op) - x).abs().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    losses = blockcs_training_losses(net, images(4), steps=12)
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
 

@@ -17,6 +17,8 @@ from idm.physics import BlockCS, Inpainting, SuperResolution
 from idm.registry import get_method
 from train.finetune import main as train_main
 
+from conftest import blockcs_training_losses
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = UnrolledConfig(phases=3, channels=8)
@@ -55,18 +57,7 @@ def test_one_phase_is_a_gradient_step_plus_a_learned_residual() -> None:
 
 def test_loss_falls_in_a_few_steps() -> None:
     torch.manual_seed(0)
-    net = UnrolledNet(SMALL)
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    base = BlockCS((32, 32), 0.25, block_size=8)
-    x = images(4)
-    losses = []
-    for step in range(15):
-        op = base.redraw(step)
-        loss = (net(op.A(x), op) - x).abs().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    losses = blockcs_training_losses(UnrolledNet(SMALL), images(4), steps=15)
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
 
 

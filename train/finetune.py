@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from idm.errors import IDMError, check_ratio
+from idm.invertible.diffusers import PRUNE_PRESETS
 from train.common import (
     EXPORT_DTYPES, LOG_FILE, Progress, RunLog, RunSummary, add_run_control_arguments, add_run_folder_arguments,
     check_training_args, checked_state_path, command_line, data_row, export_directory, final_loss, hardware,
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     io.add_argument("--prior", help="idm: the prior to start from — a prior checkpoint, a local diffusers folder "
                                     "(UNet2DModel or Stable-Diffusion-style UNet2DConditionModel, model or pipeline "
                                     "folder) or an explicit hub id hf:ORG/NAME (the only case that downloads)")
-    io.add_argument("--prune", choices=("none", "paper"),
+    io.add_argument("--prune", choices=tuple(PRUNE_PRESETS),
                     help="diffusers --prior: none, or paper (cross-attention, middle block and two deepest stages "
                          "removed); default paper for UNet2DConditionModel, none for UNet2DModel")
     io.add_argument("--data", help="folder of training images (e.g. Train400)")
@@ -171,7 +172,7 @@ def build_network(args: argparse.Namespace):
     if args.arch == "unrolled" and args.init is None:
         sizes = {k: v for k, v in (("phases", args.phases), ("channels", args.channels)) if v is not None}
         return UnrolledNet(UnrolledConfig(**sizes)), {"init": None, "init_kind": "scratch"}
-    source = args.prior if getattr(args, "prior", None) is not None else args.init
+    source = args.prior if args.prior is not None else args.init
     is_diffusers = args.arch == "idm" and (is_hub_id(source) or is_diffusers_folder(source))
     path = None if is_diffusers else resolve_checkpoint(source)
     architecture = None if is_diffusers else read_checkpoint_config(path).get("architecture")
@@ -188,11 +189,10 @@ def build_network(args: argparse.Namespace):
     changes = {k: v for k, v in (("steps", args.sampling_steps), ("unshuffle", args.unshuffle),
                                  ("schedule_init", args.schedule_init)) if v is not None}
     if is_diffusers or architecture == "unet":
-        from idm.invertible.diffusers import PruneOptions
+        from idm.invertible.diffusers import prune_preset
         from idm.network import idm_from_prior
 
-        prune = {None: None, "paper": PruneOptions.paper().to_dict(), "none": PruneOptions().to_dict()}[args.prune]
-        net = idm_from_prior(source, prune=prune, levels=args.levels, **changes)
+        net = idm_from_prior(source, prune=prune_preset(args.prune), levels=args.levels, **changes)
         return net, {"init": str(source), "init_kind": "diffusers" if is_diffusers else "prior"}
     if architecture == "idm":
         net, config = load_idm(path, levels=args.levels)

@@ -26,8 +26,8 @@ from torch import nn
 
 from ..errors import IDMError, check_keys, check_ratio
 from ..io.checkpoint import (
-    check_trained_operator, load_checkpoint, read_checkpoint_config, resolve_checkpoint, save_checkpoint,
-    shipped_checkpoint,
+    check_trained_operator, load_checkpoint, load_unique_state_dict, read_checkpoint_config, resolve_checkpoint,
+    save_checkpoint, shipped_checkpoint, unique_state_dict,
 )
 from ..physics.base import LinearOperator
 from ..registry import register_method
@@ -108,19 +108,10 @@ class UnrolledNet(nn.Module):
         return self
 
     def unique_state_dict(self) -> dict[str, torch.Tensor]:
-        return {key: t.detach() for key, t in self.state_dict().items()}
+        return unique_state_dict(self)
 
     def load_unique_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "state") -> None:
-        expected = self.state_dict()
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise IDMError(f"{source} does not match the unrolled network (missing {missing[:2]}, "
-                           f"unexpected {unexpected[:2]})")
-        for key, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise IDMError(f"{source}: tensor {key} has shape {tuple(tensor.shape)}, "
-                               f"the network expects {tuple(expected[key].shape)}")
-        self.load_state_dict(tensors)
+        load_unique_state_dict(self, tensors, source=source, what="the unrolled network")
 
     def save(self, directory: str | os.PathLike[str], card: str, *, ratio: float, operator: str = "blockcs",
              block_size: int | None = 32, extra: dict[str, Any] | None = None,

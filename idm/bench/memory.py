@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -40,6 +41,7 @@ from torch import nn
 
 from ..errors import IDMError
 from ..invertible import convert_unet, set_memory_mode
+from ..invertible.diffusers import PRUNE_PRESETS
 from ..io.atomic import atomic_path, atomic_write
 from ..priors.unet import UNet, UNetConfig
 from .accounting import peak_memory_bytes, time_call
@@ -106,16 +108,20 @@ def chain_factory(unet_config: UNetConfig, *, seed: int = 0) -> ModelFactory:
     return build
 
 
-def idm_factory(prior: str, *, seed: int = 0, ratio: float = 0.1, prune: dict[str, Any] | None = None) -> ModelFactory:
-    """Factory of IDM fine-tuning steps (:class:`~idm.network.IDMNet` from ``prior`` — a prior
-    checkpoint, a local diffusers folder or an explicit ``hf:`` id — with T = the case's steps;
-    scrambled block CS at ``ratio``, L1 loss), i.e. what ``idm finetune --prior`` trains."""
-    from ..network import idm_from_prior
+def idm_factory(prior: Any, *, seed: int = 0, ratio: float = 0.1, prune: dict[str, Any] | None = None) -> ModelFactory:
+    """Factory of IDM fine-tuning steps (:class:`~idm.network.IDMNet` from ``prior`` with T = the
+    case's steps; scrambled block CS at ``ratio``, L1 loss), i.e. what ``idm finetune --prior``
+    trains. ``prior``: a prior loaded by :func:`~idm.network.load_idm_prior`, or its source (a prior
+    checkpoint, a local diffusers folder or an explicit ``hf:`` id), loaded here once for all cases."""
+    from ..network import IDMNet, load_idm_prior
     from ..physics import BlockCS
+
+    if isinstance(prior, (str, os.PathLike)):
+        prior = load_idm_prior(prior)
 
     def build(case: MemoryCase, device: torch.device) -> TrainingSetup:
         torch.manual_seed(seed)
-        model = idm_from_prior(prior, prune=prune, steps=case.steps).to(device).train()
+        model = IDMNet.from_prior(prior, prune=prune, steps=case.steps).to(device).train()
         apply_mode(model, model.sampler, case.mode)
         generator = torch.Generator().manual_seed(seed)
         x = torch.rand((case.batch, model.config.channels, case.size, case.size), generator=generator).to(device)
@@ -279,7 +285,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior", help="instead: train the IDM network (block CS 10%%, T = --steps) built from this "
                         "prior — a prior checkpoint, a local diffusers folder (UNet2DModel or SD-style "
                         "UNet2DConditionModel) or an explicit hf:ORG/NAME")
-    parser.add_argument("--prune", choices=("none", "paper"),
+    parser.add_argument("--prune", choices=tuple(PRUNE_PRESETS),
                         help="diffusers --prior: pruning (default paper for UNet2DConditionModel, none for UNet2DModel)")
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per configuration, the fastest is reported (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batch (default 0)")
@@ -297,14 +303,14 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.prune is not None and args.prior is None:
         raise IDMError("--prune applies to a diffusers --prior only")
     if args.prior is not None:
-        from ..invertible.diffusers import PruneOptions
-        from ..network import idm_from_prior
+        from ..invertible.diffusers import prune_preset
+        from ..network import IDMNet, load_idm_prior
 
-        prune = {None: None, "paper": PruneOptions.paper().to_dict(), "none": PruneOptions().to_dict()}[args.prune]
-        probe = idm_from_prior(args.prior, prune=prune, steps=1)
+        prior, prune = load_idm_prior(args.prior), prune_preset(args.prune)
+        probe = IDMNet.from_prior(prior, prune=prune, steps=1)
         multiple, params = probe.config.size_multiple, sum(p.numel() for p in probe.parameters())
         what = f"IDM network from {args.prior}"
-        factory = idm_factory(args.prior, seed=args.seed, prune=prune)
+        factory = idm_factory(prior, seed=args.seed, prune=prune)
         del probe
     else:
         config = resolve_unet_config(args.unet_config)

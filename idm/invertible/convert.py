@@ -34,17 +34,18 @@ at initialisation unless ``v_init = 0`` (see :mod:`idm.invertible.coupling`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..priors.unet import UNet
-from .layout import Layer, UNetLayout, unet_layout
+from .layout import Layer, LayerKind, UNetLayout, unet_layout
 from .sequence import MemoryMode, ReversibleSequence, check_memory_mode
 
-BodyKind = Literal["block", "skip_block", "injector", "plain"]
+#: how a body calls its module (see :class:`UNetBody`)
+BodyKind = LayerKind
 
 
 @dataclass(frozen=True)

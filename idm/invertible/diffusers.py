@@ -74,6 +74,15 @@ class PruneOptions:
         return cls(**d)
 
 
+#: ``--prune`` choices of the command line
+PRUNE_PRESETS: dict[str, PruneOptions] = {"none": PruneOptions(), "paper": PruneOptions.paper()}
+
+
+def prune_preset(name: str | None) -> dict[str, Any] | None:
+    """The :class:`PruneOptions` fields of preset ``name`` (None: the model class's default)."""
+    return None if name is None else PRUNE_PRESETS[name].to_dict()
+
+
 def class_name(model: nn.Module) -> str:
     name = type(model).__name__
     if name not in SUPPORTED_CLASSES:
@@ -107,9 +116,9 @@ def _narrow_input(resnet: nn.Module, keep: list[int]) -> None:
     """Keep the input channels ``keep`` of a diffusers ResnetBlock2D (norm1, conv1, conv_shortcut)."""
     index = torch.tensor(keep, device=resnet.conv1.weight.device)
     norm = resnet.norm1
-    new_norm = nn.GroupNorm(norm.num_groups, len(keep), eps=norm.eps, affine=norm.affine)
     if len(keep) % norm.num_groups:
         raise IDMError(f"pruning leaves {len(keep)} channels, not divisible by {norm.num_groups} groups")
+    new_norm = nn.GroupNorm(norm.num_groups, len(keep), eps=norm.eps, affine=norm.affine)
     if norm.affine:
         new_norm.weight.copy_(norm.weight[index])
         new_norm.bias.copy_(norm.bias[index])
@@ -224,20 +233,26 @@ def diffusers_layout(model: nn.Module, t_constant: float) -> UNetLayout:
     layers = [Layer(model.conv_in, "plain", False, "input", 0, model.conv_in.out_channels, 0, push=True, site=False)]
     skips = [model.conv_in.out_channels]
     level, channels = 0, model.conv_in.out_channels
+
+    def add(module: nn.Module, kind: str, preserves: bool, stage: str, **flags: bool) -> None:
+        """Append a layer at the current channels and level; its position counts within its stage."""
+        position = sum(layer.stage == stage for layer in layers)
+        layers.append(Layer(module, kind, preserves, stage, position, channels, level, **flags))
+
     for i, block in enumerate(model.down_blocks):
         stage = f"down{i}"
         attentions = list(getattr(block, "attentions", None) or [])
         for j, resnet in enumerate(block.resnets):
             channels = resnet.out_channels
-            layers.append(Layer(resnet, "block", _resnet_preserves(resnet), stage, len(layers), channels, level))
+            add(resnet, "block", _resnet_preserves(resnet), stage)
             if j < len(attentions) and attentions[j] is not None:
-                layers.append(Layer(SelfAttention(attentions[j]), "plain", True, stage, len(layers), channels, level))
+                add(SelfAttention(attentions[j]), "plain", True, stage)
             layers[-1].push = True
             skips.append(channels)
         layers[-1].last = True
         for sampler in block.downsamplers or []:
             kind = "block" if _is_resnet(sampler) else "plain"
-            layers.append(Layer(sampler, kind, False, stage, len(layers), channels, level, site=False))
+            add(sampler, kind, False, stage, site=False)
             level += 1
         if block.downsamplers is not None:
             layers[-1].push = True
@@ -254,8 +269,7 @@ def diffusers_layout(model: nn.Module, t_constant: float) -> UNetLayout:
             resnet_like = _is_resnet(module)
             channels = module.out_channels if resnet_like else channels
             preserves = _resnet_preserves(module) if resnet_like else True
-            layers.append(Layer(module, "block" if resnet_like else "plain", preserves, "middle", len(layers), channels,
-                                level))
+            add(module, "block" if resnet_like else "plain", preserves, "middle")
         layers[-1].last = True
     for i, block in enumerate(model.up_blocks):
         stage = f"up{i}"
@@ -265,14 +279,13 @@ def diffusers_layout(model: nn.Module, t_constant: float) -> UNetLayout:
                 raise IDMError("diffusers U-Net: an up block consumes more skips than the down path produced")
             skip = skips.pop()
             channels = resnet.out_channels
-            layers.append(Layer(resnet, "skip_block", _resnet_preserves(resnet, skip), stage, len(layers), channels,
-                                level))
+            add(resnet, "skip_block", _resnet_preserves(resnet, skip), stage)
             if j < len(attentions) and attentions[j] is not None:
-                layers.append(Layer(SelfAttention(attentions[j]), "plain", True, stage, len(layers), channels, level))
+                add(SelfAttention(attentions[j]), "plain", True, stage)
         layers[-1].last = True
         for sampler in block.upsamplers or []:
             kind = "block" if _is_resnet(sampler) else "plain"
-            layers.append(Layer(sampler, kind, False, stage, len(layers), channels, level, site=False))
+            add(sampler, kind, False, stage, site=False)
             level -= 1
     if skips:
         raise IDMError(f"diffusers U-Net: {len(skips)} skip connection(s) of the down path are never consumed")

@@ -199,6 +199,39 @@ def check_trained_operator(name: str | os.PathLike[str], config: dict[str, Any],
     if measured is None or abs(float(measured) - trained_ratio) > 1e-6:
         raise IDMError(f"checkpoint {name} was trained for ratio {trained_ratio:g}, the measurements have ratio {measured}")
 
+
+def unique_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict with each tensor once (a module shared by several parents, such as
+    IDM's U-Net used by every step, appears under its first name only), detached."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out[key] = tensor.detach()
+    return out
+
+
+def load_unique_state_dict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], *, source: str,
+                           what: str) -> None:
+    """Load a :func:`unique_state_dict` into ``module``; :class:`IDMError` naming ``source`` and
+    ``what`` (e.g. "the IDM network") on missing, unexpected or mis-shaped tensors."""
+    full = module.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    canonical = {key: first.setdefault(id(t), key) for key, t in full.items()}
+    expected = set(first.values())
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise IDMError(
+            f"{source} does not match {what} (missing {len(missing)} tensors e.g. {missing[:2]}, "
+            f"unexpected {len(unexpected)} e.g. {unexpected[:2]})"
+        )
+    for key in expected:
+        if tuple(tensors[key].shape) != tuple(full[key].shape):
+            raise IDMError(f"{source}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+                           f"{what} expects {tuple(full[key].shape)}")
+    module.load_state_dict({key: tensors[canonical[key]] for key in full})
+
 # --- training states -----------------------------------------------------------------------
 def _child(path: str, name: object) -> str:
     """Path-like name of an entry: ``model/conv.weight``, ``optimizer/state/0/exp_avg``."""

@@ -6,9 +6,9 @@
 """
 
 from .config import LEVELS, IDMConfig
-from .idm import IDMNet, SamplingStep, idm_from_config, idm_from_diffusers, idm_from_prior, load_idm
+from .idm import IDMNet, SamplingStep, idm_from_config, idm_from_prior, load_idm, load_idm_prior
 from .injector import Injector
 from .measurement import MeasurementContext
 
 __all__ = ["LEVELS", "IDMConfig", "IDMNet", "Injector", "MeasurementContext", "SamplingStep", "idm_from_config",
-           "idm_from_diffusers", "idm_from_prior", "load_idm"]
+           "idm_from_prior", "load_idm", "load_idm_prior"]

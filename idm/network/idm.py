@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IDMError, check_ratio
+from ..io.checkpoint import load_unique_state_dict, unique_state_dict
 from ..invertible import ReversibleSampler, ReversibleUNet, convert_unet, set_memory_mode, unet_layout
 from ..invertible.convert import InjectionSite
 from ..physics.base import LinearOperator
@@ -145,12 +146,17 @@ class IDMNet(nn.Module):
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
-    def from_prior(cls, prior: Any, config: IDMConfig | None = None, **changes: Any) -> "IDMNet":
+    def from_prior(cls, prior: Any, config: IDMConfig | None = None, *, prune: dict[str, Any] | None = None,
+                   **changes: Any) -> "IDMNet":
         """IDM network initialised from a prior: a :class:`~idm.priors.Prior` (its U-Net and
-        schedule) or a :class:`~idm.priors.hub.DiffusersPrior` (see :meth:`from_diffusers`)."""
+        schedule), or a diffusers U-Net with its schedule — a :class:`~idm.priors.hub.DiffusersBackbone`
+        or :class:`~idm.priors.hub.DiffusersPrior` (see :meth:`from_diffusers`; ``prune`` applies to
+        these only)."""
         if getattr(prior, "model", None) is not None and not hasattr(prior, "unet"):
-            return cls.from_diffusers(prior.model, prior.schedule, image_channels=prior.channels,
+            return cls.from_diffusers(prior.model, prior.schedule, image_channels=prior.channels, prune=prune,
                                       source=getattr(prior, "source", None), config=config, **changes)
+        if prune is not None:
+            raise IDMError("prune options apply to diffusers priors only")
         base = config.to_dict() if config is not None else IDMConfig().to_dict()
         base.update(changes, unet=prior.unet.config.to_dict(), prior_schedule=prior.schedule.to_dict())
         return cls(prior.unet, IDMConfig.from_dict(base))
@@ -219,31 +225,11 @@ class IDMNet(nn.Module):
     # --- weights -----------------------------------------------------------------------------
     def unique_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict with each tensor once (the U-Net is shared by every step)."""
-        seen: set[int] = set()
-        out: dict[str, torch.Tensor] = {}
-        for key, tensor in self.state_dict(keep_vars=True).items():
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                out[key] = tensor.detach()
-        return out
+        return unique_state_dict(self)
 
     def load_unique_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "state") -> None:
         """Load a :meth:`unique_state_dict`; :class:`IDMError` on missing/unexpected/mis-shaped tensors."""
-        full = self.state_dict(keep_vars=True)
-        first: dict[int, str] = {}
-        canonical = {key: first.setdefault(id(t), key) for key, t in full.items()}
-        expected = set(first.values())
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        if missing or unexpected:
-            raise IDMError(
-                f"{source} does not match the IDM network (missing {len(missing)} tensors e.g. {missing[:2]}, "
-                f"unexpected {len(unexpected)} e.g. {unexpected[:2]})"
-            )
-        for key in expected:
-            if tuple(tensors[key].shape) != tuple(full[key].shape):
-                raise IDMError(f"{source}: tensor {key} has shape {tuple(tensors[key].shape)}, "
-                               f"the network expects {tuple(full[key].shape)}")
-        self.load_state_dict({key: tensors[canonical[key]] for key in full})
+        load_unique_state_dict(self, tensors, source=source, what="the IDM network")
 
     def checkpoint_config(self, *, ratio: float, operator: str = "blockcs", block_size: int | None = 32,
                           extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -286,38 +272,24 @@ def diffusers_from_config(backbone: dict[str, Any]) -> nn.Module:
     return cls.from_config(backbone["config"])
 
 
-def idm_from_diffusers(path_or_hub_id: str | os.PathLike[str], *, image_channels: int = 1,
-                       prune: dict[str, Any] | None = None, **changes: Any) -> IDMNet:
-    """IDM network from a local diffusers folder (model or pipeline; ``UNet2DModel`` or
-    ``UNet2DConditionModel``) or an explicit ``hf:`` hub id, with the folder's noise schedule
-    (the DDPM default, with a warning, when it has none). ``changes``: :class:`IDMConfig` fields."""
-    import sys
+def load_idm_prior(source: str | os.PathLike[str]) -> Any:
+    """The prior an IDM network starts from, loaded once (for :meth:`IDMNet.from_prior`): a prior
+    checkpoint (name or folder) → :class:`~idm.priors.Prior`; a local diffusers folder (model or
+    pipeline; ``UNet2DModel`` or ``UNet2DConditionModel``) or an explicit ``hf:`` hub id →
+    :class:`~idm.priors.hub.DiffusersBackbone` with the folder's noise schedule."""
+    from ..priors import load_prior
+    from ..priors.hub import is_diffusers_folder, is_hub_id, load_diffusers_backbone
 
-    from ..priors.hub import load_diffusers_unet
-    from ..priors.schedule import schedule_from_diffusers
-
-    model, scheduler, source = load_diffusers_unet(path_or_hub_id)
-    if scheduler is None:
-        print(f"warning: {source} has no scheduler config; assuming the DDPM schedule (linear, 1000 steps)",
-              file=sys.stderr)
-        schedule = NoiseSchedule()
-    else:
-        schedule = schedule_from_diffusers(scheduler)
-    return IDMNet.from_diffusers(model, schedule, image_channels=image_channels, prune=prune, source=source, **changes)
+    if is_hub_id(source) or is_diffusers_folder(source):
+        return load_diffusers_backbone(source)
+    return load_prior(source)
 
 
 def idm_from_prior(source: str | os.PathLike[str], *, prune: dict[str, Any] | None = None, **changes: Any) -> IDMNet:
-    """IDM network at initialisation from a prior given as a prior checkpoint (name or folder), a
-    local diffusers folder or an explicit ``hf:`` hub id. ``changes``: :class:`IDMConfig` fields;
-    ``prune``: for diffusers models (:class:`~idm.invertible.diffusers.PruneOptions` fields)."""
-    from ..priors import load_prior
-    from ..priors.hub import is_diffusers_folder, is_hub_id
-
-    if is_hub_id(source) or is_diffusers_folder(source):
-        return idm_from_diffusers(source, prune=prune, **changes)
-    if prune is not None:
-        raise IDMError("prune options apply to diffusers priors only")
-    return IDMNet.from_prior(load_prior(source), **changes)
+    """IDM network at initialisation from the prior at ``source`` (see :func:`load_idm_prior`).
+    ``changes``: :class:`IDMConfig` fields; ``prune``: for diffusers models
+    (:class:`~idm.invertible.diffusers.PruneOptions` fields)."""
+    return IDMNet.from_prior(load_idm_prior(source), prune=prune, **changes)
 
 
 def idm_from_config(config: dict[str, Any]) -> IDMNet:

@@ -218,6 +218,39 @@ def load_diffusers_unet(
     return _load_model(located, device), located.scheduler_config, located.source
 
 
+def scheduler_settings(located: DiffusersSource) -> tuple[NoiseSchedule, str]:
+    """``(schedule, prediction type)`` from the located scheduler config; without one, the DDPM
+    schedule and ε-prediction, with a warning on stderr."""
+    scheduler = located.scheduler_config
+    if scheduler is None:
+        print(
+            f"warning: {located.source} has no scheduler config; assuming the DDPM schedule "
+            f"(linear, 1000 steps, beta 1e-4 -> 0.02) and epsilon prediction",
+            file=sys.stderr,
+        )
+        return NoiseSchedule(), "epsilon"
+    return schedule_from_diffusers(scheduler), scheduler.get("prediction_type", "epsilon")
+
+
+@dataclass(frozen=True)
+class DiffusersBackbone:
+    """A loaded diffusers U-Net (``UNet2DModel`` or ``UNet2DConditionModel``) with its noise
+    schedule: what :meth:`idm.network.IDMNet.from_prior` converts (the model itself is not changed)."""
+
+    model: nn.Module
+    schedule: NoiseSchedule
+    prediction: str
+    source: str
+    channels: int = 1
+
+
+def load_diffusers_backbone(path_or_hub_id: str | Path, *, device: str | torch.device = "cpu") -> DiffusersBackbone:
+    """A diffusers U-Net folder or ``hf:`` id with its schedule (see :func:`scheduler_settings`)."""
+    located = locate(path_or_hub_id)
+    schedule, prediction = scheduler_settings(located)
+    return DiffusersBackbone(_load_model(located, device), schedule, prediction, located.source)
+
+
 def load_diffusers_prior(
     path_or_hub_id: str | Path, *, channels: int = 1, device: str | torch.device = "cpu"
 ) -> "DiffusersPrior":
@@ -230,16 +263,7 @@ def load_diffusers_prior(
             f"{located.source} is a UNet2DConditionModel (latent, text-conditioned, Stable Diffusion style): "
             f"it is only supported for conversion / fine-tuning, not as a zero-shot prior (use a UNet2DModel)"
         )
-    scheduler = located.scheduler_config
-    if scheduler is None:
-        print(
-            f"warning: {located.source} has no scheduler config; assuming the DDPM schedule "
-            f"(linear, 1000 steps, beta 1e-4 -> 0.02) and epsilon prediction",
-            file=sys.stderr,
-        )
-        schedule, prediction = NoiseSchedule(), "epsilon"
-    else:
-        schedule, prediction = schedule_from_diffusers(scheduler), scheduler.get("prediction_type", "epsilon")
+    schedule, prediction = scheduler_settings(located)
     model = _load_model(located, device)
     return DiffusersPrior(model, schedule, channels=channels, prediction=prediction, source=located.source)
 
