@@ -271,3 +271,65 @@ def test_evaluate_denoising_noise_level_mapping() -> None:
         assert prior.schedule.noise_to_signal(r["t"]) == pytest.approx(2 * sigma / 255, rel=0.05)
     with pytest.raises(IDMError):
         evaluate_denoising(prior, [])
+
+
+# --- the lean GroupNorm-SiLU-conv of ResBlock ------------------------------------------
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of tensors autograd saves for backward while ``fn()`` runs (each storage counted once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_norm_silu_conv_gradients_equal_plain_autograd(channels_last: bool, bias: bool) -> None:
+    from idm.priors.lean import norm_silu_conv
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(3, 12, eps=1e-6).double()
+    conv = torch.nn.Conv2d(12, 8, 3, padding=1, bias=bias).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 12, 10, 14, dtype=torch.float64)
+    if channels_last:
+        x, conv = x.to(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
+    weight = torch.randn(2, 8, 10, 14, dtype=torch.float64)
+    params = [x.requires_grad_(), *norm.parameters(), *conv.parameters()]
+    plain = torch.autograd.grad((conv(F.silu(norm(x))) * weight).sum(), params)
+    lean_out = norm_silu_conv(x, norm, conv)
+    assert lean_out.grad_fn is not None and "NormSiLUConv" in type(lean_out.grad_fn).__name__
+    lean = torch.autograd.grad((lean_out * weight).sum(), params)
+    for a, b in zip(plain, lean):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_lean_resblock_saves_only_its_input_for_the_first_conv_and_equals_plain() -> None:
+    from idm.invertible import set_memory_mode
+    from idm.priors.unet import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(16, 8, 32, groups=4).double()
+    torch.nn.init.normal_(block.conv2.weight, std=0.1)
+    h = torch.randn(1, 16, 32, 32, dtype=torch.float64, requires_grad=True)
+    emb = torch.randn(1, 32, dtype=torch.float64)
+    grads, saved = {}, {}
+    for mode in ("plain", "reversible"):
+        set_memory_mode(block, mode)
+        assert block.memory_mode == mode
+        out = {}
+        saved[mode] = _saved_bytes(lambda: out.setdefault("y", block(h, emb)))
+        grads[mode] = torch.autograd.grad(out["y"].square().sum(), [h, *block.parameters()])
+    for a, b in zip(grads["plain"], grads["reversible"]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    input_map = h.numel() * 8
+    # plain keeps the GroupNorm and SiLU outputs of the 16-channel input as well: two input-sized maps more
+    assert saved["plain"] - saved["reversible"] >= 2 * input_map - 1024

@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..priors.unet import UNet
 from .layout import Layer, LayerKind, UNetLayout, unet_layout
-from .sequence import MemoryMode, ReversibleSequence, check_memory_mode
+from .sequence import MemoryMode, ReversibleSequence, check_memory_mode, set_memory_mode
 
 #: how a body calls its module (see :class:`UNetBody`)
 BodyKind = LayerKind
@@ -80,13 +80,21 @@ class UNetBody(nn.Module):
         self.skip_id = skip_id
 
     def forward(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        if self.kind == "block":
-            return self.module(h, state["emb"])
+        return self.call(self.module_input(h, state), state)
+
+    def module_input(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """What the module receives as its first argument: ``cat(h, skip)`` for a ``"skip_block"``, else ``h``."""
         if self.kind == "skip_block":
-            return self.module(torch.cat([h, state["skips"][self.skip_id]], dim=1), state["emb"])
+            return torch.cat([h, state["skips"][self.skip_id]], dim=1)
+        return h
+
+    def call(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """The module on its input ``x`` (from :meth:`module_input`)."""
+        if self.kind in ("block", "skip_block"):
+            return self.module(x, state["emb"])
         if self.kind == "injector":
-            return self.module(h, state["user"])
-        return self.module(h)
+            return self.module(x, state["user"])
+        return self.module(x)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}" + (f", skip_id={self.skip_id}" if self.skip_id is not None else "")
@@ -112,14 +120,29 @@ def _run_bodies(h: torch.Tensor, bodies: nn.ModuleList, state: dict[str, Any]) -
     return h
 
 
+def _run_chain(h: torch.Tensor, bodies: nn.ModuleList, state: dict[str, Any]) -> torch.Tensor:
+    """:class:`CheckpointedChain`'s recomputable function: every body but the last checkpointed on
+    its own, the last one plain, its input released as soon as the module's input exists."""
+    *first, last = bodies
+    for body in first:
+        h = body(h, state)
+    x = last.module_input(h, state)
+    del h  # a skip block's cat(h, skip) is a copy: h need not live while the block runs
+    return last.call(x, state)
+
+
 class CheckpointedChain(nn.Module):
     """Consecutive shape-changing layers (e.g. an Upsample and the channel-changing ResBlock after
-    it) as one checkpointed segment, each layer also checkpointed inside it.
+    it) as one checkpointed segment.
 
     Only the segment's input is kept for backward, not the intermediate (e.g. the Upsample's
-    full-resolution output, the next layer's input): the outer recomputation produces it, the next
-    layer consumes it without saving it, and the inner checkpoint of the first layer recomputes what
-    that layer's backward needs only once the next layer's backward is done.
+    full-resolution output, the next layer's input): the outer recomputation produces it and the
+    next layer consumes it without saving it. Every layer but the last is also checkpointed inside
+    the segment, so what its backward needs is recomputed only once the later layers' backward is
+    done. The last layer runs plainly in the recomputation (its backward comes first, a second
+    recomputation would only cost time), and for a skip block its input ``h`` is released once
+    ``cat(h, skip)`` exists (measured: 4 MiB less at the peak of ``idm bench memory --steps 3
+    --size 128``, and one recomputation of the largest block less).
     """
 
     def __init__(self, bodies: list[CheckpointedBody], memory_mode: MemoryMode = "reversible") -> None:
@@ -129,7 +152,7 @@ class CheckpointedChain(nn.Module):
 
     def forward(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         if self.memory_mode != "plain" and torch.is_grad_enabled():
-            return checkpoint(_run_bodies, h, self.bodies, state, use_reentrant=False)
+            return checkpoint(_run_chain, h, self.bodies, state, use_reentrant=False)
         return _run_bodies(h, self.bodies, state)
 
 
@@ -178,6 +201,7 @@ class ReversibleUNet(nn.Module):
         self.memory_mode: str = memory_mode
         weight = next(p for p in self.segments.parameters())
         self.to(device=weight.device, dtype=weight.dtype)  # the new scalars v, s, m
+        set_memory_mode(self, memory_mode)  # also the layers' own (e.g. ResBlock's lean first conv)
 
     def sequences(self) -> list[ReversibleSequence]:
         return [s for s in self.segments if isinstance(s, ReversibleSequence)]

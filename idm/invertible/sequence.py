@@ -34,25 +34,32 @@ a body uses must be reachable from ``body.parameters()`` or be tensors in ``cont
 would silently get no gradient in reversible mode (the exactness tests compare with ``"plain"``).
 
 **Where the memory goes** (``idm bench memory --steps 1 3 8 --size 128 --unet-config small
---threads 1``, CPU, batch 1, profiler allocator accounting; vanilla 141 / 414 / 1097 MiB). Before:
-invertible 54.3 / 60.8 MiB (85.4% saving at T=3); after running each resample together with the
-channel-changing layer after it as one checkpointed segment (:func:`~idm.invertible.convert.run_links`):
-50.4 / 56.7 / 56.7 MiB (86.3% at T=3, 94.8% at T=8; T=8 is 1.13× T=1). The peak (T=3, traced
-allocation by allocation) is in the backward of the first step, inside the finest up ResBlock
-(96 → 32 channels on ``cat(h, skip)`` at 128², 6 MiB per 96-channel map):
+--threads 1``, CPU, batch 1, profiler allocator accounting, channels-last; vanilla 138 / 411 /
+1093 MiB; invertible 32.4 / 38.8 / 38.8 MiB, 90.6% saving at T=3). Earlier states of the
+invertible column, each step measured: 54.3 / 60.8 (85.4%) → 50.4 / 56.7 (86.3%; each resample
+and the channel-changing layer after it as one checkpointed segment) → 38.8 at T=3 from four
+changes around the finest up ResBlock (96 → 32 channels on ``cat(h, skip)`` at 128², 6 MiB per
+96-channel map), which holds the peak:
 
-* 40.1 MiB that block alone: the recomputation saves ``cat``, GroupNorm and SiLU outputs
-  (3 × 6 MiB); its backward holds the skip conv's gradient w.r.t. ``cat`` (6), conv1's input
-  gradient (6), oneDNN reorder buffers (6 + 2) and norm2's gradient (2);
-* 9.7 MiB stored level-2 state of the step being recomputed: each reversible run's output and
-  ``y₂`` (finest down run 2 + 2 MiB), the channel-changing down ResBlock's output;
-* 6.7 MiB parameter gradients (all U-Net parameters, accumulated in place);
-* 0.2 MiB level 1: the sampler's stored output and ``y₂`` and the stream gradients.
+* channels-last weights and activations (oneDNN's native layout; NCHW convolution backward
+  allocates reorder buffers the size of its input and gradients: 6 + 2 MiB here);
+* the ResBlock's first GroupNorm-SiLU-conv as :func:`~idm.priors.lean.norm_silu_conv` when its
+  ``memory_mode`` is not plain (keeps only the block input; 6 MiB less);
+* the ResBlock's skip conv computed first, so its 6 MiB input gradient is made after the residual
+  branch's backward instead of waiting through it (4 MiB less);
+* in a checkpointed chain the last layer runs plainly in the recomputation and its input is
+  released once ``cat(h, skip)`` exists (time: one recomputation of that block less).
 
-The backward already runs ``f`` once per coupling (with grad, its detached value serves the
-inversion), keeps nothing of coupling k while working on k − 1, and accumulates parameter
-gradients in place, so the first item, which plain autograd needs as well, bounds the saving at
-small T: 90% at T=3 would need the whole step under 41.4 MiB.
+The peak (T=3, traced allocation by allocation) is now in the backward of the second recomputed
+step, inside that block's ``norm_silu_conv`` backward: ``cat`` (6), the recomputed SiLU output (6)
+and its gradient (6), the block's output gradients (2 + 2); plus 10.5 MiB stored level-2 state of
+the step being recomputed (each reversible run's output and ``y₂``, e.g. 2 + 2 MiB for the finest
+down run), 6.6 MiB parameter gradients, 0.8 MiB level 1. From T = 2 on every parameter already
+has its gradient when the peak comes; at T = 1 the peak comes before most of them exist, which is
+why T = 1 is 6.3 MiB lower (T = 8 is 1.20× T = 1, but 1.0005× T = 2).
+
+The backward runs ``f`` once per coupling (with grad, its detached value serves the inversion),
+keeps nothing of coupling k while working on k − 1, and accumulates parameter gradients in place.
 
 **Why not memcnn** (``memcnn.InvertibleModuleWrapper``, memcnn 1.5.2, torch 2.15, CPU;
 reproduce with ``python -m idm.bench.memcnn_check``). One level, peak bytes of a training step of a

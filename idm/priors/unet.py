@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IDMError, check_keys
+from .lean import norm_silu_conv
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,12 @@ class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, + projected time embedding, GroupNorm-SiLU-dropout-conv (zero-init), + skip.
 
     ``(B, in_ch, H, W), (B, emb_dim) -> (B, out_ch, H, W)``; the skip is a 1x1 conv iff channels change.
+
+    ``memory_mode`` (set by :func:`idm.invertible.set_memory_mode`): ``"plain"`` (default) runs plain
+    autograd; any other mode computes the first GroupNorm-SiLU-conv with
+    :func:`~idm.priors.lean.norm_silu_conv`, which keeps only the block input for backward. The skip
+    is computed first, so that in backward its input gradient is produced after the residual
+    branch's (not held while that branch's backward runs). Values are the same in every mode.
     """
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, *, dropout: float = 0.0, groups: int = 32) -> None:
@@ -157,16 +164,21 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+        self.memory_mode = "plain"
 
     @property
     def preserves_shape(self) -> bool:
         return self.in_ch == self.out_ch
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        r = self.conv1(F.silu(self.norm1(h)))
+        s = self.skip(h)
+        if self.memory_mode == "plain":
+            r = self.conv1(F.silu(self.norm1(h)))
+        else:
+            r = norm_silu_conv(h, self.norm1, self.conv1)
         r = r + self.emb_proj(F.silu(emb)).to(r.dtype)[:, :, None, None]
         r = self.conv2(self.dropout(F.silu(self.norm2(r))))
-        return self.skip(h) + r
+        return s + r
 
 
 class AttentionBlock(nn.Module):
