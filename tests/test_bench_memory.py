@@ -10,6 +10,7 @@ import torch
 from idm.bench.accounting import peak_from_trace, peak_memory_bytes
 from idm.bench.memory import BENCH_MODES, UNET_PRESETS, MemoryCase, chain_factory, run_memory_bench
 from idm.cli import main
+from idm.errors import IDMError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,15 +52,22 @@ def test_all_modes_compute_the_same_loss():
     assert max(losses) - min(losses) <= 1e-6 * max(losses)
 
 
-def test_invertible_memory_is_flat_in_steps_and_vanilla_grows():
+@pytest.mark.parametrize("memory_format", ["channels_last", "contiguous"])
+def test_invertible_memory_is_flat_in_steps_and_vanilla_grows(memory_format):
     result = run_memory_bench(
         steps=[1, 4], sizes=[32], modes=["vanilla", "invertible"], batch=1, device="cpu",
-        factory=chain_factory(UNET_PRESETS["tiny"]),
+        factory=chain_factory(UNET_PRESETS["tiny"]), memory_format=memory_format,
     )
     peak = {(r["mode"], r["steps"]): r["peak_bytes"] for r in result["rows"]}
     assert peak[("invertible", 4)] <= 1.15 * peak[("invertible", 1)]
     assert peak[("vanilla", 4)] >= 2.0 * peak[("vanilla", 1)]
     assert peak[("invertible", 4)] < peak[("vanilla", 4)] / 2
+
+
+def test_unknown_memory_format_is_refused():
+    with pytest.raises(IDMError, match="memory format"):
+        run_memory_bench(steps=[1], sizes=[8], modes=["vanilla"], batch=1, device="cpu",
+                         factory=chain_factory(UNET_PRESETS["tiny"]), memory_format="nchw")
 
 
 def test_bench_memory_cli_writes_json_and_plot(tmp_path, capsys):
