@@ -28,9 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _group_norm_layout(t: torch.Tensor) -> torch.Tensor:
+    """The layout ``torch.group_norm`` hands its kernels: as suggested on CPU (NCHW or channels-last,
+    no copy), NCHW-contiguous elsewhere."""
+    if t.device.type == "cpu" and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return t
+    return t.contiguous()
+
+
 def _normalise(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float):
     b, c = x.shape[:2]
-    return torch.native_group_norm(x, weight, bias, b, c, x[0, 0].numel(), groups, eps)
+    return torch.native_group_norm(_group_norm_layout(x), weight, bias, b, c, x[0, 0].numel(), groups, eps)
 
 
 class _NormSiLUConv(torch.autograd.Function):
@@ -59,7 +67,7 @@ class _NormSiLUConv(torch.autograd.Function):
         del n
         b, c = x.shape[:2]
         grad_x, grad_nw, grad_nb = torch.ops.aten.native_group_norm_backward(
-            grad_n, x, mean, rstd, norm_weight, b, c, x[0, 0].numel(), ctx.groups,
+            _group_norm_layout(grad_n), _group_norm_layout(x), mean, rstd, norm_weight, b, c, x[0, 0].numel(), ctx.groups,
             [needs[0], needs[1] and norm_weight is not None, needs[2] and norm_bias is not None],
         )
         return grad_x, grad_nw, grad_nb, grad_cw, grad_cb, None, None, None
