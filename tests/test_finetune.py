@@ -173,3 +173,12 @@ def test_two_cpu_processes_stay_in_sync_and_match_one_process(workspace: Path) -
     a, b = load_state(single / "state.safetensors"), load_state(multi / "state.safetensors")
     for key, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][key], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_coupling_v_option_sets_every_coupling(workspace: Path) -> None:
+    parsed = build_parser().parse_args(tiny_args(workspace, workspace / "v", "--coupling-v", "0.2", steps=1))
+    net, provenance = build_network(parsed)
+    assert provenance["init_kind"] == "prior" and net.config.coupling_v == pytest.approx(0.2)
+    vs = [c.v.item() for c in net.sampler.couplings] + [c.v.item() for s in net.unet.sequences() for c in s.couplings]
+    assert vs and all(v == pytest.approx(0.2) for v in vs)
+    assert main(tiny_args(workspace, workspace / "v-bad", "--coupling-v", "1.5", steps=1)) == 2
