@@ -37,9 +37,9 @@ would silently get no gradient in reversible mode (the exactness tests compare w
 --threads 1``, CPU, batch 1, profiler allocator accounting, channels-last; vanilla 138 / 411 /
 1093 MiB; invertible 32.4 / 38.8 / 38.8 MiB, 90.6% saving at T=3). Earlier states of the
 invertible column, each step measured: 54.3 / 60.8 (85.4%) → 50.4 / 56.7 (86.3%; each resample
-and the channel-changing layer after it as one checkpointed segment) → 38.8 at T=3 from four
+and the channel-changing layer after it as one checkpointed segment) → 38.8 at T=3 from three
 changes around the finest up ResBlock (96 → 32 channels on ``cat(h, skip)`` at 128², 6 MiB per
-96-channel map), which holds the peak:
+96-channel map), which holds the peak; the fourth item below saves time only:
 
 * channels-last weights and activations (oneDNN's native layout; NCHW convolution backward
   allocates reorder buffers the size of its input and gradients: 6 + 2 MiB here);
