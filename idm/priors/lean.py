@@ -73,14 +73,16 @@ class _NormSiLUConv(torch.autograd.Function):
         return grad_x, grad_nw, grad_nb, grad_cw, grad_cb, None, None, None
 
 
-def norm_silu_conv(x: torch.Tensor, norm: nn.GroupNorm, conv: nn.Conv2d) -> torch.Tensor:
+def norm_silu_conv(x: torch.Tensor, norm: nn.GroupNorm, conv: nn.Conv2d, *, lean: bool = True) -> torch.Tensor:
     """``conv(silu(norm(x)))`` for ``x`` ``(B, C, H, W)``, keeping only ``x`` for backward (module doc).
 
-    ``conv`` must be a stride-1, dilation-1, ungrouped 2-D convolution with numeric zero padding
-    (the ResBlock's 3×3 conv); other convolutions, autocast and calls without grad run plainly.
+    ``lean=False`` runs plain autograd. ``conv`` must be a stride-1, dilation-1, ungrouped 2-D
+    convolution with numeric zero padding (the ResBlock's 3×3 conv); other convolutions, autocast
+    and calls without grad run plainly.
     """
     lean = (
-        torch.is_grad_enabled()
+        lean
+        and torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)
         and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
         and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)

@@ -172,10 +172,7 @@ class ResBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         s = self.skip(h)
-        if self.memory_mode == "plain":
-            r = self.conv1(F.silu(self.norm1(h)))
-        else:
-            r = norm_silu_conv(h, self.norm1, self.conv1)
+        r = norm_silu_conv(h, self.norm1, self.conv1, lean=self.memory_mode != "plain")
         r = r + self.emb_proj(F.silu(emb)).to(r.dtype)[:, :, None, None]
         r = self.conv2(self.dropout(F.silu(self.norm2(r))))
         return s + r
