@@ -17,21 +17,24 @@ from idm.physics import BlockCS
 from idm.registry import get_method
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-RECONSTRUCTORS = sorted(p.name for p in CHECKPOINTS.glob("*-cs*") if re.fullmatch(r"(idm|unrolled)-cs\d+", p.name))
+#: (folder name, method family, sampling ratio) of every shipped reconstructor, e.g. ("idm-cs10", "idm", 0.1)
+RECONSTRUCTORS = sorted(
+    (m[0], m[1], int(m[2]) / 100)
+    for m in (re.fullmatch(r"(idm|unrolled)-cs(\d+)", p.name) for p in CHECKPOINTS.iterdir()) if m
+)
 #: what every model card states (issue: data, command, steps, batch, hardware, wall time, metrics)
 CARD_FIELDS = ("Train400", "Command", "steps x batch", "hardware", "wall time", "BSD68", "Set12")
 
 
 def test_the_shipped_reconstructors_are_found() -> None:
-    assert {"unrolled-cs10", "unrolled-cs30", "unrolled-cs50"} <= set(RECONSTRUCTORS)
+    assert {"unrolled-cs10", "unrolled-cs30", "unrolled-cs50"} <= {name for name, _, _ in RECONSTRUCTORS}
 
 
-@pytest.mark.parametrize("name", RECONSTRUCTORS)
-def test_shipped_checkpoint_config_and_card(name: str) -> None:
-    family, percent = name.split("-cs")
+@pytest.mark.parametrize(("name", "family", "ratio"), RECONSTRUCTORS)
+def test_shipped_checkpoint_config_and_card(name: str, family: str, ratio: float) -> None:
     config = json.loads((CHECKPOINTS / name / "config.json").read_text())
     assert config["architecture"] == family
-    assert config["ratio"] == pytest.approx(int(percent) / 100)
+    assert config["ratio"] == pytest.approx(ratio)
     assert config["block_size"] == 32 and config["operator"] == "blockcs"
     card = (CHECKPOINTS / name / "README.md").read_text()
     missing = [field for field in CARD_FIELDS if field not in card]
@@ -40,10 +43,8 @@ def test_shipped_checkpoint_config_and_card(name: str) -> None:
     assert weights.stat().st_size < 10 * 2**20  # compact (fp16)
 
 
-@pytest.mark.parametrize("name", RECONSTRUCTORS)
-def test_shipped_checkpoint_reconstructs_a_sample_image(name: str) -> None:
-    family, percent = name.split("-cs")
-    ratio = int(percent) / 100
+@pytest.mark.parametrize(("name", "family", "ratio"), RECONSTRUCTORS)
+def test_shipped_checkpoint_reconstructs_a_sample_image(name: str, family: str, ratio: float) -> None:
     x = sample_images(64)["camera"][None]  # (1, 1, 64, 64) in [0, 1]
     op = BlockCS((64, 64), ratio, seed=3)
     y = op.A(x)
