@@ -182,3 +182,18 @@ def test_coupling_v_option_sets_every_coupling(workspace: Path) -> None:
     vs = [c.v.item() for c in net.sampler.couplings] + [c.v.item() for s in net.unet.sequences() for c in s.couplings]
     assert vs and all(v == pytest.approx(0.2) for v in vs)
     assert main(tiny_args(workspace, workspace / "v-bad", "--coupling-v", "1.5", steps=1)) == 2
+
+
+def test_alpha_init_option_sets_the_initial_schedule(workspace: Path, capsys) -> None:
+    parsed = build_parser().parse_args(tiny_args(workspace, workspace / "a", "--alpha-init", "0.85", steps=1))
+    net, _ = build_network(parsed)
+    assert net.config.alpha_init == pytest.approx(0.85)
+    torch.testing.assert_close(net.abar().detach().double(), torch.tensor([1.0, 0.85, 0.85**2], dtype=torch.float64))
+    assert main(tiny_args(workspace, workspace / "a-bad", "--alpha-init", "1.0", steps=1)) == 2
+    assert "alpha_init" in capsys.readouterr().err
+    assert main(tiny_args(workspace, workspace / "a-prior", "--alpha-init", "0.8", "--schedule-init", "prior", steps=1)) == 2
+    assert "--schedule-init prior" in capsys.readouterr().err
+    unrolled = tiny_args(workspace, workspace / "a-unrolled", "--arch", "unrolled", "--alpha-init", "0.8", steps=1)
+    at = unrolled.index("--sampling-steps")
+    assert main(unrolled[2:at] + unrolled[at + 2:]) == 2  # no --init (scratch), no --sampling-steps
+    assert "--alpha-init" in capsys.readouterr().err

@@ -51,7 +51,8 @@ VAL_FILE = "val.jsonl"
 #: options that determine the training trajectory: a resumed run must repeat them
 TRAJECTORY_OPTIONS = (
     "arch", "init", "prior", "prune", "phases", "channels", "ratio", "block_size", "matrix_seed", "data", "steps", "batch", "patch", "lr", "lr_schedule",
-    "warmup", "grad_clip", "sampling_steps", "unshuffle", "schedule_init", "coupling_v", "mixed_precision", "seed",
+    "warmup", "grad_clip", "sampling_steps", "unshuffle", "schedule_init", "alpha_init", "coupling_v", "mixed_precision",
+    "seed",
 )
 #: the paper halves the LR at epochs 10/20/30/40 of 50
 STEP_MILESTONES = (0.2, 0.4, 0.6, 0.8)
@@ -103,6 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     net.add_argument("--sampling-steps", type=int, help="sampling steps T (default 3)")
     net.add_argument("--unshuffle", type=int, choices=(1, 2), help="pixel-unshuffle factor of the U-Net input (default 2)")
     net.add_argument("--schedule-init", choices=("paper", "prior"), help="initial ᾱ: paper (α = 0.5) or prior (default paper)")
+    net.add_argument("--alpha-init", type=float, help="with --schedule-init paper: the initial α of every step, in (0, 1) "
+                     "(ᾱ_t = α^t; default 0.5, the paper's)")
     net.add_argument("--coupling-v", type=float, help="initial v of every reversible coupling, in (0, 1) "
                      "(default 0.5, IDM's; smaller starts closer to the plain sampler)")
     net.add_argument("--phases", type=int, help="unrolled from scratch: phases K (default 9)")
@@ -151,10 +154,12 @@ def _validate_args(args: argparse.Namespace, world: int) -> None:
         raise IDMError(f"--val-every must be >= 0, got {args.val_every}")
     if args.patch % args.block_size:
         raise IDMError(f"--patch {args.patch} must be a multiple of --block-size {args.block_size}")
-    idm_only = ("sampling_steps", "unshuffle", "schedule_init", "coupling_v") if args.arch == "unrolled" else ("phases", "channels")
+    idm_only = ("sampling_steps", "unshuffle", "schedule_init", "alpha_init", "coupling_v") if args.arch == "unrolled" else ("phases", "channels")
     given = [f"--{name.replace('_', '-')}" for name in idm_only if getattr(args, name) is not None]
     if given:
         raise IDMError(f"{', '.join(given)} do(es) not apply to --arch {args.arch}")
+    if args.alpha_init is not None and args.schedule_init == "prior":
+        raise IDMError("--alpha-init sets the paper schedule (ᾱ_t = α^t); it does not apply with --schedule-init prior")
     if args.prior is not None and (args.arch != "idm" or args.init is not None):
         raise IDMError("--prior starts an IDM network from a prior: use it with --arch idm and without --init")
     if args.prune is not None and args.prior is None:
@@ -190,7 +195,8 @@ def build_network(args: argparse.Namespace):
             raise IDMError(f"--init {args.init} is an unrolled checkpoint; --phases/--channels cannot change it")
         return net, {"init": str(args.init), "init_kind": "unrolled", "init_ratio": config.get("ratio")}
     changes = {k: v for k, v in (("steps", args.sampling_steps), ("unshuffle", args.unshuffle),
-                                 ("schedule_init", args.schedule_init), ("coupling_v", args.coupling_v))
+                                 ("schedule_init", args.schedule_init), ("alpha_init", args.alpha_init),
+                                 ("coupling_v", args.coupling_v))
                if v is not None}
     if is_diffusers or architecture == "unet":
         from idm.invertible.diffusers import prune_preset
