@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     net = parser.add_argument_group("network (with a prior --init; an IDM --init keeps its own)")
     net.add_argument("--sampling-steps", type=int, help="sampling steps T (default 3)")
     net.add_argument("--unshuffle", type=int, choices=(1, 2), help="pixel-unshuffle factor of the U-Net input (default 2)")
-    net.add_argument("--schedule-init", choices=("paper", "prior"), help="initial ᾱ: paper (α = 0.5) or prior (default paper)")
+    net.add_argument("--schedule-init", choices=("paper", "prior"), help="initial ᾱ: paper (every α = --alpha-init) or prior (default paper)")
     net.add_argument("--alpha-init", type=float, help="with --schedule-init paper: the initial α of every step, in (0, 1) "
                      "(ᾱ_t = α^t; default 0.5, the paper's)")
     net.add_argument("--coupling-v", type=float, help="initial v of every reversible coupling, in (0, 1) "
