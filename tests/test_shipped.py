@@ -22,6 +22,14 @@ RECONSTRUCTORS = sorted(
     (m[0], m[1], int(m[2]) / 100)
     for m in (re.fullmatch(r"(idm|unrolled)-cs(\d+)", p.name) for p in CHECKPOINTS.iterdir()) if m
 )
+#: multi-ratio IDM checkpoints (``idm-<anything>`` with a ratio range) and the ratios each is tested at
+MULTI_RATIO = sorted(
+    (p.name, json.loads((p / "config.json").read_text())["ratio_range"]) for p in CHECKPOINTS.iterdir()
+    if p.name.startswith("idm-") and (p / "config.json").is_file()
+    and json.loads((p / "config.json").read_text()).get("ratio_range") is not None
+)
+#: converted denoisers (not trained by us): provenance and licence instead of a training record
+DENOISERS = sorted(p.name for p in CHECKPOINTS.iterdir() if p.name.startswith("dncnn-"))
 #: what every model card states (issue: data, command, steps, batch, hardware, wall time, metrics)
 CARD_FIELDS = ("Train400", "Command", "steps x batch", "hardware", "wall time", "BSD68", "Set12")
 
@@ -53,3 +61,29 @@ def test_shipped_checkpoint_reconstructs_a_sample_image(name: str, family: str, 
     assert estimate.shape == x.shape and bool(torch.isfinite(estimate).all())
     baseline = float(psnr(op.A_dagger(y).clamp(0, 1), x)[0])
     assert float(psnr(estimate.clamp(0, 1), x)[0]) > baseline + 5
+
+
+@pytest.mark.parametrize(("name", "band"), MULTI_RATIO)
+def test_shipped_multi_ratio_checkpoint(name: str, band: list[float]) -> None:
+    config = json.loads((CHECKPOINTS / name / "config.json").read_text())
+    assert config["ratio"] is None and config["block_size"] == 32 and config["operator"] == "blockcs"
+    card = (CHECKPOINTS / name / "README.md").read_text()
+    missing = [field for field in CARD_FIELDS if field not in card]
+    assert not missing, f"model card of {name} lacks {missing}"
+    assert (CHECKPOINTS / name / "model.safetensors").stat().st_size < 10 * 2**20
+    x = sample_images(64)["camera"][None]
+    for ratio in (band[0], 0.2, band[1]):
+        op = BlockCS((64, 64), ratio, seed=3)
+        y = op.A(x)
+        estimate = get_method("idm").build(checkpoint=name, ratio=ratio)(y, op)
+        assert float(psnr(estimate.clamp(0, 1), x)[0]) > float(psnr(op.A_dagger(y).clamp(0, 1), x)[0]) + 5
+
+
+@pytest.mark.parametrize("name", DENOISERS)
+def test_shipped_denoiser_card(name: str) -> None:
+    config = json.loads((CHECKPOINTS / name / "config.json").read_text())
+    assert config["architecture"] == "dncnn" and config["provenance"]["license"] == "BSD-3-Clause"
+    assert {"Set12", "BSD68"} <= set(config["denoising_psnr"])
+    card = (CHECKPOINTS / name / "README.md").read_text()
+    for field in ("Provenance", "BSD-3-Clause", "Redistribution and use", "Set12", "BSD68", "sha256"):
+        assert field in card, f"model card of {name} lacks {field!r}"

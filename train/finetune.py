@@ -5,7 +5,7 @@
     idm finetune ...                               (same options)
     accelerate launch -m train.finetune ...        (multi-GPU / multi-CPU; --batch is the global batch)
 
-``--init`` is a prior checkpoint (the network starts as the prior's T-step sampler, research.md §1)
+``--init`` is a prior checkpoint (the network starts as the prior's T-step sampler), a denoiser checkpoint (e.g. ``dncnn-6``)
 or an IDM checkpoint trained at another ratio (its weights and architecture are reused). With
 ``--arch unrolled`` the same loop trains the learned baseline :mod:`idm.baselines.unrolled` from
 scratch (``--phases``, ``--channels``), or from an unrolled checkpoint at another ratio. Loss: L1
@@ -52,12 +52,28 @@ VAL_FILE = "val.jsonl"
 TRAJECTORY_OPTIONS = (
     "arch", "init", "prior", "prune", "phases", "channels", "ratio", "block_size", "matrix_seed", "data", "steps", "batch", "patch", "lr", "lr_schedule",
     "warmup", "grad_clip", "sampling_steps", "unshuffle", "schedule_init", "alpha_init", "coupling_v", "mixed_precision",
-    "seed",
+    "seed", "ratio_range", "start", "sigma_max", "sigma_min",
 )
+#: IDM-only network options (``--arch unrolled`` rejects them)
+IDM_OPTIONS = ("sampling_steps", "unshuffle", "schedule_init", "alpha_init", "coupling_v", "start", "sigma_max", "sigma_min")
 #: the paper halves the LR at epochs 10/20/30/40 of 50
 STEP_MILESTONES = (0.2, 0.4, 0.6, 0.8)
 #: trainable reconstruction networks (``--arch``)
 ARCHITECTURES = ("idm", "unrolled")
+
+
+def _ratio_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ratios, got {text!r}") from None
+
+
+def _ratio_pair(text: str) -> tuple[float, float]:
+    values = _ratio_list(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (two ratios), got {text!r}")
+    return values[0], values[1]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -81,7 +97,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_run_folder_arguments(io)
 
     cs = parser.add_argument_group("measurement (scrambled block CS)")
-    cs.add_argument("--ratio", type=float, required=True, help="sampling ratio in (0, 1]")
+    ratio = cs.add_mutually_exclusive_group(required=True)
+    ratio.add_argument("--ratio", type=float, help="sampling ratio in (0, 1]")
+    ratio.add_argument("--ratio-range", type=_ratio_pair, metavar="LOW,HIGH",
+                       help="one network for every ratio in [LOW, HIGH] (e.g. 0.05,0.6): each step draws its ratio "
+                            "uniformly (seeded by the step); validation at --val-ratios")
+    cs.add_argument("--val-ratios", type=_ratio_list, default=(0.1, 0.3, 0.5), metavar="R1,R2,...",
+                    help="with --ratio-range: the ratios validated (default 0.1,0.3,0.5)")
     cs.add_argument("--block-size", type=int, default=32, help="block size B (default 32)")
     cs.add_argument("--matrix-seed", type=int, default=0, help="seed of the sampling matrix Φ (default 0, as evaluation)")
 
@@ -103,7 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     net = parser.add_argument_group("network (with a prior --init; an IDM --init keeps its own)")
     net.add_argument("--sampling-steps", type=int, help="sampling steps T (default 3)")
     net.add_argument("--unshuffle", type=int, choices=(1, 2), help="pixel-unshuffle factor of the U-Net input (default 2)")
-    net.add_argument("--schedule-init", choices=("paper", "prior"), help="initial ᾱ: paper (every α = --alpha-init) or prior (default paper)")
+    net.add_argument("--schedule-init", choices=("paper", "prior", "sigma"),
+                     help="initial ᾱ: paper (every α = --alpha-init), prior (its respaced ᾱ) or sigma (noise std from "
+                          "--sigma-max to --sigma-min; default for a denoiser prior, paper otherwise)")
+    net.add_argument("--sigma-max", type=float, help="--schedule-init sigma: image-scale noise std of step T (default 0.1)")
+    net.add_argument("--sigma-min", type=float, help="--schedule-init sigma: noise std of step 1 (default 0.01)")
+    net.add_argument("--start", choices=("adjoint", "tv", "pnp"),
+                     help="initial estimate the sampler starts from: adjoint (A†y, default), tv or pnp (each costs "
+                          "its own run time at every call)")
     net.add_argument("--alpha-init", type=float, help="with --schedule-init paper: the initial α of every step, in (0, 1) "
                      "(ᾱ_t = α^t; default 0.5, the paper's)")
     net.add_argument("--coupling-v", type=float, help="initial v of every reversible coupling, in (0, 1) "
@@ -149,12 +178,19 @@ def permutation_seed(seed: int, step: int) -> int:
 
 def _validate_args(args: argparse.Namespace, world: int) -> None:
     check_training_args(args, world, positive=("block_size",))
-    args.ratio = check_ratio(args.ratio)
+    if args.ratio_range is not None:
+        low, high = (check_ratio(r) for r in args.ratio_range)
+        if not low < high:
+            raise IDMError(f"--ratio-range needs LOW < HIGH, got {low:g} {high:g}")
+        args.ratio_range = [low, high]
+        args.val_ratios = [check_ratio(r) for r in args.val_ratios]
+    else:
+        args.ratio = check_ratio(args.ratio)
     if args.val_every < 0:
         raise IDMError(f"--val-every must be >= 0, got {args.val_every}")
     if args.patch % args.block_size:
         raise IDMError(f"--patch {args.patch} must be a multiple of --block-size {args.block_size}")
-    idm_only = ("sampling_steps", "unshuffle", "schedule_init", "alpha_init", "coupling_v") if args.arch == "unrolled" else ("phases", "channels")
+    idm_only = IDM_OPTIONS if args.arch == "unrolled" else ("phases", "channels")
     given = [f"--{name.replace('_', '-')}" for name in idm_only if getattr(args, name) is not None]
     if given:
         raise IDMError(f"{', '.join(given)} do(es) not apply to --arch {args.arch}")
@@ -167,7 +203,23 @@ def _validate_args(args: argparse.Namespace, world: int) -> None:
     if args.arch == "idm" and args.init is None and args.prior is None:
         args.init = "prior-gray"
     if args.out is None:
-        args.out = f"runs/{args.arch}-cs{round(args.ratio * 100)}"
+        args.out = f"runs/{args.arch}-{run_label(args)}"
+
+
+def run_label(args: argparse.Namespace) -> str:
+    """``csNN`` for one ratio, ``csLL-HH`` for a ratio range."""
+    if args.ratio_range is not None:
+        return f"cs{round(args.ratio_range[0] * 100)}-{round(args.ratio_range[1] * 100)}"
+    return f"cs{round(args.ratio * 100)}"
+
+
+def step_ratio(args: argparse.Namespace, step: int) -> float:
+    """The sampling ratio of training step ``step``: ``--ratio``, or uniform in ``--ratio-range`` (seeded by step)."""
+    if args.ratio_range is None:
+        return args.ratio
+    u = float(torch.rand((), generator=torch.Generator().manual_seed(permutation_seed(args.seed + 7919, step))))
+    low, high = args.ratio_range
+    return low + (high - low) * u
 
 
 def build_network(args: argparse.Namespace):
@@ -184,7 +236,7 @@ def build_network(args: argparse.Namespace):
     is_diffusers = args.arch == "idm" and (is_hub_id(source) or is_diffusers_folder(source))
     path = None if is_diffusers else resolve_checkpoint(source)
     architecture = None if is_diffusers else read_checkpoint_config(path).get("architecture")
-    if args.prior is not None and not is_diffusers and architecture != "unet":
+    if args.prior is not None and not is_diffusers and architecture not in ("unet", "dncnn"):
         raise IDMError(f"--prior {args.prior} is not a prior (architecture {architecture!r}); use --init for IDM checkpoints")
     if args.arch == "unrolled":
         if architecture != "unrolled":
@@ -196,14 +248,16 @@ def build_network(args: argparse.Namespace):
         return net, {"init": str(args.init), "init_kind": "unrolled", "init_ratio": config.get("ratio")}
     changes = {k: v for k, v in (("steps", args.sampling_steps), ("unshuffle", args.unshuffle),
                                  ("schedule_init", args.schedule_init), ("alpha_init", args.alpha_init),
-                                 ("coupling_v", args.coupling_v))
+                                 ("coupling_v", args.coupling_v), ("start", args.start),
+                                 ("sigma_max", args.sigma_max), ("sigma_min", args.sigma_min))
                if v is not None}
-    if is_diffusers or architecture == "unet":
+    if is_diffusers or architecture in ("unet", "dncnn"):
         from idm.invertible.diffusers import prune_preset
         from idm.network import idm_from_prior
 
         net = idm_from_prior(source, prune=prune_preset(args.prune), levels=args.levels, **changes)
-        return net, {"init": str(source), "init_kind": "diffusers" if is_diffusers else "prior"}
+        kind = "diffusers" if is_diffusers else ("denoiser" if architecture == "dncnn" else "prior")
+        return net, {"init": str(source), "init_kind": kind}
     if architecture == "idm":
         net, config = load_idm(path, levels=args.levels)
         differing = {k: v for k, v in changes.items() if getattr(net.config, k) != v}
@@ -235,11 +289,25 @@ def parameter_checksum(model: torch.nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def validate(net: Any, images: list[tuple[str, torch.Tensor]], args: argparse.Namespace,
              device: torch.device) -> dict[str, float]:
-    """Mean PSNR/SSIM of ``net`` over ``images``, each measured with permutation seed = its index."""
+    """Mean PSNR/SSIM of ``net`` over ``images``, each measured with permutation seed = its index;
+    with ``--ratio-range`` per validation ratio (``"psnr@0.1"``, …) and their mean (``"psnr"``)."""
+    if args.ratio_range is not None:
+        per_ratio = {r: validate_at(net, images, args, device, r) for r in args.val_ratios}
+        out = {f"{key}@{r:g}": value for r, scores in per_ratio.items() for key, value in scores.items()}
+        for key in ("psnr", "ssim"):
+            out[key] = sum(scores[key] for scores in per_ratio.values()) / len(per_ratio)
+        return out
+    return validate_at(net, images, args, device, args.ratio)
+
+
+@torch.no_grad()
+def validate_at(net: Any, images: list[tuple[str, torch.Tensor]], args: argparse.Namespace,
+                device: torch.device, ratio: float) -> dict[str, float]:
+    """Mean PSNR/SSIM of ``net`` over ``images`` at one ``ratio``."""
     from idm.evaluation import blockcs_factory
     from idm.metrics import psnr, ssim_skimage
 
-    make = blockcs_factory(args.ratio, seed=0, block_size=args.block_size)
+    make = blockcs_factory(ratio, seed=0, block_size=args.block_size)
     scores = []
     for index, (_, image) in enumerate(images):
         x = image.unsqueeze(0).to(device)
@@ -282,7 +350,8 @@ def train(args: argparse.Namespace) -> int:
         optimizer, lambda s: lr_factor(s, args.lr_schedule, args.warmup, args.steps)
     )
     memory = ("levels",) if args.arch == "idm" else ()
-    command = command_line("train.finetune", args, (*TRAJECTORY_OPTIONS, *memory, "out", "val", "val_limit"))
+    shown = ("val_ratios",) if args.ratio_range is not None else ()
+    command = command_line("train.finetune", args, (*TRAJECTORY_OPTIONS, *memory, "out", "val", "val_limit", *shown))
     progress = Progress(command=command)
     if state is not None:
         progress = resume_progress(state, accelerator, optimizer, scheduler,
@@ -296,7 +365,15 @@ def train(args: argparse.Namespace) -> int:
     if args.val and accelerator.is_main_process:
         folder = ImageFolder(args.val, limit=args.val_limit)
         val_images = [folder[i] for i in range(len(folder))]
-    base_op = BlockCS((args.patch, args.patch), args.ratio, block_size=args.block_size, matrix_seed=args.matrix_seed)
+    base_ops: dict[int, BlockCS] = {}  # one operator per number of measured rows (Φ and its pseudo-inverse)
+
+    def step_operator(step: int) -> BlockCS:
+        ratio = step_ratio(args, step)
+        rows = max(1, round(ratio * args.block_size**2))
+        if rows not in base_ops:
+            base_ops[rows] = BlockCS((args.patch, args.patch), rows / args.block_size**2, block_size=args.block_size,
+                                     matrix_seed=args.matrix_seed)
+        return base_ops[rows].redraw(permutation_seed(args.seed, step))
 
     def run_validation(step: int) -> dict[str, float] | None:
         """Validate a full-precision copy of the current weights (main process only)."""
@@ -323,12 +400,12 @@ def train(args: argparse.Namespace) -> int:
     stop = args.steps if args.stop_after is None else min(args.steps, progress.step + args.stop_after)
     step, last_val = progress.step, None
     with RunLog(run_dir / LOG_FILE, main=accelerator.is_main_process, total=args.steps, initial=progress.step,
-                desc=f"{args.arch} cs{round(args.ratio * 100)}", show=not args.no_progress) as log:
+                desc=f"{args.arch} {run_label(args)}", show=not args.no_progress) as log:
         for batch in resumed_batches(loader, progress.rng):
             if step >= stop:
                 break
             x = batch.to(device, non_blocking=True)
-            op = base_op.redraw(permutation_seed(args.seed, step))
+            op = step_operator(step)
             y = op.A(x)
             loss = F.l1_loss(model(y, op).float(), x)
             lr = optimizer_step(accelerator, model, optimizer, scheduler, loss, args.grad_clip)
@@ -383,7 +460,7 @@ def export(net: Any, directory: Path, args: argparse.Namespace, summary: RunSumm
     if args.arch == "unrolled":
         title, summary_line, use, network = (
             "unrolled baseline (ISTA-Net+ family)",
-            f"A learned {cfg.phases}-phase proximal-gradient network (research.md §2), "
+            f"A learned {cfg.phases}-phase proximal-gradient network (ISTA-Net+, Zhang & Ghanem, CVPR 2018), "
             + ("trained from scratch." if provenance.get("init_kind") == "scratch"
                else f"trained further from `{provenance.get('init')}` (ratio {provenance.get('init_ratio')})."),
             "`idm reconstruct --method unrolled --checkpoint <this folder>`",
@@ -393,18 +470,22 @@ def export(net: Any, directory: Path, args: argparse.Namespace, summary: RunSumm
         alphas = [round(float(a), 4) for a in net.abar().detach()[1:]]
         title, summary_line, use, network = (
             "IDM network",
-            f"The {cfg.steps}-step sampler of a diffusion prior fine-tuned end to end (research.md §1).",
+            (f"The {cfg.steps}-step sampler of a Gaussian denoiser prior (started from `{cfg.start}`) fine-tuned end to "
+             "end (IDM, Chen et al., TPAMI 2025)." if cfg.denoiser else
+             f"The {cfg.steps}-step sampler of a diffusion prior fine-tuned end to end (IDM, Chen et al., TPAMI 2025)."),
             "`idm reconstruct --method idm --checkpoint <this folder>` or `idm.network.load_idm(path)`",
             f"T = {cfg.steps}, unshuffle {cfg.unshuffle}, {cfg.describe_backbone()}, "
             f"injectors {'on' if cfg.injectors else 'off'}, learned ᾱ {alphas}")
         init = f"{provenance.get('init_kind')} `{provenance.get('init')}`"
+    ratio_text = (f"ratio {args.ratio:g}" if args.ratio_range is None else
+                  f"every ratio in [{args.ratio_range[0]:g}, {args.ratio_range[1]:g}] (one network, ratio drawn per step)")
     lines = [
-        f"# idm {title} — scrambled block CS, ratio {args.ratio:g}",
+        f"# idm {title} — scrambled block CS, {ratio_text}",
         "",
         f"{summary_line} {params / 1e6:.2f} M parameters stored as {args.export_dtype}. Use with {use}.",
         "",
         "| | |", "|---|---|",
-        f"| measurement | scrambled block CS, ratio {args.ratio:g}, block {args.block_size}, Φ seed {args.matrix_seed} |",
+        f"| measurement | scrambled block CS, {ratio_text}, block {args.block_size}, Φ seed {args.matrix_seed} |",
         f"| initialisation | {init} |",
         f"| network | {network} |",
         data_row(args, num_images),
@@ -414,10 +495,15 @@ def export(net: Any, directory: Path, args: argparse.Namespace, summary: RunSumm
          else f"| mixed precision | {args.mixed_precision} |"),
         *summary.card_rows(),
     ]
-    if validation:
+    if validation and args.ratio_range is not None:
+        for r in args.val_ratios:
+            lines.append(f"| validation on `{val_name}` at ratio {r:g} | PSNR {validation[f'psnr@{r:g}']:.2f} dB, "
+                         f"SSIM {validation[f'ssim@{r:g}']:.4f} |")
+    elif validation:
         lines.append(f"| validation on `{val_name}` | PSNR {validation['psnr']:.2f} dB, SSIM {validation['ssim']:.4f} |")
     lines += summary.command_lines()
-    return net.save(directory, "\n".join(lines) + "\n", ratio=args.ratio, operator="blockcs",
+    return net.save(directory, "\n".join(lines) + "\n", ratio=args.ratio if args.ratio_range is None else None,
+                    ratio_range=args.ratio_range, operator="blockcs",
                     block_size=args.block_size, extra=extra, dtype=EXPORT_DTYPES[args.export_dtype])
 
 

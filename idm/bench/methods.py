@@ -45,7 +45,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prior of the methods that take one (ddnm, ddnm+, dps): a prior checkpoint, a local diffusers "
                              "folder or hf:ID; default: theirs")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="METHOD=DIR",
-                        help="checkpoint of one method, e.g. idm=checkpoints/idm-cs10 (repeatable)")
+                        help="checkpoint of one method, e.g. idm=checkpoints/idm-multi (repeatable)")
     parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="option of one method's factory, e.g. ddnm.steps=20 (repeatable)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")

@@ -20,7 +20,7 @@ from ..registry import METHODS  # noqa: E402
 from .common import write_json  # noqa: E402
 
 #: methods the demo runs by default, those registered in this installation
-DEMO_METHODS = ("pinv", "tv", "unrolled", "idm")
+DEMO_METHODS = ("pinv", "tv", "pnp", "unrolled", "idm")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

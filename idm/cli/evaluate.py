@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..bench.methods import parse_value
 from ..data import ImageFolder
+from ..errors import IDMError
 from ..evaluation import blockcs_factory, evaluate
 from ..registry import METHODS
 from .common import add_measurement_args, add_method_args, checked_ratio, method_checkpoint, write_json
@@ -16,6 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
     parser.add_argument("--json", help="write the results as JSON to this file")
     add_method_args(parser)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="option of the method's factory, e.g. iterations=20 (repeatable; VALUE is read as "
+                             "an int, a float, true/false or else a string)")
     add_measurement_args(parser, ratio_required=True)
     parser.set_defaults(func=run)
     return parser
@@ -24,6 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     ratio = checked_ratio(args)
     checkpoint = method_checkpoint(args, METHODS.get(args.method))
+    options = method_options(args.option)
     folder = ImageFolder(args.data, limit=args.limit)
     result = evaluate(
         args.method,
@@ -35,9 +41,22 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=True,
         total=len(folder),
+        options=options,
     )
-    print(f"method {args.method}, ratio {ratio:g}, {len(folder)} images from {args.data}")
+    settings = "".join(f", {key}={value!r}" for key, value in options.items())
+    print(f"method {args.method}{settings}, ratio {ratio:g}, {len(folder)} images from {args.data}")
     print(result.table())
     if args.json:
         write_json(args.json, result.to_json())
     return 0
+
+
+def method_options(items: list[str]) -> dict:
+    """``["KEY=VALUE", ...]`` → ``{KEY: parsed VALUE}`` (see :func:`idm.bench.methods.parse_value`)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise IDMError(f"malformed --option {item!r} (expected KEY=VALUE)")
+        options[key.strip()] = parse_value(value)
+    return options

@@ -112,3 +112,31 @@ def unet_layout(unet: UNet, t_constant: float = 0.0) -> UNetLayout:
     layers.append(Layer(unet.out, "plain", False, "output", 0, unet.config.out_channels, 0, site=False))
     return UNetLayout(layers, emb, unet.config.in_channels, unet.config.out_channels,
                       unet.config.size_multiple, unet.config.check_input, float(t_constant))
+
+
+#: DnCNN middle layers are grouped in this many stages (an injector follows each stage's last layer)
+DNCNN_STAGES = 3
+
+
+def dncnn_layout(net: "DnCNN", stages: int = DNCNN_STAGES) -> UNetLayout:
+    """The layout of :class:`idm.priors.dncnn.DnCNN` as a (skip-free) "U-Net" at one resolution.
+
+    Input: the network input (B, C(+1), H, W) (image, plus the σ map for σ-input variants, see
+    :meth:`~idm.priors.dncnn.DnCNN.network_input`); output: the noise estimate n (B, C, H, W).
+    The input conv + ReLU and the output conv change shape; every middle conv-ReLU preserves it.
+    The middle layers are grouped in up to ``stages`` stages ``"body0"``, ``"body1"``, … of
+    ⌈layers / stages⌉ layers each (15 → 3 × 5, 4 → 2 × 2); injectors go after each stage's last layer.
+    """
+    from ..priors.dncnn import DnCNN
+
+    if not isinstance(net, DnCNN):
+        raise TypeError(f"dncnn_layout expects idm.priors.dncnn.DnCNN, got {type(net).__name__}")
+    cfg = net.config
+    layers = [Layer(net.head, "plain", False, "input", 0, cfg.features, 0, site=False)]
+    body = list(net.body)
+    per_stage = max(1, -(-len(body) // stages))
+    for s, first in enumerate(range(0, len(body), per_stage)):
+        blocks = [(layer, "plain", True, cfg.features) for layer in body[first:first + per_stage]]
+        layers += stage_layers(f"body{s}", blocks, 0)
+    layers.append(Layer(net.output_conv, "plain", False, "output", 0, cfg.channels, 0, site=False))
+    return UNetLayout(layers, None, cfg.in_channels, cfg.channels, 1)

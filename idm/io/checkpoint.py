@@ -174,8 +174,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
 
 
 def shipped_checkpoint(family: str, ratio: float | None, train_hint: str) -> str:
-    """Name ``{family}-cs{NN}`` of the checkpoint for sampling ``ratio`` (e.g. ``idm-cs10`` for 0.1),
-    if one can be found; :class:`IDMError` naming ``train_hint`` (how to train one) otherwise."""
+    """Name of the checkpoint for sampling ``ratio``: ``{family}-cs{NN}`` (e.g. ``idm-cs10`` for 0.1)
+    if there is one, else a multi-ratio ``{family}-*`` checkpoint whose ``ratio_range`` holds the
+    ratio; :class:`IDMError` naming ``train_hint`` (how to train one) otherwise."""
     from ..errors import check_ratio
 
     if ratio is None:
@@ -184,18 +185,33 @@ def shipped_checkpoint(family: str, ratio: float | None, train_hint: str) -> str
     try:
         resolve_checkpoint(name)
     except IDMError:
-        raise IDMError(f"no shipped {family} checkpoint for ratio {float(ratio):g}; pass --checkpoint or train "
-                       f"one with {train_hint} --ratio {float(ratio):g}") from None
-    return name
+        pass
+    else:
+        return name
+    for multi in available_checkpoints():  # a multi-ratio checkpoint of the family whose range holds the ratio
+        if not multi.startswith(f"{family}-"):
+            continue
+        band = read_checkpoint_config(resolve_checkpoint(multi)).get("ratio_range")
+        if band is not None and band[0] - 1e-6 <= float(ratio) <= band[1] + 1e-6:
+            return multi
+    raise IDMError(f"no shipped {family} checkpoint for ratio {float(ratio):g}; pass --checkpoint or train "
+                   f"one with {train_hint} --ratio {float(ratio):g}")
 
 
 def check_trained_operator(name: str | os.PathLike[str], config: dict[str, Any], op: Any) -> None:
     """:class:`IDMError` unless the operator ``op`` is of the kind and ratio the checkpoint ``name``
-    (with ``config``) was trained for."""
-    trained_ratio, trained_kind = float(config["ratio"]), config.get("operator", "blockcs")
+    (with ``config``) was trained for (a multi-ratio checkpoint: any ratio in its ``ratio_range``)."""
+    trained_kind = config.get("operator", "blockcs")
     if op.kind != trained_kind:
         raise IDMError(f"checkpoint {name} was trained for {trained_kind} measurements, got {op.kind}")
     measured = op.config().get("ratio")
+    if config.get("ratio_range") is not None:
+        low, high = (float(r) for r in config["ratio_range"])
+        if measured is None or not low - 1e-6 <= float(measured) <= high + 1e-6:
+            raise IDMError(f"checkpoint {name} was trained for ratios in [{low:g}, {high:g}], "
+                           f"the measurements have ratio {measured}")
+        return
+    trained_ratio = float(config["ratio"])
     if measured is None or abs(float(measured) - trained_ratio) > 1e-6:
         raise IDMError(f"checkpoint {name} was trained for ratio {trained_ratio:g}, the measurements have ratio {measured}")
 

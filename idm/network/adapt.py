@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 
 import torch
@@ -112,14 +113,22 @@ def adapt_diffusers_unet(model: nn.Module, image_channels: int, unshuffle: int) 
     return model
 
 
-def initial_abar(steps: int, schedule_init: str, alpha_init: float, schedule: NoiseSchedule) -> torch.Tensor:
+def initial_abar(steps: int, schedule_init: str, alpha_init: float, schedule: NoiseSchedule,
+                 sigma_range: tuple[float, float] = (0.1, 0.01)) -> torch.Tensor:
     """ᾱ_1…ᾱ_T (T,) float64 at initialisation (decreasing: step T is the noisiest).
 
     ``"paper"``: ᾱ_t = alpha_init^t. ``"prior"``: the prior's ᾱ at its DDIM-respaced timesteps
-    ``schedule.respaced(T)`` (ascending, so ᾱ_1 belongs to the smallest timestep).
+    ``schedule.respaced(T)`` (ascending, so ᾱ_1 belongs to the smallest timestep). ``"sigma"``:
+    image-scale noise std σ_t geometric from ``sigma_range[0]`` (step T) to ``sigma_range[1]``
+    (step 1), ᾱ_t = 1 / (1 + 4σ_t²) (inverse of :func:`idm.priors.denoiser.image_sigma`).
     """
     if schedule_init == "paper":
         return torch.full((steps,), float(alpha_init), dtype=torch.float64).cumprod(0)
+    if schedule_init == "sigma":
+        high, low = (float(s) for s in sigma_range)
+        sigma = torch.logspace(math.log10(low), math.log10(high), steps, dtype=torch.float64) if steps > 1 \
+            else torch.tensor([high], dtype=torch.float64)
+        return 1.0 / (1.0 + 4.0 * sigma**2)
     timesteps = schedule.respaced(steps)
     if len(timesteps) != steps:
         raise ValueError(f"the prior's schedule cannot be respaced to {steps} distinct steps")

@@ -12,7 +12,9 @@ from ..priors.unet import UNetConfig
 #: coupling (level 1), ``both`` level 1 plus reversible U-Net runs and injectors inside (level 2)
 LEVELS = ("none", "steps", "both")
 #: initialisations of the learnable schedule α ∈ R^T (ᾱ = cumprod α)
-SCHEDULE_INITS = ("paper", "prior")
+SCHEDULE_INITS = ("paper", "prior", "sigma")
+#: initial estimates x_start the sampler starts from (x_T = √ᾱ_T · x_start on the model range)
+STARTS = ("adjoint", "tv", "pnp")
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,19 @@ class IDMConfig:
             (:mod:`idm.invertible.diffusers`); the weights live in the IDM checkpoint.
         injectors: add the measurement-injection adapters (one per U-Net stage and step).
         levels: invertibility, one of :data:`LEVELS`; it changes memory use, not the function.
-        schedule_init: ``"paper"`` (every α_t = ``alpha_init``, research.md §1) or ``"prior"``
-            (ᾱ at the prior's DDIM-respaced timesteps).
+        denoiser: a Gaussian denoiser backbone instead of a U-Net: the
+            :class:`~idm.priors.dncnn.DnCNNConfig` dict of a denoiser prior (e.g. ``dncnn-17``); the
+            network then runs at full resolution (``unshuffle = 1``), its middle layers are the
+            reversible couplings and ε comes from the denoiser's noise estimate at σ_t
+            (:func:`idm.priors.denoiser.denoiser_eps`).
+        schedule_init: ``"paper"`` (every α_t = ``alpha_init``, IDM paper), ``"prior"`` (ᾱ at the
+            prior's DDIM-respaced timesteps) or ``"sigma"`` (image-scale noise std
+            σ_t = √((1 − ᾱ_t)/ᾱ_t)/2 geometric from ``sigma_max`` at step T to ``sigma_min`` at step 1:
+            the range a denoiser backbone was trained for; the default for denoisers).
+        sigma_max, sigma_min: the σ range of ``schedule_init="sigma"`` (on [0, 1]).
+        start: the initial estimate x_start (``x_T = √ᾱ_T · (2 x_start − 1)``): ``"adjoint"``
+            (A†y, free), ``"tv"`` (the ``tv`` baseline) or ``"pnp"`` (the ``pnp`` method with the
+            shipped ``dncnn-17``); computed without gradient, its cost is added to every call.
         alpha_init: the initial α for ``schedule_init="paper"``.
         coupling_v: initial mixing weight v of every reversible coupling (0.5 as in the official
             code); stored per coupling as a learnable scalar.
@@ -52,9 +65,22 @@ class IDMConfig:
     prior_schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "linear", "num_steps": 1000,
                                                                      "beta_start": 1e-4, "beta_end": 0.02})
     backbone: dict[str, Any] | None = None
+    denoiser: dict[str, Any] | None = None
+    sigma_max: float = 0.1
+    sigma_min: float = 0.01
+    start: str = "adjoint"
 
     def __post_init__(self) -> None:
-        if self.backbone is not None:
+        if self.denoiser is not None:
+            from ..priors.dncnn import DnCNNConfig
+
+            object.__setattr__(self, "unet", None)
+            DnCNNConfig.from_dict(self.denoiser)  # validates
+            if self.backbone is not None:
+                raise IDMError("IDM config has both a denoiser and a diffusers backbone")
+            if int(self.unshuffle) != 1:
+                raise IDMError(f"a denoiser backbone runs at full resolution: unshuffle must be 1, got {self.unshuffle}")
+        elif self.backbone is not None:
             object.__setattr__(self, "unet", None)
             missing = {"library", "class_name", "config", "prune", "image_channels"} - set(self.backbone)
             if missing or self.backbone["library"] != "diffusers":
@@ -73,6 +99,10 @@ class IDMConfig:
             raise IDMError(f"unknown schedule init {self.schedule_init!r}; use one of {', '.join(SCHEDULE_INITS)}")
         if not 0.0 < float(self.alpha_init) < 1.0:
             raise IDMError(f"alpha_init must lie in (0, 1), got {self.alpha_init}")
+        if not 0.0 < float(self.sigma_min) < float(self.sigma_max):
+            raise IDMError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
+        if self.start not in STARTS:
+            raise IDMError(f"unknown start {self.start!r}; use one of {', '.join(STARTS)}")
         if not 0.0 < float(self.coupling_v) < 1.0:
             raise IDMError(f"coupling_v must lie in (0, 1), got {self.coupling_v}")
         object.__setattr__(self, "steps", int(self.steps))
@@ -81,11 +111,15 @@ class IDMConfig:
     @property
     def channels(self) -> int:
         """Image channels C."""
+        if self.denoiser:
+            return int(self.denoiser["channels"])
         return int(self.backbone["image_channels"]) if self.backbone else self.unet.in_channels
 
     @property
     def size_multiple(self) -> int:
         """The network pads images internally to a multiple of this."""
+        if self.denoiser:
+            return 1
         if self.backbone:  # every kept down stage but the last halves the resolution
             kept = len(self.backbone["config"]["down_block_types"]) - int(self.backbone["prune"].get("deepest", 0))
             return 2 ** (kept - 1) * self.unshuffle
@@ -93,6 +127,9 @@ class IDMConfig:
 
     def describe_backbone(self) -> str:
         """One line for model cards: the U-Net the network was built from."""
+        if self.denoiser:
+            d = self.denoiser
+            return f"DnCNN denoiser, {d['depth']} layers, {d['features']} ch{', σ input' if d['sigma_input'] else ''}"
         if self.backbone:
             cfg, prune = self.backbone["config"], self.backbone["prune"]
             return (f"diffusers {self.backbone['class_name']} from `{self.backbone.get('source')}` (blocks "

@@ -29,6 +29,7 @@ not exactly the plain sampler (see :mod:`idm.invertible.coupling`); with every `
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ from ..io.checkpoint import load_unique_state_dict, unique_state_dict
 from ..invertible import ReversibleSampler, ReversibleUNet, convert_unet, set_memory_mode, unet_layout
 from ..invertible.convert import InjectionSite
 from ..physics.base import LinearOperator
+from ..invertible.layout import dncnn_layout
+from ..priors.denoiser import denoiser_eps
+from ..priors.dncnn import DnCNN, DnCNNConfig, network_input
 from ..priors.schedule import NoiseSchedule, from_model_range, to_model_range
 from ..priors.unet import UNet
 from .adapt import adapt_diffusers_unet, adapt_unet, alpha_from_abar, constant_timestep, initial_abar
@@ -58,27 +62,34 @@ class SamplingStep(nn.Module):
 
     ``context = {"meas": MeasurementContext, "abar": (T+1,) tensor with abar[0] = 1}``. The U-Net
     is shared by all steps (registered in each so reversible backward sees its parameters).
+    With a denoiser backbone (``denoiser``: its :class:`~idm.priors.dncnn.DnCNNConfig`) the
+    converted network maps the denoiser's input to its noise estimate and ε follows from it at
+    the step's learnable ᾱ_t (:func:`~idm.priors.denoiser.denoiser_eps`).
     """
 
-    def __init__(self, t: int, unet: ReversibleUNet, unshuffle: int) -> None:
+    def __init__(self, t: int, unet: ReversibleUNet, unshuffle: int, denoiser: DnCNNConfig | None = None) -> None:
         super().__init__()
         self.t, self.unshuffle = int(t), int(unshuffle)
         self.unet = unet
+        self.denoiser = denoiser
 
-    def noise(self, x: torch.Tensor, meas: MeasurementContext) -> torch.Tensor:
-        """ε estimate for the canvas ``x`` (B, C, H, W)."""
+    def noise(self, x: torch.Tensor, meas: MeasurementContext, abar: torch.Tensor) -> torch.Tensor:
+        """ε estimate for the canvas ``x`` (B, C, H, W) at ``abar`` (the step's ᾱ_t, a scalar tensor)."""
+        context = {"meas": meas, "step": self.t - 1}
+        if self.denoiser is not None:
+            return denoiser_eps(lambda z, s: self.unet(network_input(self.denoiser, z, s), context), x, abar)
         u = self.unshuffle
         h = F.pixel_unshuffle(x, u) if u > 1 else x
-        eps = self.unet(h, {"meas": meas, "step": self.t - 1})
+        eps = self.unet(h, context)
         return F.pixel_shuffle(eps, u) if u > 1 else eps
 
     def forward(self, x: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
         meas: MeasurementContext = context["meas"]
         abar: torch.Tensor = context["abar"]
-        eps = self.noise(x, meas)
+        a, a_prev = abar[self.t].to(x.dtype), abar[self.t - 1].to(x.dtype)
+        eps = self.noise(x, meas, a)
         with torch.autocast(x.device.type, enabled=False):  # data consistency in full precision
             eps = eps.to(x.dtype)
-            a, a_prev = abar[self.t].to(x.dtype), abar[self.t - 1].to(x.dtype)
             x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
             x0 = to_model_range(meas.data_consistency(from_model_range(x0)))
             return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
@@ -101,9 +112,15 @@ class IDMNet(nn.Module):
         super().__init__()
         self.config = config
         schedule = NoiseSchedule.from_dict(config.prior_schedule)
-        abar = initial_abar(config.steps, config.schedule_init, config.alpha_init, schedule)
+        abar = initial_abar(config.steps, config.schedule_init, config.alpha_init, schedule,
+                            (config.sigma_max, config.sigma_min))
         t_constant = constant_timestep(schedule, abar)
-        if config.backbone is not None:
+        denoiser = DnCNNConfig.from_dict(config.denoiser) if config.denoiser is not None else None
+        if denoiser is not None:
+            if prior_unet is not None and getattr(prior_unet, "config", None) != denoiser:
+                raise IDMError(f"IDM config's denoiser {denoiser} does not match the prior's {prior_unet.config}")
+            layout = dncnn_layout(copy.deepcopy(prior_unet) if prior_unet is not None else DnCNN(denoiser))
+        elif config.backbone is not None:
             layout = self._diffusers_layout(prior_unet, t_constant)
         else:
             if prior_unet is not None and getattr(prior_unet, "config", None) != config.unet:
@@ -116,7 +133,7 @@ class IDMNet(nn.Module):
             v_init=config.coupling_v,
         )
         self.alpha = nn.Parameter(alpha_from_abar(abar).float())
-        steps = [SamplingStep(t, self.unet, config.unshuffle) for t in range(config.steps, 0, -1)]
+        steps = [SamplingStep(t, self.unet, config.unshuffle, denoiser) for t in range(config.steps, 0, -1)]
         self.sampler = ReversibleSampler(steps, v_init=config.coupling_v)
         self.set_levels(config.levels)
 
@@ -157,6 +174,12 @@ class IDMNet(nn.Module):
                                       source=getattr(prior, "source", None), config=config, **changes)
         if prune is not None:
             raise IDMError("prune options apply to diffusers priors only")
+        if getattr(prior, "denoiser", None) is not None:  # a DenoiserPrior
+            base = config.to_dict() if config is not None else IDMConfig(schedule_init="sigma").to_dict()
+            base.update({"unshuffle": 1}, **changes)
+            base.update(unet=None, backbone=None, denoiser=prior.denoiser.config.to_dict(),
+                        prior_schedule=prior.schedule.to_dict())
+            return cls(prior.denoiser, IDMConfig.from_dict(base))
         base = config.to_dict() if config is not None else IDMConfig().to_dict()
         base.update(changes, unet=prior.unet.config.to_dict(), prior_schedule=prior.schedule.to_dict())
         return cls(prior.unet, IDMConfig.from_dict(base))
@@ -218,9 +241,22 @@ class IDMNet(nn.Module):
         y = y.to(self.alpha.dtype)
         meas = MeasurementContext.build(op, y, self.config.size_multiple)
         abar = self.abar()
-        x = abar[-1].sqrt() * to_model_range(meas.pad(op.A_dagger(y)))
+        x = abar[-1].sqrt() * to_model_range(meas.pad(self.start_estimate(y, op)))
         out = self.sampler(x, {"meas": meas, "abar": abar})
         return meas.crop(from_model_range(out))
+
+    def start_estimate(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+        """The initial estimate x_start (B, C, *op.domain_size) on [0, 1] of ``config.start``:
+        A†y, or the ``tv`` / ``pnp`` method's result (computed without gradient)."""
+        if self.config.start == "adjoint":
+            return op.A_dagger(y)
+        solvers = self.__dict__.setdefault("_start_solvers", {})  # built once per network, not a module
+        if self.config.start not in solvers:
+            from ..registry import get_method
+
+            solvers[self.config.start] = get_method(self.config.start).build(device=y.device)
+        with torch.no_grad():
+            return solvers[self.config.start](y, op).to(y.dtype)
 
     # --- weights -----------------------------------------------------------------------------
     def unique_state_dict(self) -> dict[str, torch.Tensor]:
@@ -231,25 +267,32 @@ class IDMNet(nn.Module):
         """Load a :meth:`unique_state_dict`; :class:`IDMError` on missing/unexpected/mis-shaped tensors."""
         load_unique_state_dict(self, tensors, source=source, what="the IDM network")
 
-    def checkpoint_config(self, *, ratio: float, operator: str = "blockcs", block_size: int | None = 32,
-                          extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def checkpoint_config(self, *, ratio: float | None, operator: str = "blockcs", block_size: int | None = 32,
+                          extra: dict[str, Any] | None = None,
+                          ratio_range: tuple[float, float] | list[float] | None = None) -> dict[str, Any]:
+        """The checkpoint's ``config.json``: trained for one ``ratio``, or (``ratio=None``) for every
+        ratio in ``ratio_range`` (a multi-ratio network)."""
+        if (ratio is None) == (ratio_range is None):
+            raise IDMError("an IDM checkpoint is trained for one ratio or for a ratio range: give exactly one")
         return {
             **(extra or {}),
+            **({"ratio_range": [check_ratio(r) for r in ratio_range]} if ratio_range is not None else {}),
             "architecture": ARCHITECTURE,
             "operator": operator,
-            "ratio": check_ratio(ratio),
+            "ratio": None if ratio is None else check_ratio(ratio),
             "block_size": block_size,
             "value_range": [0, 1],
             "idm": self.config.to_dict(),
         }
 
-    def save(self, directory: str | os.PathLike[str], card: str, *, ratio: float, operator: str = "blockcs",
+    def save(self, directory: str | os.PathLike[str], card: str, *, ratio: float | None, operator: str = "blockcs",
              block_size: int | None = 32, extra: dict[str, Any] | None = None,
-             dtype: torch.dtype | None = torch.float16) -> Path:
+             dtype: torch.dtype | None = torch.float16, ratio_range: tuple[float, float] | list[float] | None = None) -> Path:
         """Write a checkpoint directory (weights as ``dtype``: fp16 / bf16, None keeps fp32)."""
         from ..io.checkpoint import save_checkpoint
 
-        config = self.checkpoint_config(ratio=ratio, operator=operator, block_size=block_size, extra=extra)
+        config = self.checkpoint_config(ratio=ratio, operator=operator, block_size=block_size, extra=extra,
+                                        ratio_range=ratio_range)
         return save_checkpoint(directory, self.unique_state_dict(), config, card, dtype=dtype)
 
 
@@ -312,7 +355,8 @@ def load_idm(
 ) -> tuple[IDMNet, dict[str, Any]]:
     """Load an IDM checkpoint (directory or shipped name) → ``(network in eval mode, config)``.
 
-    ``ratio``: if given, the checkpoint must have been trained for it (:class:`IDMError` otherwise).
+    ``ratio``: if given, the checkpoint must have been trained for it, or for a range holding it
+    (:class:`IDMError` otherwise).
     ``levels``: override the stored invertibility levels (default: ``"none"``, the fast plain
     network — the function is the same; fine-tuning sets its own).
     """
@@ -323,8 +367,12 @@ def load_idm(
     if stored.get("architecture") != ARCHITECTURE:
         raise IDMError(f"{path} is not an IDM checkpoint (architecture {stored.get('architecture')!r})")
     expect: dict[str, Any] = {"architecture": ARCHITECTURE}
-    if ratio is not None:
+    if ratio is not None and stored.get("ratio_range") is None:
         expect["ratio"] = check_ratio(ratio)
+    elif ratio is not None:
+        low, high = stored["ratio_range"]
+        if not low - 1e-6 <= check_ratio(ratio) <= high + 1e-6:
+            raise IDMError(f"checkpoint {path} was trained for ratios in [{low:g}, {high:g}], not {ratio:g}")
     tensors, config = load_checkpoint(path, expect=expect, device="cpu", dtype=torch.float32)
     net = idm_from_config(config)
     net.load_unique_state_dict(tensors, source=f"checkpoint {path}")

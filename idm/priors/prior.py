@@ -175,16 +175,24 @@ def load_prior(name_or_path: str | Path = "prior-gray", device: str | torch.devi
 
     * an idm prior checkpoint (a directory, or a bare name searched in the repo's ``checkpoints/``)
       → :class:`Prior` (weights stored in fp16/bf16 are loaded as float32);
+    * a denoiser checkpoint (``architecture: "dncnn"``, e.g. ``"dncnn-17"``) →
+      :class:`idm.priors.denoiser.DenoiserPrior`;
     * a local diffusers ``UNet2DModel`` folder (model or pipeline layout), or ``hf:ORG/NAME[/SUBFOLDER]``
       for the Hugging Face Hub → :class:`idm.priors.hub.DiffusersPrior` (grayscale; see
       :func:`idm.priors.hub.load_diffusers_prior`).
     """
-    from ..io.checkpoint import load_checkpoint, resolve_checkpoint
+    from ..io.checkpoint import load_checkpoint, read_checkpoint_config, resolve_checkpoint
+    from .denoiser import ARCHITECTURE as DENOISER_ARCHITECTURE
+    from .denoiser import denoiser_prior_from_checkpoint
     from .hub import is_diffusers_folder, is_hub_id, load_diffusers_prior
 
     if is_hub_id(name_or_path) or is_diffusers_folder(name_or_path):
         return load_diffusers_prior(str(name_or_path), device=device)
     path = resolve_checkpoint(name_or_path)
+    if read_checkpoint_config(path).get("architecture") == DENOISER_ARCHITECTURE:
+        tensors, config = load_checkpoint(path, expect={"architecture": DENOISER_ARCHITECTURE}, device="cpu",
+                                          dtype=torch.float32)
+        return denoiser_prior_from_checkpoint(path, tensors, config).to(device)
     tensors, config = load_checkpoint(path, expect={"architecture": ARCHITECTURE}, device="cpu", dtype=torch.float32)
     prior = prior_from_config(config)
     try:

@@ -1,4 +1,5 @@
-"""Zero-shot solvers on the diffusion prior: DDNM, DDNM+ and DPS (research.md §2).
+"""Zero-shot solvers on the diffusion prior: DDNM, DDNM+ and DPS (research.md §2), and plug-and-play
+HQS with a deep denoiser (``pnp``, :mod:`idm.zeroshot.pnp`).
 
 The samplers are small functions with one signature (k-diffusion style)::
 
@@ -8,17 +9,19 @@ The samplers are small functions with one signature (k-diffusion style)::
 ``model(x, t) -> ε`` on the prior's range [-1, 1]; ``y`` measurements of [0, 1] images by the
 linear operator ``op`` (any :class:`~idm.physics.LinearOperator`: only ``A``, ``A_dagger`` are
 used); ``x`` the estimate ``(B, C, *op.domain_size)`` on [0, 1], not clipped. Importing this
-package registers the methods ``ddnm``, ``ddnm+`` and ``dps`` (:mod:`idm.zeroshot.method`).
+package registers the methods ``ddnm``, ``ddnm+`` and ``dps`` (:mod:`idm.zeroshot.method`) and ``pnp``.
 """
 
-from .common import Canvas, data_consistency, jump_indices, misfit, timestep_pairs
+from .common import Canvas, data_consistency, jump_indices, misfit, project, timestep_pairs
 from .ddnm import noise_aware_weights, sample_ddnm
 from .dps import sample_dps
 from .method import DEFAULT_PRIOR, SOLVERS, ZeroShotReconstructor, build_solver, solver_options
+from .pnp import PnPReconstructor, sample_pnp
 
 __all__ = [
     "Canvas",
     "DEFAULT_PRIOR",
+    "PnPReconstructor",
     "SOLVERS",
     "ZeroShotReconstructor",
     "build_solver",
@@ -26,8 +29,10 @@ __all__ = [
     "jump_indices",
     "misfit",
     "noise_aware_weights",
+    "project",
     "sample_ddnm",
     "sample_dps",
+    "sample_pnp",
     "solver_options",
     "timestep_pairs",
 ]

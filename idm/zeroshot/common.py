@@ -115,18 +115,26 @@ def initial_state(
     return canvas, randn((*y.shape[:2], *canvas.size), generator, y)
 
 
+def project(image: torch.Tensor, y: torch.Tensor, op: LinearOperator, weight: float = 1.0) -> torch.Tensor:
+    """Range-null-space correction of a domain image on [0, 1]: ``x − weight·A†(A x − y)``.
+
+    ``image`` (B, C, *op.domain_size); with ``weight = 1`` and ``A A† = I`` the result satisfies
+    ``A x = y`` (it is ``A†y + (I − A†A) x``); ``weight = 0`` returns ``image`` itself.
+    """
+    if weight == 0.0:
+        return image
+    return image - weight * op.A_dagger(op.A(image) - y)
+
+
 def data_consistency(
     x0: torch.Tensor, y: torch.Tensor, op: LinearOperator, canvas: Canvas, weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Range-null-space correction of an x̂₀ estimate: ``x ← x − weight·A†(A x − y)`` on [0, 1].
+    """:func:`project` applied to an x̂₀ estimate on the canvas: ``x ← x − weight·A†(A x − y)`` on [0, 1].
 
     ``x0`` is the canvas estimate on [-1, 1]. Returns ``(corrected canvas on [-1, 1], corrected
-    domain image on [0, 1])``; with ``weight = 1`` and ``A A† = I`` the image satisfies ``A x = y``
-    (it is ``A†y + (I − A†A) x``).
+    domain image on [0, 1])``.
     """
-    image = from_model_range(canvas.crop(x0))
-    if weight != 0.0:
-        image = image - weight * op.A_dagger(op.A(image) - y)
+    image = project(from_model_range(canvas.crop(x0)), y, op, weight)
     return canvas.paste(x0, to_model_range(image)), image
 
 
