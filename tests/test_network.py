@@ -265,9 +265,10 @@ def test_idm_method_errors(prior: Prior, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("IDM_CHECKPOINT_DIR", str(tmp_path))
     save_tiny(prior, tmp_path / "idm-cs25", 0.25)
     build = get_method("idm").build
-    with pytest.raises(IDMError, match=r"no shipped idm checkpoint for ratio 0\.2; pass --checkpoint or train one with idm finetune "
-                                       r"--ratio 0\.2"):
-        build(ratio=0.2)
+    # 0.8: no idm-cs80 and outside the shipped multi-ratio idm-multi's range
+    with pytest.raises(IDMError, match=r"no shipped idm checkpoint for ratio 0\.8; pass --checkpoint or train one with idm finetune "
+                                       r"--ratio 0\.8"):
+        build(ratio=0.8)
     with pytest.raises(IDMError, match="ratio"):
         build()
     with pytest.raises(IDMError, match="trained for ratio 0.25"):

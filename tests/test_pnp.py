@@ -12,7 +12,7 @@ from idm.errors import IDMError
 from idm.physics import BlockCS
 from idm.registry import get_method
 from idm.zeroshot import Canvas, data_consistency, project, sample_pnp
-from idm.zeroshot.pnp import data_weight, noise_levels, pnp_options, prior_denoiser
+from idm.zeroshot.pnp import data_weight, default_sigmas, noise_levels, pnp_options, prior_denoiser, resolve_sigmas
 
 from conftest import tiny_prior, tiny_unet_config
 
@@ -83,6 +83,16 @@ def test_schedule_and_data_weight() -> None:
     assert noise_levels(1, 0.05, 0.01) == [0.05]
     assert data_weight(0.23, 0.0, 0.01) == 1.0  # noise-free: exact projection
     assert 0.0 < data_weight(0.23, 0.05, 0.01) < data_weight(0.23, 0.05, 0.1) < 1.0
+
+
+def test_default_noise_levels_follow_the_ratio() -> None:
+    low, high = BlockCS(SIZE, 0.3, block_size=8), BlockCS(SIZE, 0.5, block_size=8)
+    assert default_sigmas(low) == (0.02, 0.01) and default_sigmas(high) == (0.015, 0.0075)
+    assert resolve_sigmas(None, None, high) == (0.015, 0.0075)
+    assert resolve_sigmas(0.05, 0.02, high) == (0.05, 0.02)
+    assert resolve_sigmas(0.004, None, low) == (0.004, 0.004)  # a missing one keeps σ_min <= σ_max
+    assert resolve_sigmas(None, 0.03, low) == (0.03, 0.03)
+    assert pnp_options({})["sigma_max"] is None and pnp_options({"sigma_max": 1})["sigma_max"] == 1.0
 
 
 def test_project_is_the_data_consistency_of_the_zeroshot_solvers() -> None:

@@ -23,9 +23,10 @@ can grow from one iteration to the next (measured: a Set12 image at 10 % went to
 σ_max = 0.1).
 
 ``x_0`` is the ``tv`` reconstruction (``start="tv"``, default) or ``A†y`` (``start="adjoint"``).
-The defaults (6 iterations, σ 0.02 → 0.01 from ``tv``) are a short refinement of the tv estimate;
-more iterations at small σ slowly lose quality, and ``A†y`` is a poor start for scrambled block CS
-(its mean brightness lies mostly in the null space, which a denoiser does not restore).
+The defaults (6 iterations from ``tv``, σ 0.02 → 0.01 up to 40 % measured and 0.015 → 0.0075
+above, :func:`default_sigmas`) are a short refinement of the tv estimate; more iterations at small
+σ slowly lose quality, and ``A†y`` is a poor start for scrambled block CS (its mean brightness
+lies mostly in the null space, which a denoiser does not restore).
 
 Shapes and ranges: ``y`` measurements of ``op`` (``op.measurement_shape(B, C)``) of [0, 1] images;
 the result is ``(B, C, *op.domain_size)`` on [0, 1] (not clipped); ``σ`` on the [0, 1] image scale.
@@ -58,21 +59,26 @@ DEFAULT_DENOISER = "dncnn-17"
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
 
 STARTS = ("tv", "adjoint")
-#: tuned on the first 4 Set12 images at 10/30/50 % (docs/pnp.md): a short descent from the tv estimate
-DEFAULTS: dict[str, Any] = {"iterations": 6, "sigma_max": 0.02, "sigma_min": 0.01, "lam": 0.23, "start": "tv"}
+#: ``sigma_max``/``sigma_min`` None: by the operator (:func:`default_sigmas`); the rest tuned on the
+#: first 4 Set12 images at 10/30/50 % (docs/pnp.md): a short descent from the tv estimate
+DEFAULTS: dict[str, Any] = {"iterations": 6, "sigma_max": None, "sigma_min": None, "lam": 0.23, "start": "tv"}
 LIMITS: dict[str, tuple[float, float]] = {
     "iterations": (1, math.inf),
     "sigma_max": (1e-4, 1.0),
     "sigma_min": (1e-4, 1.0),
     "lam": (0.0, math.inf),
 }
+#: default (σ_max, σ_min) by the measured fraction of the domain (block CS: the ratio), first row
+#: whose bound is >= the fraction; tuned on Train400 and the first 4 Set12 images (docs/pnp.md)
+SIGMAS_BY_FRACTION = ((0.4, 0.02, 0.01), (1.0, 0.015, 0.0075))
 
 
 def pnp_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """:data:`DEFAULTS` updated with ``options``, type- and range-checked (``ratio`` is dropped).
 
     Unknown names, wrong types, out-of-range values, ``sigma_min > sigma_max`` and an unknown
-    ``start`` raise :class:`IDMError`.
+    ``start`` raise :class:`IDMError`. ``sigma_max``/``sigma_min`` None (the default) stand for
+    :func:`default_sigmas` of the operator (:func:`resolve_sigmas`).
     """
     given = {key: value for key, value in options.items() if key != "ratio"}
     unknown = sorted(set(given) - set(DEFAULTS))
@@ -84,13 +90,38 @@ def pnp_options(options: Mapping[str, Any]) -> dict[str, Any]:
             if value not in STARTS:
                 raise IDMError(f"method 'pnp': option start must be one of {', '.join(STARTS)}, got {value!r}")
             settings[key] = value
+        elif key in ("sigma_max", "sigma_min"):
+            settings[key] = None if value is None else _checked("pnp", key, value, 0.0, LIMITS[key])
         else:
             settings[key] = _checked("pnp", key, value, DEFAULTS[key], LIMITS[key])
-    if settings["sigma_min"] > settings["sigma_max"]:
-        raise IDMError(
-            f"method 'pnp': sigma_min ({settings['sigma_min']:g}) must not exceed sigma_max ({settings['sigma_max']:g})"
-        )
+    if settings["sigma_min"] is not None and settings["sigma_max"] is not None:
+        if settings["sigma_min"] > settings["sigma_max"]:
+            raise IDMError(
+                f"method 'pnp': sigma_min ({settings['sigma_min']:g}) must not exceed sigma_max ({settings['sigma_max']:g})"
+            )
     return settings
+
+
+def default_sigmas(op: LinearOperator) -> tuple[float, float]:
+    """``(σ_max, σ_min)`` for ``op`` from :data:`SIGMAS_BY_FRACTION`: 0.02 → 0.01 up to 40 %
+    measured, 0.015 → 0.0075 above (a better start needs a gentler denoiser)."""
+    from ..baselines.tv import measured_fraction
+
+    fraction = measured_fraction(op)
+    return next((hi, lo) for bound, hi, lo in SIGMAS_BY_FRACTION if fraction <= bound + 1e-9)
+
+
+def resolve_sigmas(sigma_max: float | None, sigma_min: float | None, op: LinearOperator) -> tuple[float, float]:
+    """The ``(σ_max, σ_min)`` used on ``op``: the given ones; a missing one from
+    :func:`default_sigmas`, moved to keep ``σ_min <= σ_max``."""
+    auto_max, auto_min = default_sigmas(op)
+    if sigma_max is None and sigma_min is None:
+        return auto_max, auto_min
+    if sigma_max is None:
+        return max(auto_max, sigma_min), sigma_min  # type: ignore[arg-type]
+    if sigma_min is None:
+        return sigma_max, min(auto_min, sigma_max)
+    return sigma_max, sigma_min
 
 
 def noise_levels(iterations: int, sigma_max: float, sigma_min: float) -> list[float]:
@@ -192,7 +223,7 @@ class PnPReconstructor:
         s = self.settings
         y_dev = y.to(device=self.prior.device, dtype=torch.float32)
         x0 = start_image(y_dev, op, s["start"])
-        sigmas = noise_levels(s["iterations"], s["sigma_max"], s["sigma_min"])
+        sigmas = noise_levels(s["iterations"], *resolve_sigmas(s["sigma_max"], s["sigma_min"], op))
         x = sample_pnp(self.denoise, y_dev, op, x0, sigmas, lam=s["lam"], progress=self.progress)
         return x.to(y.device)
 
@@ -211,11 +242,13 @@ def build(
 ) -> PnPReconstructor:
     """``pnp`` (module docstring): ``checkpoint`` a denoiser (default ``"dncnn-17"``) or any prior
     :func:`~idm.priors.load_prior` accepts. Options and defaults: :data:`DEFAULTS` (``iterations``,
-    ``sigma_max``, ``sigma_min``, ``lam``, ``start`` in :data:`STARTS`). ``seed`` is unused."""
+    ``sigma_max``, ``sigma_min`` (None: by the operator, :func:`default_sigmas`), ``lam``, ``start``
+    in :data:`STARTS`). ``seed`` is unused."""
     settings = pnp_options(options)
     prior = load_prior(DEFAULT_DENOISER if checkpoint is None else checkpoint, device=device)
     prior.module.requires_grad_(False)
     limit = denoiser_sigma_max(prior)
-    if settings["sigma_max"] > limit + 1e-12:
-        raise IDMError(f"method 'pnp': sigma_max {settings['sigma_max']:g} exceeds the denoiser's trained range (σ <= {limit:g})")
+    for key in ("sigma_max", "sigma_min"):
+        if settings[key] is not None and settings[key] > limit + 1e-12:
+            raise IDMError(f"method 'pnp': {key} {settings[key]:g} exceeds the denoiser's trained range (σ <= {limit:g})")
     return PnPReconstructor(prior, settings, progress=progress)
