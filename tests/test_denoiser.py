@@ -272,3 +272,12 @@ def test_finetune_trains_a_multi_ratio_denoiser_network(tmp_path) -> None:
     assert "every ratio in [0.1, 0.5]" in card and "--ratio-range 0.1,0.5" in card
     net, _ = load_idm(out / "checkpoint", ratio=0.3)
     assert net.config.denoiser is not None
+
+
+def test_ratio_range_is_for_idm_networks_only(tmp_path, capsys) -> None:
+    from train.finetune import main
+
+    code = main(["--arch", "unrolled", "--ratio-range", "0.1,0.5", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                 "--steps", "1", "--batch", "1", "--patch", "32", "--block-size", "16", "--no-progress"])
+    assert code == 2 and "--arch unrolled needs --ratio" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

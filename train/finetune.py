@@ -190,6 +190,8 @@ def _validate_args(args: argparse.Namespace, world: int) -> None:
         raise IDMError(f"--val-every must be >= 0, got {args.val_every}")
     if args.patch % args.block_size:
         raise IDMError(f"--patch {args.patch} must be a multiple of --block-size {args.block_size}")
+    if args.ratio_range is not None and args.arch != "idm":
+        raise IDMError("--ratio-range trains one IDM network for many ratios; --arch unrolled needs --ratio")
     idm_only = IDM_OPTIONS if args.arch == "unrolled" else ("phases", "channels")
     given = [f"--{name.replace('_', '-')}" for name in idm_only if getattr(args, name) is not None]
     if given:
@@ -502,8 +504,9 @@ def export(net: Any, directory: Path, args: argparse.Namespace, summary: RunSumm
     elif validation:
         lines.append(f"| validation on `{val_name}` | PSNR {validation['psnr']:.2f} dB, SSIM {validation['ssim']:.4f} |")
     lines += summary.command_lines()
+    band = {"ratio_range": args.ratio_range} if args.ratio_range is not None else {}
     return net.save(directory, "\n".join(lines) + "\n", ratio=args.ratio if args.ratio_range is None else None,
-                    ratio_range=args.ratio_range, operator="blockcs",
+                    operator="blockcs", **band,
                     block_size=args.block_size, extra=extra, dtype=EXPORT_DTYPES[args.export_dtype])
 
 
