@@ -173,6 +173,15 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
     raise IDMError(f"checkpoint not found: {path}")
 
 
+#: tolerance of ratio comparisons (a ratio is rows / B², so equal ratios agree far closer than this)
+RATIO_TOLERANCE = 1e-6
+
+
+def in_ratio_range(ratio: float, band: list[float] | tuple[float, float]) -> bool:
+    """Whether ``ratio`` lies in the ``[low, high]`` ``ratio_range`` of a multi-ratio checkpoint."""
+    return float(band[0]) - RATIO_TOLERANCE <= float(ratio) <= float(band[1]) + RATIO_TOLERANCE
+
+
 def shipped_checkpoint(family: str, ratio: float | None, train_hint: str) -> str:
     """Name of the checkpoint for sampling ``ratio``: ``{family}-cs{NN}`` (e.g. ``idm-cs10`` for 0.1)
     if there is one, else a multi-ratio ``{family}-*`` checkpoint whose ``ratio_range`` holds the
@@ -192,7 +201,7 @@ def shipped_checkpoint(family: str, ratio: float | None, train_hint: str) -> str
         if not multi.startswith(f"{family}-"):
             continue
         band = read_checkpoint_config(resolve_checkpoint(multi)).get("ratio_range")
-        if band is not None and band[0] - 1e-6 <= float(ratio) <= band[1] + 1e-6:
+        if band is not None and in_ratio_range(ratio, band):
             return multi
     raise IDMError(f"no shipped {family} checkpoint for ratio {float(ratio):g}; pass --checkpoint or train "
                    f"one with {train_hint} --ratio {float(ratio):g}")
@@ -207,12 +216,12 @@ def check_trained_operator(name: str | os.PathLike[str], config: dict[str, Any],
     measured = op.config().get("ratio")
     if config.get("ratio_range") is not None:
         low, high = (float(r) for r in config["ratio_range"])
-        if measured is None or not low - 1e-6 <= float(measured) <= high + 1e-6:
+        if measured is None or not in_ratio_range(measured, (low, high)):
             raise IDMError(f"checkpoint {name} was trained for ratios in [{low:g}, {high:g}], "
                            f"the measurements have ratio {measured}")
         return
     trained_ratio = float(config["ratio"])
-    if measured is None or abs(float(measured) - trained_ratio) > 1e-6:
+    if measured is None or abs(float(measured) - trained_ratio) > RATIO_TOLERANCE:
         raise IDMError(f"checkpoint {name} was trained for ratio {trained_ratio:g}, the measurements have ratio {measured}")
 
 

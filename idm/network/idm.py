@@ -360,7 +360,7 @@ def load_idm(
     ``levels``: override the stored invertibility levels (default: ``"none"``, the fast plain
     network — the function is the same; fine-tuning sets its own).
     """
-    from ..io.checkpoint import load_checkpoint, read_checkpoint_config, resolve_checkpoint
+    from ..io.checkpoint import in_ratio_range, load_checkpoint, read_checkpoint_config, resolve_checkpoint
 
     path = resolve_checkpoint(name_or_path)
     stored = read_checkpoint_config(path)
@@ -371,7 +371,7 @@ def load_idm(
         expect["ratio"] = check_ratio(ratio)
     elif ratio is not None:
         low, high = stored["ratio_range"]
-        if not low - 1e-6 <= check_ratio(ratio) <= high + 1e-6:
+        if not in_ratio_range(check_ratio(ratio), (low, high)):
             raise IDMError(f"checkpoint {path} was trained for ratios in [{low:g}, {high:g}], not {ratio:g}")
     tensors, config = load_checkpoint(path, expect=expect, device="cpu", dtype=torch.float32)
     net = idm_from_config(config)

@@ -13,7 +13,8 @@ extra constant input channel (trained for σ ∈ [0, ``sigma_max``]).
 
 The batch norms of the original network are folded into the convolutions before them
 (:func:`fold_batchnorm`), so the network has no batch statistics and trains like any other.
-Each middle layer preserves shape: :meth:`DnCNN.layers` lists them for the invertible conversion.
+Each middle layer preserves shape: :func:`idm.invertible.layout.dncnn_layout` lists the layers
+for the invertible conversion.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Zero-shot solvers on the diffusion prior: DDNM, DDNM+ and DPS (research.md §2), and plug-and-play
-HQS with a deep denoiser (``pnp``, :mod:`idm.zeroshot.pnp`).
+"""Zero-shot solvers on the diffusion prior: DDNM, DDNM+ (Wang et al., ICLR 2023) and DPS (Chung et
+al., ICLR 2023), and plug-and-play HQS with a deep denoiser (``pnp``, :mod:`idm.zeroshot.pnp`).
 
 The samplers are small functions with one signature (k-diffusion style)::
 
