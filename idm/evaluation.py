@@ -24,11 +24,13 @@ from .registry import Reconstruct, get_method
 OperatorFactory = Callable[[tuple[int, ...], int], LinearOperator]
 
 
-def blockcs_factory(ratio: float, seed: int = 0, block_size: int = 32, noise_sigma: float = 0.0) -> OperatorFactory:
+def blockcs_factory(ratio: float, seed: int = 0, block_size: int = 32, noise_sigma: float = 0.0,
+                    matrix_seed: int = 0) -> OperatorFactory:
     """Scrambled block CS with permutation seed ``seed + index`` for the index-th image.
 
-    All operators share one Φ (computed once, on first use)."""
-    base = BlockCS((block_size, block_size), ratio, block_size=block_size, seed=seed, noise_sigma=noise_sigma)
+    All operators share one Φ (of ``block_size`` and ``matrix_seed``, computed once, on first use)."""
+    base = BlockCS((block_size, block_size), ratio, block_size=block_size, seed=seed, matrix_seed=matrix_seed,
+                   noise_sigma=noise_sigma)
 
     def make(image_size: tuple[int, ...], index: int) -> LinearOperator:
         return base.redraw(seed + index).with_image_size(image_size)

@@ -114,10 +114,18 @@ def test_tv_denoises():
 
 
 def test_tv_progress_bar(capsys):
+    """progress=True draws one bar named tv over the outer iterations on stderr; it changes nothing
+    else, and progress=False (the default) prints nothing."""
     op = FACTORIES["inpainting"](SIZE)
     y = op.measure(torch.rand(1, 1, *SIZE))
-    get_method("tv").build(iterations=3, progress=True)(y, op)
-    assert "tv" in capsys.readouterr().err
+    quiet = get_method("tv").build(iterations=3)(y, op)
+    assert capsys.readouterr() == ("", "")
+    shown = get_method("tv").build(iterations=3, progress=True)(y, op)
+    out, err = capsys.readouterr()
+    assert out == "" and torch.equal(shown, quiet)
+    frames = [frame.strip() for frame in err.split("\r") if frame.strip()]
+    assert frames and all(frame.startswith("tv:") for frame in frames), err
+    assert all("/3 [" in frame for frame in frames), err  # the bar counts the 3 outer FISTA iterations
 
 
 # --- the TV pieces ----------------------------------------------------------------------

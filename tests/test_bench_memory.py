@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from idm.bench.accounting import peak_from_trace, peak_memory_bytes
-from idm.bench.memory import BENCH_MODES, UNET_PRESETS, MemoryCase, chain_factory, run_memory_bench
+from idm.bench.memory import BENCH_MODES, UNET_PRESETS, MemoryCase, idm_factory, run_memory_bench
 from idm.cli import main
 from idm.errors import IDMError
 
@@ -39,7 +40,7 @@ def test_peak_from_trace_uses_time_order_and_ignores_other_devices():
 
 
 def test_all_modes_compute_the_same_loss():
-    factory = chain_factory(UNET_PRESETS["tiny"])
+    factory = idm_factory(UNET_PRESETS["tiny"])
     losses = []
     for mode in BENCH_MODES:
         setup = factory(MemoryCase(mode, 2, 16, 1), torch.device("cpu"))
@@ -53,21 +54,29 @@ def test_all_modes_compute_the_same_loss():
 
 
 @pytest.mark.parametrize("memory_format", ["channels_last", "contiguous"])
-def test_invertible_memory_is_flat_in_steps_and_vanilla_grows(memory_format):
+def test_invertible_memory_stores_no_activations_per_step_and_vanilla_does(memory_format):
+    """From T = 1 to 4 the invertible network's peak grows only by per-step bytes that do not depend
+    on the image size (each step's injector weights and their gradients), while vanilla stores every
+    step's activations: its growth scales with the number of pixels (4× from 32² to 64²)."""
     result = run_memory_bench(
-        steps=[1, 4], sizes=[32], modes=["vanilla", "invertible"], batch=1, device="cpu",
-        factory=chain_factory(UNET_PRESETS["tiny"]), memory_format=memory_format,
+        steps=[1, 4], sizes=[32, 64], modes=["vanilla", "invertible"], batch=1, device="cpu",
+        factory=idm_factory(UNET_PRESETS["tiny"]), memory_format=memory_format,
     )
-    peak = {(r["mode"], r["steps"]): r["peak_bytes"] for r in result["rows"]}
-    assert peak[("invertible", 4)] <= 1.15 * peak[("invertible", 1)]
-    assert peak[("vanilla", 4)] >= 2.0 * peak[("vanilla", 1)]
-    assert peak[("invertible", 4)] < peak[("vanilla", 4)] / 2
+    peak = {(r["mode"], r["steps"], r["size"]): r["peak_bytes"] for r in result["rows"]}
+
+    def growth(mode: str, size: int) -> int:
+        return peak[(mode, 4, size)] - peak[(mode, 1, size)]
+
+    assert growth("vanilla", 64) >= 3.0 * growth("vanilla", 32) > 0
+    assert growth("invertible", 64) <= 1.25 * growth("invertible", 32)
+    assert growth("invertible", 64) < growth("vanilla", 64) / 10
+    assert peak[("invertible", 4, 64)] < peak[("vanilla", 4, 64)] / 2
 
 
 def test_unknown_memory_format_is_refused():
     with pytest.raises(IDMError, match="memory format"):
         run_memory_bench(steps=[1], sizes=[8], modes=["vanilla"], batch=1, device="cpu",
-                         factory=chain_factory(UNET_PRESETS["tiny"]), memory_format="nchw")
+                         factory=idm_factory(UNET_PRESETS["tiny"]), memory_format="nchw")
 
 
 def test_bench_memory_cli_writes_json_and_plot(tmp_path, capsys):
@@ -94,16 +103,23 @@ def test_bench_memory_cli_writes_json_and_plot(tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--size", "7"], "multiple of 2"),
-        (["--unet-config", "huge"], "unknown U-Net config"),
-        (["--plot", "memory.pdf"], ".png"),
-        (["--steps", "0"], "--steps"),
-        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--batch", "0"], ""),
+        (["--size", "7"], r"error: --size 7 must be a positive multiple of \d+ for this network"),
+        (["--unet-config", "huge"], r"error: unknown U-Net config 'huge'; use one of tiny, small, prior or a \.json file"),
+        (["--plot", "memory.pdf"], r"error: --plot must name a \.png file, got memory\.pdf"),
+        (["--steps", "0"], r"error: --steps must be >= 1, got 0"),
+        (["--batch", "0"], r"error: --batch and --repeats must be >= 1"),
+        pytest.param(["--device", "cuda:0"], r"error: --device cuda requested but CUDA is not available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"),
+                     id="no-cuda"),
     ],
 )
 def test_bench_memory_cli_rejects_bad_arguments(extra, message, capsys, tmp_path):
+    """Each bad argument: exit status 2 and exactly its one-line message (a regular expression matching
+    the whole of stderr), before any work or output."""
     args = ["bench", "memory", "--steps", "1", "--size", "8", "--unet-config", "tiny", "--modes", "vanilla"]
     code = main([*args, *extra, "--json", str(tmp_path / "never.json")])
     assert code == 2
-    assert message in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and re.fullmatch(message, err.strip()), err
+    assert out == ""
     assert not (tmp_path / "never.json").exists()

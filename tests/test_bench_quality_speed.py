@@ -19,6 +19,7 @@ from idm.errors import IDMError
 from idm.evaluation import blockcs_factory, evaluate
 from idm.network import IDMNet
 from idm.priors import Prior
+from idm.registry import METHODS
 
 from conftest import tiny_prior, tiny_unet_config
 
@@ -88,16 +89,35 @@ def test_quality_scores_every_method_on_the_same_measurements(data_dir: Path, pr
             assert row["ssim"] == pytest.approx(expected["ssim"], abs=1e-9)
 
 
+def error_line(capsys) -> str:
+    """The one ``error: ...`` line the CLI printed on stderr (progress bars aside)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 def test_quality_errors(data_dir: Path, prior_dir: str, tmp_path: Path, capsys) -> None:
+    """Each failure exits with 2 and its own one-line message, and writes no JSON."""
     # an explicitly named method whose checkpoint is missing is an error, not a silent skip
-    args = quality_args(data_dir, str(tmp_path / "missing"), tmp_path)
-    assert main(args) == 2
-    assert "not found" in capsys.readouterr().err
-    assert not (tmp_path / "quality.json").exists()
+    missing = tmp_path / "missing"
+    assert main(quality_args(data_dir, str(missing), tmp_path)) == 2
+    assert error_line(capsys) == f"error: checkpoint not found: {missing}"
+    # a prior that exists but is broken is a different error than a missing one
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{oops")
+    assert main(quality_args(data_dir, str(broken), tmp_path)) == 2
+    assert error_line(capsys).startswith(f"error: corrupt checkpoint config {broken / 'config.json'}: ")
     assert main(quality_args(data_dir, prior_dir, tmp_path, "--option", "dps.steps=3")) == 2  # dps not compared
+    assert error_line(capsys) == "error: --option dps.steps=3: expected METHOD.KEY=VALUE with METHOD among pinv, tv, ddnm"
     assert main(quality_args(data_dir, prior_dir, tmp_path, "--option", "ddnm.temperature=1")) == 2
+    assert error_line(capsys) == "error: method 'ddnm' has no option(s) temperature; options: clip, eta, steps"
     assert main(quality_args(data_dir, prior_dir, tmp_path, "--ratios", "1.5")) == 2
-    assert "ratio" in capsys.readouterr().err
+    assert error_line(capsys) == "error: sampling ratio must lie in (0, 1], got 1.5"
+    assert main(quality_args(tmp_path / "no-images", prior_dir, tmp_path)) == 2
+    assert error_line(capsys) == f"error: image folder not found: {tmp_path / 'no-images'}"
+    assert not (tmp_path / "quality.json").exists() and not (tmp_path / "quality.png").exists()
 
 
 def test_missing_checkpoint_skips_only_default_methods(tmp_path: Path, capsys) -> None:
@@ -147,9 +167,13 @@ def test_speed_reports_time_and_unet_evaluations(prior: Prior, prior_dir: str, t
     assert "× idm" in capsys.readouterr().out
 
 
-def test_speed_errors(prior_dir: str, tmp_path: Path) -> None:
+def test_speed_errors(prior_dir: str, tmp_path: Path, capsys) -> None:
+    """Each failure exits with 2 and its own one-line message, and writes no JSON."""
     base = ["bench", "speed", "--size", "16", "--methods", "pinv", "--json", str(tmp_path / "s.json")]
     assert main([*base, "--repeat", "0"]) == 2
-    assert main([*base, "--checkpoint", "idm=x"]) == 2  # idm is not compared
+    assert error_line(capsys) == "error: --size, --repeat and --block-size must be positive"
+    assert main([*base, "--checkpoint", f"idm={prior_dir}"]) == 2  # idm is not compared (the path exists)
+    assert error_line(capsys) == "error: --checkpoint idm=" + prior_dir + ": method 'idm' is not among the compared ones (pinv)"
     assert main([*base, "--methods", "nonexistent"]) == 2
+    assert error_line(capsys) == f"error: unknown method 'nonexistent'; available: {', '.join(METHODS.names())}"
     assert not (tmp_path / "s.json").exists()

@@ -226,7 +226,7 @@ def test_dncnn_backbone_starts_and_configuration_errors() -> None:
 def test_multi_ratio_checkpoint_serves_untrained_ratios(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("IDM_CHECKPOINT_DIR", str(tmp_path))
     net = IDMNet.from_prior(DenoiserPrior(tiny_denoiser(4), NoiseSchedule()), steps=2, levels="none")
-    net.save(tmp_path / "idm-multi", "# card", ratio=None, ratio_range=(0.05, 0.6), dtype=None)
+    net.save(tmp_path / "idm-multi", "# card", ratio=None, ratio_range=(0.05, 0.6), block_size=8, dtype=None)
     build = get_method("idm").build
     for ratio in (0.2, 0.4):  # never trained as such: one network serves the range
         reconstruct = build(ratio=ratio)
@@ -249,7 +249,7 @@ def test_multi_ratio_checkpoint_serves_untrained_ratios(tmp_path, monkeypatch) -
 def test_finetune_trains_a_multi_ratio_denoiser_network(tmp_path) -> None:
     from PIL import Image
 
-    from train.finetune import main
+    from idm.training.finetune import main
 
     data = tmp_path / "data"
     data.mkdir()
@@ -275,7 +275,7 @@ def test_finetune_trains_a_multi_ratio_denoiser_network(tmp_path) -> None:
 
 
 def test_ratio_range_is_for_idm_networks_only(tmp_path, capsys) -> None:
-    from train.finetune import main
+    from idm.training.finetune import main
 
     code = main(["--arch", "unrolled", "--ratio-range", "0.1,0.5", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
                  "--steps", "1", "--batch", "1", "--patch", "32", "--block-size", "16", "--no-progress"])

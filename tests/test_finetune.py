@@ -1,4 +1,5 @@
-"""End-to-end fine-tuning (``train.finetune`` / ``idm finetune``): export, exact resume, re-init, DDP."""
+"""End-to-end fine-tuning (``idm.training.finetune``: ``idm finetune``, the script ``train.finetune``): export,
+exact resume, re-init, DDP."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from idm.network import load_idm
 from idm.physics import BlockCS
 from idm.priors import NoiseSchedule, Prior, UNet, UNetConfig
 from idm.registry import get_method
-from train.finetune import build_network, build_parser, lr_factor, main
+from idm.training.finetune import build_network, build_parser, lr_factor, main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4, num_heads=2)

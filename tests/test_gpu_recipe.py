@@ -137,7 +137,7 @@ def test_transfer_report_names_what_would_not_come_back(tmp_path: Path) -> None:
 def test_a_finetune_run_stopped_by_time_is_exported_from_its_state(tmp_path: Path, images: Path) -> None:
     from conftest import tiny_prior, tiny_unet_config
 
-    from train import finetune
+    from idm.training import finetune
 
     tiny_prior(tiny_unet_config(), seed=0).save(tmp_path / "prior", "# tiny prior")
     argv = ["--prior", str(tmp_path / "prior"), "--ratio", "0.25", "--data", str(images / "train"),

@@ -343,8 +343,29 @@ def test_measurement_errors(tmp_path):
         build_operator(bad_kind)
 
 
-def test_repository_checkpoint_folder_is_searched():
-    folder = Path(__file__).resolve().parents[1] / "checkpoints"
-    from idm.io.checkpoint import checkpoint_search_dirs
+def test_shipped_checkpoints_resolve_by_name_wherever_they_are_installed():
+    """A shipped checkpoint resolves by its bare name to a checkpoint folder of that name (source
+    tree or package data: where it lives is not pinned here)."""
+    from idm.io.checkpoint import available_checkpoints, read_checkpoint_config
 
-    assert checkpoint_search_dirs()[-1] == folder
+    path = resolve_checkpoint("prior-gray")
+    assert path.name == "prior-gray" and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    assert read_checkpoint_config(path)["architecture"] == "unet"
+    assert "prior-gray" in available_checkpoints()
+
+
+def test_checkpoint_dir_env_is_searched_first(tmp_path, monkeypatch):
+    """``$IDM_CHECKPOINT_DIR`` (several folders, ``os.pathsep``-separated) comes before the shipped
+    checkpoints: a folder there shadows a shipped one of the same name."""
+    import os
+
+    from idm.io.checkpoint import available_checkpoints, checkpoint_search_dirs
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    save_checkpoint(second / "prior-gray", weights(), {"architecture": "mine"}, "card")
+    save_checkpoint(second / "only-here", weights(), {"architecture": "mine"}, "card")
+    monkeypatch.setenv("IDM_CHECKPOINT_DIR", os.pathsep.join([str(first), str(second)]))
+    assert checkpoint_search_dirs()[:2] == [first, second]
+    assert resolve_checkpoint("prior-gray") == second / "prior-gray"
+    assert resolve_checkpoint("only-here") == second / "only-here"
+    assert {"prior-gray", "only-here"} <= set(available_checkpoints())

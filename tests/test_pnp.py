@@ -11,7 +11,7 @@ from idm.data import save_image
 from idm.errors import IDMError
 from idm.physics import BlockCS
 from idm.registry import get_method
-from idm.zeroshot import Canvas, data_consistency, project, sample_pnp
+from idm.zeroshot import data_consistency, operator_canvas, sample_pnp
 from idm.zeroshot.pnp import data_weight, default_sigmas, noise_levels, pnp_options, prior_denoiser, resolve_sigmas
 
 from conftest import tiny_prior, tiny_unet_config
@@ -99,11 +99,11 @@ def test_project_is_the_data_consistency_of_the_zeroshot_solvers() -> None:
     op, x = blockcs(), images()
     y = op.measure(x)
     guess = torch.rand(2, 1, *op.domain_size, generator=torch.Generator().manual_seed(1))
-    canvas = Canvas.for_operator(op, 1)
+    canvas = operator_canvas(op, 1)
     _, image = data_consistency(guess * 2 - 1, y, op, canvas, 0.7)
-    torch.testing.assert_close(image, project(guess, y, op, 0.7))
-    assert misfit(project(guess, y, op), y, op).max() < 1e-4
-    assert project(guess, y, op, 0.0) is guess
+    torch.testing.assert_close(image, op.project(guess, y, 0.7))
+    assert misfit(op.project(guess, y), y, op).max() < 1e-4
+    assert op.project(guess, y, 0.0) is guess
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Prior pre-training (train/pretrain_prior.py), export and ``idm sample`` — tiny CPU runs."""
+"""Prior pre-training (``idm.training.pretrain``: ``idm pretrain``, the script ``train/pretrain_prior.py``),
+export and ``idm sample`` — tiny CPU runs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from PIL import Image
 from idm.cli import main as idm_main
 from idm.io.checkpoint import load_state
 from idm.priors import UNet, load_prior
-from train.pretrain_prior import LOG_FILE, STATE_FILE, lr_factor, main
+from idm.training.pretrain import LOG_FILE, STATE_FILE, lr_factor, main
 
 TINY_ARGS = [
     "--steps", "6", "--batch", "4", "--patch", "16", "--base-channels", "8", "--channel-mults", "1,2",

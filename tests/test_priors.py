@@ -333,3 +333,42 @@ def test_lean_resblock_saves_only_its_input_for_the_first_conv_and_equals_plain(
     input_map = h.numel() * 8
     # plain keeps the GroupNorm and SiLU outputs of the 16-channel input as well: two input-sized maps more
     assert saved["plain"] - saved["reversible"] >= 2 * input_map - 1024
+
+
+# --- the shared sampling maths (one home: idm.priors.schedule) ----------------------------------
+from idm.priors.schedule import ddim_sigma, ddim_step, ddpm_posterior, eps_from_x0, x0_from_eps  # noqa: E402
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_x0_and_eps_invert_the_forward_process(as_tensor: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 1, 4, 4, generator=gen, dtype=torch.float64), torch.randn(2, 1, 4, 4, generator=gen, dtype=torch.float64)
+    abar = torch.tensor(0.3, dtype=torch.float64) if as_tensor else 0.3
+    x_t = math.sqrt(0.3) * x0 + math.sqrt(0.7) * eps
+    torch.testing.assert_close(x0_from_eps(x_t, eps, abar), x0)
+    torch.testing.assert_close(eps_from_x0(x_t, x0, abar), eps)
+    schedule = NoiseSchedule()
+    t = 500
+    a = float(schedule.alphas_cumprod[t])
+    torch.testing.assert_close(schedule.predict_x0(x_t, t, eps), x0_from_eps(x_t, eps, a))
+
+
+def test_ddim_step_is_deterministic_and_ends_at_x0() -> None:
+    x0, eps = torch.randn(1, 1, 3, 3), torch.randn(1, 1, 3, 3)
+    torch.testing.assert_close(ddim_step(x0, eps, 0.5), math.sqrt(0.5) * x0 + math.sqrt(0.5) * eps)
+    torch.testing.assert_close(ddim_step(x0, eps, 1.0), x0)
+    with pytest.raises(IDMError, match="needs noise"):
+        ddim_step(x0, eps, 0.5, sigma=0.1)
+
+
+def test_ddim_with_eta_one_has_the_ddpm_posterior_variance() -> None:
+    abar, abar_next = 0.2, 0.6
+    _, variance = ddpm_posterior(torch.zeros(1), torch.zeros(1), abar, abar_next)
+    assert math.isclose(ddim_sigma(abar, abar_next, 1.0) ** 2, variance, rel_tol=1e-12)
+    assert ddim_sigma(abar, abar_next, 0.0) == 0.0
+    # with the true x0 and noise, the DDPM posterior mean is the eta = 1 DDIM step without its fresh noise
+    x0, eps = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    x_t = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * eps
+    mean, _ = ddpm_posterior(x_t, x0, abar, abar_next)
+    s = ddim_sigma(abar, abar_next, 1.0)
+    torch.testing.assert_close(mean, ddim_step(x0, eps, abar_next, sigma=s, noise=torch.zeros(5, dtype=torch.float64)))

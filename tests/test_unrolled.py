@@ -15,7 +15,7 @@ from idm.errors import IDMError
 from idm.io.checkpoint import read_checkpoint_config
 from idm.physics import BlockCS, Inpainting, SuperResolution
 from idm.registry import get_method
-from train.finetune import main as train_main
+from idm.training.finetune import main as train_main
 
 from conftest import blockcs_training_losses
 
@@ -29,14 +29,18 @@ def images(batch: int = 2, size: int = 32) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
-@pytest.mark.parametrize("op", [BlockCS((40, 36), 0.25, block_size=8), Inpainting((40, 36), ratio=0.5),
-                                SuperResolution((40, 36), 2)], ids=["blockcs", "inpainting", "superres"])
+@pytest.mark.parametrize("op", [BlockCS((40, 40), 0.1, block_size=32), BlockCS((40, 36), 0.25, block_size=8),
+                                Inpainting((40, 36), ratio=0.5), SuperResolution((40, 36), 2)],
+                         ids=["blockcs-b32", "blockcs-b8", "inpainting", "superres"])
 def test_any_operator_gives_an_image_of_its_domain(op) -> None:
     net = UnrolledNet(SMALL)
-    x = torch.rand(2, 1, 40, 36)
+    x = torch.rand(2, 1, *op.image_size)
     with torch.no_grad():
         out = net(op.measure(x), op)
-    assert out.shape == (2, 1, 40, 36) and torch.isfinite(out).all()
+    assert out.shape == (2, 1, *op.domain_size) and torch.isfinite(out).all()
+    if op.domain_size != op.image_size:  # block CS pads 40×40 → 64×64 (B = 32), 40×36 → 40×40 (B = 8)
+        assert torch.equal(op.pad(op.crop(out)), out)  # the padding, zero in every signal, is estimated as zero
+        assert op.crop(out).abs().sum() > 0
 
 
 def test_one_phase_is_a_gradient_step_plus_a_learned_residual() -> None:

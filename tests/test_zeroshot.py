@@ -12,7 +12,8 @@ from idm.errors import IDMError
 from idm.physics import BlockCS, Denoising, Inpainting, SuperResolution
 from idm.priors import NoiseSchedule, load_prior
 from idm.registry import METHODS, get_method
-from idm.zeroshot import Canvas, jump_indices, noise_aware_weights, sample_dps, timestep_pairs
+from idm.physics import Canvas
+from idm.zeroshot import jump_indices, noise_aware_weights, operator_canvas, sample_dps, timestep_pairs
 
 from conftest import tiny_prior, tiny_unet_config
 
@@ -79,12 +80,27 @@ def test_time_travel_jumps_back_and_repeats() -> None:
 
 
 def test_canvas_pads_to_the_multiple_and_crops_back() -> None:
-    canvas = Canvas.for_operator(Inpainting(SIZE, ratio=0.5), 4)
-    assert canvas.size == (20, 24) and canvas.domain == SIZE
+    canvas = operator_canvas(Inpainting(SIZE, ratio=0.5), 4)
+    assert canvas.size == (20, 24) and canvas.inner == SIZE
     x, inner = torch.randn(2, 1, 20, 24), torch.randn(2, 1, *SIZE)
     pasted = canvas.paste(x, inner)
     assert torch.equal(canvas.crop(pasted), inner)
     assert torch.equal(pasted[..., 19:, :], x[..., 19:, :]) and torch.equal(pasted[..., :, 21:], x[..., :, 21:])
+    padded = canvas.pad(inner)
+    assert padded.shape[-2:] == (20, 24) and torch.equal(canvas.crop(padded), inner)
+    assert not padded[..., 19:, :].any() and not padded[..., :, 21:].any()  # zeros by default
+    mirrored = canvas.pad(inner, mode="reflect")
+    torch.testing.assert_close(mirrored[..., 19, :21], inner[..., 17, :])  # row 19 mirrors row 17 about row 18
+
+
+def test_canvas_refuses_wrong_sizes() -> None:
+    canvas = operator_canvas(Inpainting(SIZE, ratio=0.5), 4)
+    with pytest.raises(IDMError, match="spatial size"):
+        canvas.pad(torch.zeros(1, 1, 20, 24))
+    with pytest.raises(IDMError, match="spatial size"):
+        canvas.crop(torch.zeros(1, 1, *SIZE))
+    with pytest.raises(IDMError, match="cannot hold"):
+        Canvas((8, 8), (4, 8))
 
 
 def test_noise_aware_weights() -> None:

@@ -297,8 +297,8 @@ def export_finetune_state(argv: list[str], export_dir: Path, *, planned_steps: i
 
     from idm.data import ImageFolder
     from idm.io.checkpoint import load_state
-    from train import finetune
-    from train.common import LOG_FILE, STATE_FILE, RunSummary, final_loss, hardware
+    from idm.training import finetune
+    from idm.training.common import LOG_FILE, STATE_FILE, RunSummary, final_loss, hardware
 
     args = finetune.build_parser().parse_args(argv)
     finetune._validate_args(args, 1)

@@ -1,7 +1,7 @@
 """``unrolled``: a learned compressed-sensing baseline in the ISTA-Net⁺ family (Zhang & Ghanem, CVPR 2018).
 
 The network unrolls K iterations of proximal gradient descent; every phase k has its own step
-size ρ_k, soft threshold θ_k and a small CNN proximal map (research.md §2)::
+size ρ_k, soft threshold θ_k and a small CNN proximal map (ISTA-Net⁺, Zhang & Ghanem 2018)::
 
     x₀ = A†y
     r_k = x_{k−1} − ρ_k · Aᵀ(A x_{k−1} − y)                       gradient step
@@ -86,7 +86,9 @@ class Phase(nn.Module):
 
 class UnrolledNet(nn.Module):
     """``(y, op) → x``: measurements ``op.measurement_shape(B, C)`` → estimate ``(B, C, *op.domain_size)``
-    on [0, 1] (not clipped)."""
+    on [0, 1] (not clipped). The phases work on the image (``op.crop`` of the domain, as in
+    training, where the two coincide); the domain's padding, zero in every measured signal, is
+    returned as zeros (``op.pad``), so ``op.crop(net(y, op))`` is the image estimate."""
 
     def __init__(self, config: UnrolledConfig | None = None) -> None:
         super().__init__()
@@ -100,7 +102,7 @@ class UnrolledNet(nn.Module):
         x = op.crop(op.A_dagger(y))
         for phase in self.phases:
             x = phase(x, y, op)
-        return x
+        return op.pad(x)  # the phases estimate the image; the domain's padding is zero by construction
 
     # --- the interface shared with IDMNet for training and checkpoints --------------------------
     def set_levels(self, levels: str) -> "UnrolledNet":

@@ -15,16 +15,12 @@ when it started; weights, optimiser state and the batch are allocated before and
 parameter gradients the step creates are included (identical in every mode). ``seconds_per_step``
 is the fastest of ``repeats`` unprofiled steps, measured after the profiled one (the warm-up).
 
-In ``invertible`` mode the peak is one U-Net's stored reversible-run outputs and skips, the
-parameter gradients (all present from the second recomputed step on), and the recomputation and
-backward of the largest block — for the default channel multipliers the channel-changing first
-ResBlock of the finest up stage (``cat(h, skip)``, 3× the channels at full resolution); measured
-breakdown and what was done about it: :mod:`idm.invertible.sequence`. The weights are put in
-``memory_format`` (default channels-last) in every mode, see :func:`measure_case`.
-
-The network comes from a *factory* ``factory(case, device) -> TrainingSetup`` so the benchmark can
-run the real IDM network later; :func:`chain_factory` builds the IDM-like
-:class:`~idm.bench.chain.ChainSampler` on a freshly initialised U-Net.
+The network is always the real :class:`~idm.network.IDMNet` (block CS at 10 %, L1 loss against
+the batch), built for each case with T = the case's steps either from a prior (``--prior``: a
+prior checkpoint, a denoiser, a local diffusers folder or an ``hf:`` id) or, without a checkpoint,
+around an untrained U-Net of a preset size (``--unet-config``: how memory scales with the U-Net).
+The weights are put in ``memory_format`` (default channels-last) in every mode, see
+:func:`measure_case`. Measured tables and what remains at the peak: ``docs/memory.md``.
 """
 
 from __future__ import annotations
@@ -41,12 +37,11 @@ import torch
 from torch import nn
 
 from ..errors import IDMError
-from ..invertible import convert_unet, set_memory_mode
+from ..invertible import set_memory_mode
 from ..invertible.diffusers import PRUNE_PRESETS
 from ..io.atomic import atomic_path, atomic_write
-from ..priors.unet import UNet, UNetConfig
+from ..priors.unet import UNetConfig
 from .accounting import peak_memory_bytes, time_call
-from .chain import ChainSampler
 
 BENCH_MODES: tuple[str, ...] = ("vanilla", "checkpoint", "invertible-steps", "invertible")
 
@@ -88,41 +83,27 @@ def apply_mode(model: nn.Module, sampler: nn.Module, mode: str) -> None:
     sampler.memory_mode = {"vanilla": "plain", "checkpoint": "checkpoint"}.get(mode, "reversible")
 
 
-def chain_factory(unet_config: UNetConfig, *, seed: int = 0) -> ModelFactory:
-    """Factory of :class:`~idm.bench.chain.ChainSampler` training steps (inpainting, 50% pixels, L1 loss)."""
+def idm_factory(source: Any, *, seed: int = 0, ratio: float = 0.1, prune: dict[str, Any] | None = None) -> ModelFactory:
+    """Factory of IDM fine-tuning steps (:class:`~idm.network.IDMNet` with T = the case's steps;
+    scrambled block CS at ``ratio``, L1 loss), i.e. what ``idm finetune`` trains.
 
-    def build(case: MemoryCase, device: torch.device) -> TrainingSetup:
-        torch.manual_seed(seed)
-        model = ChainSampler(convert_unet(UNet(unet_config)), case.steps).to(device)
-        apply_mode(model, model.sampler, case.mode)
-        generator = torch.Generator().manual_seed(seed)
-        shape = (case.batch, unet_config.in_channels, case.size, case.size)
-        x = torch.rand(shape, generator=generator).to(device)
-        mask = (torch.rand((1, 1, case.size, case.size), generator=generator) < 0.5).float().to(device)
-        y = mask * x
-
-        def loss() -> torch.Tensor:
-            return (model(y, mask) - x).abs().mean()
-
-        return TrainingSetup(model, loss)
-
-    return build
-
-
-def idm_factory(prior: Any, *, seed: int = 0, ratio: float = 0.1, prune: dict[str, Any] | None = None) -> ModelFactory:
-    """Factory of IDM fine-tuning steps (:class:`~idm.network.IDMNet` from ``prior`` with T = the
-    case's steps; scrambled block CS at ``ratio``, L1 loss), i.e. what ``idm finetune --prior``
-    trains. ``prior``: a prior loaded by :func:`~idm.network.load_idm_prior`, or its source (a prior
-    checkpoint, a local diffusers folder or an explicit ``hf:`` id), loaded here once for all cases."""
-    from ..network import IDMNet, load_idm_prior
+    ``source``: a :class:`~idm.priors.unet.UNetConfig` (an untrained U-Net of that shape, the
+    default architecture otherwise), a prior loaded by :func:`~idm.network.load_idm_prior`, or its
+    source (a prior checkpoint, a local diffusers folder or an explicit ``hf:`` id), loaded here
+    once for all cases."""
+    from ..network import IDMConfig, IDMNet, load_idm_prior
     from ..physics import BlockCS
 
-    if isinstance(prior, (str, os.PathLike)):
-        prior = load_idm_prior(prior)
+    if isinstance(source, (str, os.PathLike)):
+        source = load_idm_prior(source)
 
     def build(case: MemoryCase, device: torch.device) -> TrainingSetup:
         torch.manual_seed(seed)
-        model = IDMNet.from_prior(prior, prune=prune, steps=case.steps).to(device).train()
+        if isinstance(source, UNetConfig):
+            model = IDMNet(None, IDMConfig(unet=source, steps=case.steps))
+        else:
+            model = IDMNet.from_prior(source, prune=prune, steps=case.steps)
+        model = model.to(device).train()
         apply_mode(model, model.sampler, case.mode)
         generator = torch.Generator().manual_seed(seed)
         x = torch.rand((case.batch, model.config.channels, case.size, case.size), generator=generator).to(device)
@@ -135,10 +116,6 @@ def idm_factory(prior: Any, *, seed: int = 0, ratio: float = 0.1, prune: dict[st
         return TrainingSetup(model, loss)
 
     return build
-
-
-#: ``--model`` name → ``builder(unet_config, seed) -> ModelFactory``
-BENCH_MODELS: dict[str, Callable[..., ModelFactory]] = {"chain": chain_factory}
 
 
 #: ``--memory-format`` name → torch memory format of the network's weights (activations follow)
@@ -155,8 +132,7 @@ def measure_case(case: MemoryCase, factory: ModelFactory, device: torch.device, 
     ``memory_format`` applies to the network's 4-D weights; convolutions then produce activations in
     that format. ``channels_last`` is oneDNN's native layout on CPU: with NCHW (``contiguous``)
     tensors every convolution backward reorders its input and gradients into temporary buffers the
-    size of those maps (measured with ``--memory-format contiguous``: 46.7 instead of 38.8 MiB for
-    ``invertible``, 414.3 instead of 411.3 MiB for ``vanilla`` at T = 3, 128², the small U-Net).
+    size of those maps (docs/memory.md).
     """
     if memory_format not in MEMORY_FORMATS:
         raise IDMError(f"unknown memory format {memory_format!r}; choose from {', '.join(MEMORY_FORMATS)}")
@@ -300,13 +276,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", default=list(BENCH_MODES), choices=BENCH_MODES, metavar="MODE",
                         help=f"memory modes (default all: {' '.join(BENCH_MODES)})")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument("--model", default="chain", choices=sorted(BENCH_MODELS),
-                        help="network to train: chain = IDM-like inpainting sampler (default chain)")
+    parser.add_argument("--prior", help="train the IDM network (block CS 10%%, T = --steps) built from this prior — "
+                        "a prior or denoiser checkpoint (e.g. prior-gray, dncnn-17), a local diffusers folder "
+                        "(UNet2DModel or SD-style UNet2DConditionModel) or an explicit hf:ORG/NAME")
     parser.add_argument("--unet-config", default="small",
-                        help=f"U-Net preset ({', '.join(UNET_PRESETS)}) or a JSON file of UNetConfig (default small)")
-    parser.add_argument("--prior", help="instead: train the IDM network (block CS 10%%, T = --steps) built from this "
-                        "prior — a prior checkpoint, a local diffusers folder (UNet2DModel or SD-style "
-                        "UNet2DConditionModel) or an explicit hf:ORG/NAME")
+                        help=f"without --prior: the IDM network around an untrained U-Net of this preset "
+                        f"({', '.join(UNET_PRESETS)}) or a JSON file of UNetConfig (default small, the shipped prior's shape)")
     parser.add_argument("--prune", choices=tuple(PRUNE_PRESETS),
                         help="diffusers --prior: pruning (default paper for UNet2DConditionModel, none for UNet2DModel)")
     parser.add_argument("--memory-format", default="channels_last", choices=tuple(MEMORY_FORMATS),
@@ -338,10 +313,14 @@ def run_cli(args: argparse.Namespace) -> int:
         factory = idm_factory(prior, seed=args.seed, prune=prune)
         del probe
     else:
+        from ..network import IDMConfig, IDMNet
+
         config = resolve_unet_config(args.unet_config)
-        multiple, params = config.size_multiple, sum(p.numel() for p in UNet(config).parameters())
-        what = f"U-Net {args.unet_config}"
-        factory = BENCH_MODELS[args.model](config, seed=args.seed)
+        probe = IDMNet(None, IDMConfig(unet=config, steps=1))
+        multiple, params = probe.config.size_multiple, sum(p.numel() for p in probe.parameters())
+        what = f"IDM network around an untrained {args.unet_config} U-Net"
+        factory = idm_factory(config, seed=args.seed)
+        del probe
     bad = [s for s in args.size if s < 1 or s % multiple]
     if bad:
         raise IDMError(f"--size {bad[0]} must be a positive multiple of {multiple} for this network")

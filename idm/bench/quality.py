@@ -16,18 +16,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from ..cli.common import write_json  # noqa: E402
-from ..data import ImageFolder  # noqa: E402
-from ..errors import IDMError, check_ratio  # noqa: E402
-from ..evaluation import Evaluation, blockcs_factory, evaluate  # noqa: E402
-from ..io.atomic import atomic_write  # noqa: E402
-from .methods import MethodChoice, add_method_arguments, build_method, choose_methods  # noqa: E402
+from ..cli.common import write_json
+from ..data import ImageFolder
+from ..errors import IDMError, check_ratio
+from ..evaluation import Evaluation, blockcs_factory, evaluate
+from ..io.atomic import atomic_write
+from .methods import MethodChoice, add_method_arguments, build_method, choose_methods
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
                         help="std of Gaussian measurement noise on the [0, 1] scale (default 0)")
     parser.add_argument("--block-size", type=int, default=32, help="block size B of block CS (default 32)")
+    parser.add_argument("--matrix-seed", type=int, default=0,
+                        help="seed of the sampling matrix Φ (default 0; learned methods' checkpoints must match)")
     add_method_arguments(parser)
     parser.add_argument("--per-image", action="store_true", help="also print every image's scores")
     parser.add_argument("--json", metavar="FILE", help="write the mean rows as JSON")
@@ -54,6 +52,7 @@ def run_quality(
     seed: int = 0,
     noise: float = 0.0,
     block_size: int = 32,
+    matrix_seed: int = 0,
 ) -> list[Evaluation]:
     """Evaluate every method at every ratio on ``images`` (``(name, (1, H, W) in [0, 1])``).
 
@@ -62,7 +61,7 @@ def run_quality(
     """
     results: list[Evaluation] = []
     for ratio in ratios:
-        factory = blockcs_factory(ratio, seed=seed, block_size=block_size, noise_sigma=noise)
+        factory = blockcs_factory(ratio, seed=seed, block_size=block_size, noise_sigma=noise, matrix_seed=matrix_seed)
         for choice in methods:
             # a trial build finds default methods whose checkpoint is missing (evaluate builds again)
             reconstruct = build_method(choice, device=device, seed=seed, ratio=ratio)
@@ -103,6 +102,11 @@ def centre_crop(image: torch.Tensor, side: int) -> torch.Tensor:
 
 def write_figure(path: str | Path, truth: tuple[str, torch.Tensor], results: list[Evaluation], crop: int = 96) -> None:
     """Rows: ratios; columns: ground truth, then each method — the same centre crop of ``truth``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     if not results:
         raise IDMError("no method was evaluated, nothing to draw")
     name, image = truth
@@ -143,7 +147,7 @@ def run_cli(args: argparse.Namespace) -> int:
     methods = choose_methods(args)
     images = list(ImageFolder(args.data, limit=args.limit))
     results = run_quality(images, ratios, methods, device=args.device, seed=args.seed, noise=args.noise,
-                          block_size=args.block_size)
+                          block_size=args.block_size, matrix_seed=args.matrix_seed)
     if not results:
         raise IDMError("no method could be evaluated (all were skipped)")
     if args.per_image:

@@ -3,6 +3,11 @@
 Each subcommand lives in its own module of this package that defines
 ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
 User errors (:class:`idm.errors.IDMError`, missing files) print one line and exit with status 2.
+
+Only the module of the subcommand being run is imported: ``idm --help`` lists the subcommands from
+:data:`SUBCOMMANDS` without importing torch, and no subcommand imports matplotlib, accelerate or
+:mod:`idm.training` before it runs (``idm finetune`` / ``idm pretrain`` excepted: their options are
+the training code's).
 """
 
 from __future__ import annotations
@@ -13,29 +18,45 @@ import sys
 
 from ..errors import IDMError
 
-#: subcommand name → module defining ``add_parser``
-SUBCOMMANDS: dict[str, str] = {
-    "demo": "idm.cli.demo",
-    "measure": "idm.cli.measure",
-    "reconstruct": "idm.cli.reconstruct",
-    "eval": "idm.cli.evaluate",
-    "pretrain": "idm.cli.pretrain",
-    "finetune": "idm.cli.finetune",
-    "sample": "idm.cli.sample",
-    "bench": "idm.cli.bench",
+#: subcommand name → (module defining ``add_parser``, the one-line help ``idm --help`` shows; the
+#: module's ``add_parser`` gives the same text)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("idm.cli.demo", "reconstruct the built-in sample images (the main job)"),
+    "measure": ("idm.cli.measure", "measure images with scrambled block CS into a file"),
+    "reconstruct": ("idm.cli.reconstruct", "reconstruct from a measurement file (or from an image, simulating --ratio)"),
+    "eval": ("idm.cli.evaluate", "evaluate a method on a folder of images"),
+    "pretrain": ("idm.cli.pretrain", "pre-train the diffusion prior on image patches (or --evaluate a prior)"),
+    "finetune": ("idm.cli.finetune",
+                 "fine-tune the IDM network for block CS at one ratio or a ratio range, from a prior or a checkpoint"),
+    "sample": ("idm.cli.sample", "draw samples from a diffusion prior into a PNG grid"),
+    "bench": ("idm.cli.bench", "run a benchmark (memory, ...)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``idm`` parser with every subcommand; only ``command`` (a key of :data:`SUBCOMMANDS`, or
+    None: none) gets its options, by importing its module. The others are placeholders that carry
+    their help text, enough for ``idm --help`` and for the list of choices in usage errors."""
     parser = argparse.ArgumentParser(prog="idm", description=__doc__.splitlines()[0] if __doc__ else None)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_name in SUBCOMMANDS.values():
-        importlib.import_module(module_name).add_parser(subparsers)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if name == command:
+            importlib.import_module(module_name).add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named by ``argv`` (the first argument that is not an option; ``idm`` itself
+    has no options but ``-h``), if it is one."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    return first if first in SUBCOMMANDS else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

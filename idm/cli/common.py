@@ -10,11 +10,18 @@ from ..errors import IDMError, check_ratio
 from ..io.atomic import atomic_write
 from ..registry import METHODS, MethodInfo
 
+#: defaults of ``--block-size`` and ``--matrix-seed`` (those of :class:`idm.physics.BlockCS` and training)
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_MATRIX_SEED = 0
+
 
 def add_measurement_args(parser: argparse.ArgumentParser, *, ratio_required: bool = False) -> None:
     group = parser.add_argument_group("measurement (scrambled block compressed sensing)")
     group.add_argument("--ratio", type=float, required=ratio_required, help="sampling ratio in (0, 1]")
-    group.add_argument("--block-size", type=int, default=32, help="block size B (default 32)")
+    group.add_argument("--block-size", type=int, help=f"block size B (default {DEFAULT_BLOCK_SIZE})")
+    group.add_argument("--matrix-seed", type=int,
+                       help=f"seed of the sampling matrix Φ (default {DEFAULT_MATRIX_SEED}; a learned method's "
+                            "checkpoint must have been trained with the same)")
     group.add_argument("--seed", type=int, default=0, help="seed of the pixel permutation and noise (default 0)")
     group.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
                        help="std of additive Gaussian measurement noise, on the [0, 1] image scale")
@@ -44,11 +51,33 @@ def method_checkpoint(args: argparse.Namespace, method: MethodInfo) -> str | Non
 
 
 def checked_ratio(args: argparse.Namespace) -> float:
+    """The checked ``--ratio`` of simulated measurements; fills in the defaults of ``--block-size``
+    and ``--matrix-seed`` (left None by the parser so that :func:`check_file_settings` can tell
+    whether they were given)."""
     if args.ratio is None:
         raise IDMError("--ratio is required to simulate measurements")
+    if args.block_size is None:
+        args.block_size = DEFAULT_BLOCK_SIZE
+    if args.matrix_seed is None:
+        args.matrix_seed = DEFAULT_MATRIX_SEED
     if args.block_size < 1:
         raise IDMError(f"block size must be >= 1, got {args.block_size}")
     return check_ratio(args.ratio)
+
+
+def check_file_settings(args: argparse.Namespace, path: str | Path, config: dict) -> None:
+    """:class:`IDMError` if ``--ratio``, ``--block-size`` or ``--matrix-seed`` was given and differs
+    from the operator ``config`` stored in the measurement file ``path`` (the file decides; a
+    contradicting option would otherwise be ignored silently)."""
+    for option, key in (("--ratio", "ratio"), ("--block-size", "block_size"), ("--matrix-seed", "matrix_seed")):
+        given = getattr(args, key)
+        if given is None:
+            continue
+        stored = config.get(key)
+        same = stored is not None and (abs(float(given) - float(stored)) <= 1e-6 if key == "ratio" else given == stored)
+        if not same:
+            raise IDMError(f"{option} {given} contradicts the measurement file {path}, which was measured with "
+                           f"{key.replace('_', ' ')} {stored}; drop {option} (the file decides)")
 
 
 def write_json(path: str | Path, payload: dict) -> None:

@@ -6,18 +6,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..data import sample_images  # noqa: E402
-from ..errors import check_ratio  # noqa: E402
-from ..evaluation import Evaluation, blockcs_factory, evaluate  # noqa: E402
-from ..bench.methods import MethodChoice, build_method  # noqa: E402
-from ..io.atomic import atomic_write  # noqa: E402
-from ..registry import METHODS  # noqa: E402
-from .common import write_json  # noqa: E402
+from ..data import sample_images
+from ..errors import check_ratio
+from ..evaluation import Evaluation, blockcs_factory, evaluate
+from ..bench.methods import MethodChoice, build_method
+from ..io.atomic import atomic_write
+from ..registry import METHODS
+from .common import write_json
 
 #: methods the demo runs by default, those registered in this installation
 DEMO_METHODS = ("pinv", "tv", "pnp", "unrolled", "idm")
@@ -75,6 +70,11 @@ def summary_table(results: list[Evaluation]) -> str:
 
 def write_figure(path: Path, images: dict, results: list[Evaluation]) -> None:
     """Rows: images; columns: ground truth, then each method with its PSNR/SSIM."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     cols = 1 + len(results)
     fig, axes = plt.subplots(len(images), cols, figsize=(2.4 * cols, 2.5 * len(images)), squeeze=False)
     for row, (name, truth) in enumerate(images.items()):

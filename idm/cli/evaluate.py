@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(
         args.method,
         (folder[i] for i in range(len(folder))),
-        blockcs_factory(ratio, seed=args.seed, block_size=args.block_size, noise_sigma=args.noise),
+        blockcs_factory(ratio, seed=args.seed, block_size=args.block_size, matrix_seed=args.matrix_seed,
+                        noise_sigma=args.noise),
         ratio=ratio,
         checkpoint=checkpoint,
         device=args.device,

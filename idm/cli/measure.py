@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     if len(sizes) > 1:
         raise IDMError(f"images differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}); measure each size into its own file")
     x = torch.stack(images)
-    op = BlockCS(tuple(x.shape[2:]), ratio, block_size=args.block_size, seed=args.seed, noise_sigma=args.noise)
+    op = BlockCS(tuple(x.shape[2:]), ratio, block_size=args.block_size, seed=args.seed, matrix_seed=args.matrix_seed,
+                 noise_sigma=args.noise)
     y = op.measure(x, generator=torch.Generator().manual_seed(args.seed))
     save_measurement(args.output, y, op, names=list(args.images))
     print(f"{len(images)} image(s) of {x.shape[2]}x{x.shape[3]} → {tuple(y.shape)} measurements "

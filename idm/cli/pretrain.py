@@ -1,4 +1,5 @@
-"""``idm pretrain``: pre-train the diffusion prior (same options as ``python -m train.pretrain_prior``)."""
+"""``idm pretrain``: pre-train the diffusion prior (:mod:`idm.training.pretrain`; same options
+as ``python -m train.pretrain_prior``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from train.common import add_script_subcommand
+    from ..training.common import add_script_subcommand
 
-    return add_script_subcommand(subparsers, "pretrain", "train.pretrain_prior",
+    return add_script_subcommand(subparsers, "pretrain", "idm.training.pretrain",
                                  help_text="pre-train the diffusion prior on image patches (or --evaluate a prior)")

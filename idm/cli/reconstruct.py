@@ -14,7 +14,8 @@ from ..io.measurement import build_operator, load_measurement
 from ..metrics import psnr, ssim_skimage
 from ..physics import BlockCS
 from ..registry import METHODS
-from .common import add_measurement_args, add_method_args, checked_ratio, method_checkpoint, output_paths
+from .common import (add_measurement_args, add_method_args, check_file_settings, checked_ratio, method_checkpoint,
+                     output_paths)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,12 +43,14 @@ def run(args: argparse.Namespace) -> int:
     truth = None
     if Path(args.input).suffix.lower() == ".safetensors":
         meas = load_measurement(args.input)
+        check_file_settings(args, args.input, meas.operator_config)
         op = build_operator(meas)
         y, names = meas.y, meas.names or [Path(args.input).stem]
     else:
         ratio = checked_ratio(args)
         truth = load_image(args.input).unsqueeze(0)
-        op = BlockCS(tuple(truth.shape[2:]), ratio, block_size=args.block_size, seed=args.seed, noise_sigma=args.noise)
+        op = BlockCS(tuple(truth.shape[2:]), ratio, block_size=args.block_size, seed=args.seed,
+                     matrix_seed=args.matrix_seed, noise_sigma=args.noise)
         y = op.measure(truth, generator=torch.Generator().manual_seed(args.seed))
         names = [args.input]
     paths = output_paths(args.output, names)

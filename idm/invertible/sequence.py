@@ -33,61 +33,12 @@ get no gradient, so a dataclass leaf holding a tensor that requires grad is refu
 a body uses must be reachable from ``body.parameters()`` or be tensors in ``context``; anything else
 would silently get no gradient in reversible mode (the exactness tests compare with ``"plain"``).
 
-**Where the memory goes** (``idm bench memory --steps 1 3 8 --size 128 --unet-config small
---threads 1``, CPU, batch 1, profiler allocator accounting, channels-last; vanilla 138 / 411 /
-1093 MiB; invertible 32.4 / 38.8 / 38.8 MiB, 90.6% saving at T=3). Earlier states of the
-invertible column, each step measured: 54.3 / 60.8 (85.4%) → 50.4 / 56.7 (86.3%; each resample
-and the channel-changing layer after it as one checkpointed segment) → 38.8 at T=3 from three
-changes around the finest up ResBlock (96 → 32 channels on ``cat(h, skip)`` at 128², 6 MiB per
-96-channel map), which holds the peak; the fourth item below saves time only:
-
-* channels-last weights and activations (oneDNN's native layout; NCHW convolution backward
-  allocates reorder buffers the size of its input and gradients: 6 + 2 MiB here);
-* the ResBlock's first GroupNorm-SiLU-conv as :func:`~idm.priors.lean.norm_silu_conv` when its
-  ``memory_mode`` is not plain (keeps only the block input; 6 MiB less);
-* the ResBlock's skip conv computed first, so its 6 MiB input gradient is made after the residual
-  branch's backward instead of waiting through it (4 MiB less);
-* in a checkpointed chain the last layer runs plainly in the recomputation and its input is
-  released once ``cat(h, skip)`` exists (time: one recomputation of that block less).
-
-The peak (T=3, traced allocation by allocation) is now in the backward of the second recomputed
-step, inside that block's ``norm_silu_conv`` backward: ``cat`` (6), the recomputed SiLU output (6)
-and its gradient (6), the block's output gradients (2 + 2); plus 10.5 MiB stored level-2 state of
-the step being recomputed (each reversible run's output and ``y₂``, e.g. 2 + 2 MiB for the finest
-down run), 6.6 MiB parameter gradients, 0.8 MiB level 1. From T = 2 on every parameter already
-has its gradient when the peak comes; at T = 1 the peak comes before most of them exist, which is
-why T = 1 is 6.3 MiB lower (T = 8 is 1.20× T = 1, but 1.0005× T = 2).
-
 The backward runs ``f`` once per coupling (with grad, its detached value serves the inversion),
 keeps nothing of coupling k while working on k − 1, and accumulates parameter gradients in place.
 
-**Why not memcnn** (``memcnn.InvertibleModuleWrapper``, memcnn 1.5.2, torch 2.15, CPU;
-reproduce with ``python -m idm.bench.memcnn_check``). One level, peak bytes of a training step of a
-chain of ``depth`` IDM couplings of conv bodies on a (2, 16, 64, 64) float32 input (one feature
-map = 0.5 MiB), plain autograd / memcnn ``keep_input=False`` / this module::
-
-    depth   plain (MiB)   memcnn (MiB)   ours (MiB)
-        2          7.54           8.04         7.06
-        4         11.54           8.54         7.61
-        8         19.54           8.54         7.70
-
-* one level works: memcnn's storage-freeing trick still saves memory on today's torch and is flat
-  in depth — but only if the coupling's output never shares storage with its input: memcnn frees
-  the inputs' storage after forward, so the IDM coupling's ``y₂ = x₁`` must be copied (a segfault
-  otherwise), and any input that is also used elsewhere (a skip connection, the first stream of an
-  outer coupling) is destroyed;
-* it does **not nest**: with an outer wrapper whose function contains inner wrappers (inputs
-  cloned so that the forward survives), backward raises "InvertibleCheckpointFunction is not
-  compatible with .grad(), please use .backward() if possible", because the inner backward runs
-  inside the outer one's ``torch.autograd.grad``; without the clones the forward itself segfaults;
-* it has no notion of context: a tensor the function reads that is not a wrapper input (``Aᵀy``,
-  a learnable schedule, a skip connection) silently gets no gradient (measured: gradient norm
-  20.0 with plain autograd, 0 with memcnn), and passing it as an input gets its storage freed;
-* its ``custom_fwd(cast_inputs=torch.float32)`` is the CUDA decorator: under CUDA autocast every
-  wrapped block is cast to fp32 and runs with autocast disabled (read from its source; this session
-  had no GPU); CPU bf16 autocast is unaffected (measured: the body ran in bfloat16).
-
-Hence one Function of our own serves both levels; memcnn is not used.
+Measured memory of both levels (what remains at the peak, what reduced it) and why this module
+does not use ``memcnn.InvertibleModuleWrapper``: ``docs/memory.md`` (``python -m idm.bench.memcnn_check``
+reproduces the memcnn comparison).
 """
 
 from __future__ import annotations

@@ -136,11 +136,30 @@ def load_checkpoint(
 
 
 def checkpoint_search_dirs() -> list[Path]:
-    """Folders searched for checkpoints named by a bare name: ``$IDM_CHECKPOINT_DIR``, then the
-    repository's ``checkpoints/``."""
+    """Folders searched, in this order, for checkpoints named by a bare name such as ``"idm-multi"``:
+
+    1. the folders listed in ``$IDM_CHECKPOINT_DIR`` (``os.pathsep``-separated; listed even if missing);
+    2. the shipped checkpoints installed with the package: the package data ``idm/checkpoints``
+       (found with :mod:`importlib.resources`) of a wheel, an sdist, ``pip install .`` or
+       ``pip install git+...``;
+    3. when ``idm`` is imported from a source checkout (editable install, ``PYTHONPATH``), the
+       checkout's top-level ``checkpoints/`` folder, next to ``idm/`` and ``pyproject.toml``.
+    """
+    from importlib import resources
+
     dirs = [Path(p).expanduser() for p in os.environ.get(CHECKPOINT_DIR_ENV, "").split(os.pathsep) if p]
-    dirs.append(Path(__file__).resolve().parents[2] / "checkpoints")
-    return dirs
+    package = resources.files("idm")  # a Path unless idm is imported from a zip (then neither applies)
+    if isinstance(package, Path):
+        if (package / "checkpoints").is_dir():  # 2. (an editable install has none here: 3. finds them)
+            dirs.append(package / "checkpoints")
+        checkout = package.resolve().parent  # 3. (pyproject.toml: a checkout, not site-packages)
+        if (checkout / "pyproject.toml").is_file() and (checkout / "checkpoints").is_dir():
+            dirs.append(checkout / "checkpoints")
+    unique: list[Path] = []
+    for folder in dirs:
+        if folder not in unique:
+            unique.append(folder)
+    return unique
 
 
 def available_checkpoints() -> list[str]:
@@ -155,8 +174,9 @@ def available_checkpoints() -> list[str]:
 def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
     """Path of a checkpoint given as an existing path or as a bare name such as ``"prior-gray"``.
 
-    A bare name is looked up in ``$IDM_CHECKPOINT_DIR`` (if set) and then in the repository's
-    ``checkpoints/`` folder; :class:`IDMError` lists the available names when nothing is found.
+    A bare name is looked up in the folders of :func:`checkpoint_search_dirs` (``$IDM_CHECKPOINT_DIR``,
+    then the shipped checkpoints); :class:`IDMError` lists the available names, the folders searched
+    and where to put checkpoints when nothing is found.
     """
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -168,8 +188,10 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
             if candidate.exists():
                 return candidate
         available = ", ".join(available_checkpoints()) or "none"
-        searched = ", ".join(str(d) for d in checkpoint_search_dirs())
-        raise IDMError(f"checkpoint {text!r} not found (available: {available}; searched {searched})")
+        searched = ", ".join(str(d) for d in checkpoint_search_dirs()) or "no folder"
+        raise IDMError(f"checkpoint {text!r} not found (available: {available}; searched {searched}); "
+                       f"put the checkpoint folder {text}/ (config.json, model.safetensors) in a folder named by "
+                       f"the environment variable {CHECKPOINT_DIR_ENV}, or pass its path")
     raise IDMError(f"checkpoint not found: {path}")
 
 
@@ -207,19 +229,50 @@ def shipped_checkpoint(family: str, ratio: float | None, train_hint: str) -> str
                    f"one with {train_hint} --ratio {float(ratio):g}")
 
 
+#: operator parameters that change A and are fixed by training, per operator kind, with the value
+#: assumed for a checkpoint that does not record one (written before the parameter was stored)
+TRAINED_OPERATOR_PARAMETERS: dict[str, dict[str, Any]] = {
+    "blockcs": {"block_size": 32, "matrix_seed": 0},
+}
+_PARAMETER_WORDS = {"block_size": ("block size", "--block-size"), "matrix_seed": ("matrix seed", "--matrix-seed")}
+
+
 def check_trained_operator(name: str | os.PathLike[str], config: dict[str, Any], op: Any) -> None:
-    """:class:`IDMError` unless the operator ``op`` is of the kind and ratio the checkpoint ``name``
-    (with ``config``) was trained for (a multi-ratio checkpoint: any ratio in its ``ratio_range``)."""
+    """:class:`IDMError` unless the operator ``op`` measures as the checkpoint ``name`` (with
+    ``config``) was trained to invert: a one-line message naming the checkpoint, the trained and
+    the measured value of the first parameter that differs.
+
+    Checked, in this order: the operator kind (``config["operator"]``, default ``"blockcs"``);
+    for block CS the block size B and the matrix seed (both fix Φ, the q × B² matrix, and a network
+    trained on one Φ silently fails on another); the sampling ratio (``config["ratio"]``, or for a
+    multi-ratio checkpoint any ratio in its ``ratio_range``).
+
+    Not checked: the permutation ``seed`` (training redraws the pixel permutation every step,
+    ``step_operator`` in ``idm finetune``, so a checkpoint serves every permutation), the noise level and
+    the image size. A checkpoint written before ``block_size`` / ``matrix_seed`` were recorded (key
+    missing, or ``null``) is taken to use the values every checkpoint was trained with then, the
+    defaults ``block_size=32`` and ``matrix_seed=0`` (:data:`TRAINED_OPERATOR_PARAMETERS`).
+    """
     trained_kind = config.get("operator", "blockcs")
     if op.kind != trained_kind:
         raise IDMError(f"checkpoint {name} was trained for {trained_kind} measurements, got {op.kind}")
-    measured = op.config().get("ratio")
+    measured_config = op.config()
+    for key, default in TRAINED_OPERATOR_PARAMETERS.get(op.kind, {}).items():
+        trained = default if config.get(key) is None else config[key]
+        measured = measured_config.get(key)
+        if measured != trained:
+            words, option = _PARAMETER_WORDS.get(key, (key, f"--{key.replace('_', '-')}"))
+            raise IDMError(f"checkpoint {name} was trained with {words} {trained}, the measurements have "
+                           f"{words} {measured} (measure with {option} {trained})")
+    measured = measured_config.get("ratio")
     if config.get("ratio_range") is not None:
         low, high = (float(r) for r in config["ratio_range"])
         if measured is None or not in_ratio_range(measured, (low, high)):
             raise IDMError(f"checkpoint {name} was trained for ratios in [{low:g}, {high:g}], "
                            f"the measurements have ratio {measured}")
         return
+    if config.get("ratio") is None:
+        raise IDMError(f"checkpoint {name} records neither the ratio nor the ratio range it was trained for")
     trained_ratio = float(config["ratio"])
     if measured is None or abs(float(measured) - trained_ratio) > RATIO_TOLERANCE:
         raise IDMError(f"checkpoint {name} was trained for ratio {trained_ratio:g}, the measurements have ratio {measured}")

@@ -1,13 +1,14 @@
 """The IDM reconstruction network: the prior's T-step sampler as one invertible network.
 
-Sampler (research.md §1), on the prior's value range [-1, 1] (``x_model = 2·x_image − 1``)::
+Sampler (Chen et al., "Invertible Diffusion Models for Compressed Sensing", IEEE TPAMI 2025), on
+the prior's value range [-1, 1] (``x_model = 2·x_image − 1``)::
 
-    x = sqrt(ᾱ_T) · (2·A†y − 1)                                  start
+    x = sqrt(ᾱ_T) · (2·x_start − 1)            start: x_start = A†y, or the tv / pnp result (config.start)
     for t = T … 1:
         ε  = shuffle(UNet(unshuffle(x)))                           (injectors see A, y, step t)
-        x̂₀ = (x − sqrt(1 − ᾱ_t)·ε) / sqrt(ᾱ_t)
-        x̂₀ = 2·DC((x̂₀ + 1)/2) − 1,  DC(x) = x − A†(A x − y)       data consistency on [0, 1]
-        x  = sqrt(ᾱ_{t−1})·x̂₀ + sqrt(1 − ᾱ_{t−1})·ε               DDIM, η = 0 (ᾱ_0 = 1: x = x̂₀)
+        x̂₀ = (x − sqrt(1 − ᾱ_t)·ε) / sqrt(ᾱ_t)                    x0_from_eps
+        x̂₀ = 2·DC((x̂₀ + 1)/2) − 1,  DC(x) = x − A†(A x − y)       op.project, on [0, 1]
+        x  = sqrt(ᾱ_{t−1})·x̂₀ + sqrt(1 − ᾱ_{t−1})·ε               ddim_step, η = 0 (ᾱ_0 = 1: x = x̂₀)
     output (x + 1)/2 on [0, 1]
 
 with a learnable α ∈ R^T, ᾱ = cumprod(α) (α clamped to [1e-4, 0.9999] in use). Images are padded
@@ -46,7 +47,7 @@ from ..physics.base import LinearOperator
 from ..invertible.layout import dncnn_layout
 from ..priors.denoiser import denoiser_eps
 from ..priors.dncnn import DnCNN, DnCNNConfig, network_input
-from ..priors.schedule import NoiseSchedule, from_model_range, to_model_range
+from ..priors.schedule import NoiseSchedule, ddim_step, from_model_range, to_model_range, x0_from_eps
 from ..priors.unet import UNet
 from .adapt import adapt_diffusers_unet, adapt_unet, alpha_from_abar, constant_timestep, initial_abar
 from .config import IDMConfig
@@ -90,9 +91,8 @@ class SamplingStep(nn.Module):
         eps = self.noise(x, meas, a)
         with torch.autocast(x.device.type, enabled=False):  # data consistency in full precision
             eps = eps.to(x.dtype)
-            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-            x0 = to_model_range(meas.data_consistency(from_model_range(x0)))
-            return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+            x0 = to_model_range(meas.data_consistency(from_model_range(x0_from_eps(x, eps, a))))
+            return ddim_step(x0, eps, a_prev)
 
     def extra_repr(self) -> str:
         return f"t={self.t}"

@@ -1,4 +1,5 @@
-"""Measurement-injection adapters: let every U-Net stage see the measurement (research.md §1).
+"""Measurement-injection adapters: let every U-Net stage see the measurement (IDM: Chen et al.,
+"Invertible Diffusion Models for Compressed Sensing", IEEE TPAMI 2025).
 
 One :class:`Injector` sits at the end of each U-Net stage and holds separate weights for each
 sampling step. For features ``h`` of shape ``(B, ch, H/r, W/r)`` (``r`` = the stage's total

@@ -15,6 +15,7 @@ import torch
 from ..errors import IDMError
 from .base import GaussianNoise, LinearOperator, conjugate_gradient
 from .blockcs import BlockCS
+from .canvas import Canvas, padded_size
 from .inpainting import Inpainting
 from .superres import Denoising, SuperResolution
 
@@ -63,6 +64,7 @@ def make_operator(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
 __all__ = [
     "OPERATORS",
     "BlockCS",
+    "Canvas",
     "Denoising",
     "GaussianNoise",
     "Inpainting",
@@ -70,4 +72,5 @@ __all__ = [
     "SuperResolution",
     "conjugate_gradient",
     "make_operator",
+    "padded_size",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import IDMError
+from .canvas import Canvas
 
 
 class GaussianNoise:
@@ -79,18 +80,30 @@ class LinearOperator:
         """Noisy measurements ``A(pad(x)) + noise`` of images ``x`` of shape ``(B, C, *image_size)``."""
         return self.noise(self.A(self.pad(x)), generator)
 
+    def project(self, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """Range-null-space data consistency ``x − weight·A†(A x − y)`` of a domain image on [0, 1].
+
+        ``x`` (B, C, *domain_size); with ``weight = 1`` and ``A A† = I`` the result satisfies
+        ``A x = y`` (it is ``A†y + (I − A†A) x``; Wang et al., "DDNM", ICLR 2023); ``weight = 0``
+        returns ``x`` itself. The one data-consistency step of every reconstructor in ``idm``.
+        """
+        if weight == 0.0:
+            return x
+        return x - weight * self.A_dagger(self.A(x) - y)
+
+    @property
+    def canvas(self) -> Canvas:
+        """The user's image size inside the operator's domain."""
+        return Canvas(self.image_size, self.domain_size)
+
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Embed ``(B, C, *image_size)`` into the domain (zero padding at the end of each axis)."""
         self.check_image(x)
-        pads: list[int] = []
-        for size, target in zip(reversed(x.shape[2:]), reversed(self.domain_size)):
-            pads += [0, target - size]
-        return torch.nn.functional.pad(x, pads) if any(pads) else x
+        return self.canvas.pad(x)
 
     def crop(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`pad`: ``(B, C, *domain_size)`` → ``(B, C, *image_size)``."""
-        index = (Ellipsis, *(slice(0, s) for s in self.image_size))
-        return x[index]
+        return self.canvas.crop(x)
 
     def check_domain(self, x: torch.Tensor) -> None:
         """Raise :class:`IDMError` unless ``x`` has shape ``(B, C, *domain_size)``."""

@@ -1,14 +1,17 @@
-"""Scrambled block compressed sensing (the measurement of IDM, research.md §1)."""
+"""Scrambled block compressed sensing, the measurement of IDM (Chen et al., "Invertible Diffusion
+Models for Compressed Sensing", IEEE TPAMI 2025)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from einops import rearrange
 
 from ..errors import IDMError, check_ratio
 from ._args import as_int, count_for_ratio, image_size_2d
 from .base import LinearOperator
+from .canvas import padded_size
 
 
 class OrthonormalRows:
@@ -84,7 +87,7 @@ class BlockCS(LinearOperator):
         self.matrix_seed = as_int("matrix seed", matrix_seed)
         self.block_pixels = self.block_size**2
         self.rows = count_for_ratio(self.ratio, self.block_pixels)
-        self._domain = tuple(-(-s // self.block_size) * self.block_size for s in self.image_size)
+        self._domain = padded_size(self.image_size, self.block_size)
         self.n_blocks = self._domain[0] * self._domain[1] // self.block_pixels
         self._matrix = OrthonormalRows(self.block_pixels, self.rows, self.matrix_seed)
         self._permutations: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -116,16 +119,16 @@ class BlockCS(LinearOperator):
         self.check_domain(x)
         phi = self._matrix.get(x.dtype, x.device)
         perm, _ = self.permutation(x.device)
-        flat = x.reshape(*x.shape[:2], -1).index_select(-1, perm)
-        return flat.reshape(*x.shape[:2], self.n_blocks, self.block_pixels) @ phi.T
+        scrambled = rearrange(x, "b c h w -> b c (h w)").index_select(-1, perm)
+        return rearrange(scrambled, "b c (n p) -> b c n p", p=self.block_pixels) @ phi.T
 
     def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """``(B, C, n_blocks, q)`` → ``(B, C, H', W')``."""
         self.check_measurements(y)
         phi = self._matrix.get(y.dtype, y.device)
         _, inverse = self.permutation(y.device)
-        flat = (y @ phi).reshape(*y.shape[:2], -1).index_select(-1, inverse)
-        return flat.reshape(*y.shape[:2], *self._domain)
+        scrambled = rearrange(y @ phi, "b c n p -> b c (n p)")
+        return rearrange(scrambled.index_select(-1, inverse), "b c (h w) -> b c h w", h=self._domain[0])
 
     def A_dagger(self, y: torch.Tensor) -> torch.Tensor:
         """A† = Aᵀ (Φ has orthonormal rows)."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from einops import reduce
 
 from ._args import as_int, image_size_2d
 from .base import LinearOperator
+from .canvas import padded_size
 
 
 class SuperResolution(LinearOperator):
@@ -24,7 +26,7 @@ class SuperResolution(LinearOperator):
         super().__init__(image_size, noise_sigma)
         image_size_2d(self.kind, self.image_size)
         self.factor = as_int("super-resolution factor", factor, minimum=1)
-        self._domain = tuple(-(-s // self.factor) * self.factor for s in self.image_size)
+        self._domain = padded_size(self.image_size, self.factor)
 
     @property
     def domain_size(self) -> tuple[int, ...]:
@@ -32,9 +34,7 @@ class SuperResolution(LinearOperator):
 
     def A(self, x: torch.Tensor) -> torch.Tensor:
         self.check_domain(x)
-        f = self.factor
-        (h, w), lead = self.measurement_shape(1, 1)[2:], x.shape[:2]
-        return x.reshape(*lead, h, f, w, f).mean(dim=(3, 5))
+        return reduce(x, "b c (h f1) (w f2) -> b c h w", "mean", f1=self.factor, f2=self.factor)
 
     def _upsample(self, y: torch.Tensor) -> torch.Tensor:
         self.check_measurements(y)

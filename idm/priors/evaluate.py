@@ -15,9 +15,9 @@ from typing import Iterable
 
 import piq
 import torch
-import torch.nn.functional as F
 
 from ..errors import IDMError
+from ..physics.canvas import Canvas
 from .prior import PriorLike
 from .schedule import from_model_range, to_model_range
 
@@ -54,13 +54,11 @@ def evaluate_denoising(
             out_psnr, in_psnr = [], []
             for x in images:
                 noisy = to_model_range(x) + s * torch.randn(x.shape, generator=gen)
-                h, w = x.shape[-2:]
-                pad = (0, -w % m, 0, -h % m)
-                x_t = F.pad(noisy, pad, mode="reflect") if any(pad) else noisy
+                canvas = Canvas.to_multiple(x.shape[-2:], m)
                 abar = float(prior.schedule.alphas_cumprod[t])
-                x_t = (abar**0.5 * x_t).to(device)
+                x_t = (abar**0.5 * canvas.pad(noisy, mode="reflect")).to(device)
                 t_batch = torch.full((1,), t, device=device, dtype=torch.long)
-                x0 = prior.schedule.predict_x0(x_t, t_batch, prior(x_t, t_batch)).cpu()[..., :h, :w]
+                x0 = canvas.crop(prior.schedule.predict_x0(x_t, t_batch, prior(x_t, t_batch)).cpu())
                 out_psnr.append(float(piq.psnr(from_model_range(x0).clamp(0, 1), x.clamp(0, 1))))
                 in_psnr.append(float(piq.psnr(from_model_range(noisy).clamp(0, 1), x.clamp(0, 1))))
             results[f"sigma{sigma:g}"] = {

@@ -173,7 +173,7 @@ def prior_from_config(config: dict[str, Any]) -> Prior:
 def load_prior(name_or_path: str | Path = "prior-gray", device: str | torch.device = "cpu") -> PriorLike:
     """Load a diffusion prior, in eval mode, on ``device``:
 
-    * an idm prior checkpoint (a directory, or a bare name searched in the repo's ``checkpoints/``)
+    * an idm prior checkpoint (a directory, or a bare name: :func:`idm.io.checkpoint.resolve_checkpoint`)
       → :class:`Prior` (weights stored in fp16/bf16 are loaded as float32);
     * a denoiser checkpoint (``architecture: "dncnn"``, e.g. ``"dncnn-17"``) →
       :class:`idm.priors.denoiser.DenoiserPrior`;

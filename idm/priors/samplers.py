@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, ddim_sigma, ddim_step, ddpm_posterior, eps_from_x0, x0_from_eps
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]
@@ -53,10 +53,10 @@ def _sample(
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps = model(x, t_batch)
         a, a_prev = float(abar[t]), (float(abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0)
-        x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+        x0 = x0_from_eps(x, eps, a)
         if clip:
             x0 = x0.clamp(-1.0, 1.0)
-            eps = (x - a**0.5 * x0) / (1 - a) ** 0.5
+            eps = eps_from_x0(x, x0, a)
         x = step(x, x0, eps, a, a_prev) if i + 1 < len(timesteps) else x0
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0})
@@ -76,13 +76,12 @@ def sample_ddim(
     progress: bool = False,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021): ``x' = sqrt(abar') x̂₀ + sqrt(1 - abar' - s²) eps + s z`` with
-    ``s = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar')``; ``eta = 0`` is deterministic."""
+    """DDIM (Song et al. 2021) over the respaced steps: :func:`~idm.priors.schedule.ddim_step` with
+    ``s = ddim_sigma(abar, abar', eta)``; ``eta = 0`` is deterministic."""
 
     def step(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, a: float, a_prev: float) -> torch.Tensor:
-        s = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
-        out = a_prev**0.5 * x0 + max(1 - a_prev - s**2, 0.0) ** 0.5 * eps
-        return out + s * _noise_like(x, generator) if s > 0 else out
+        s = ddim_sigma(a, a_prev, eta)
+        return ddim_step(x0, eps, a_prev, sigma=s, noise=_noise_like(x, generator) if s > 0 else None)
 
     return _sample(model, x_T, schedule, steps, t_start, step, clip, progress, callback)
 
@@ -100,15 +99,13 @@ def sample_ddpm(
     progress: bool = False,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """Ancestral DDPM over the respaced steps: sample the posterior ``q(x' | x_t, x̂₀)`` with the
-    respaced ``beta = 1 - abar / abar'``; mean ``sqrt(abar') beta / (1 - abar) x̂₀ +
-    sqrt(1 - beta) (1 - abar') / (1 - abar) x_t`` and variance ``eta² beta (1 - abar') / (1 - abar)``."""
+    """Ancestral DDPM (Ho et al. 2020) over the respaced steps: sample the posterior
+    :func:`~idm.priors.schedule.ddpm_posterior` ``q(x' | x_t, x̂₀)`` with its std scaled by ``eta``."""
 
     def step(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, a: float, a_prev: float) -> torch.Tensor:
-        beta = 1 - a / a_prev
-        mean = (a_prev**0.5 * beta / (1 - a)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a)) * x
-        var = eta**2 * beta * (1 - a_prev) / (1 - a)
-        return mean + var**0.5 * _noise_like(x, generator) if var > 0 else mean
+        mean, var = ddpm_posterior(x, x0, a, a_prev)
+        std = eta * var**0.5
+        return mean + std * _noise_like(x, generator) if std > 0 else mean
 
     return _sample(model, x_T, schedule, steps, t_start, step, clip, progress, callback)
 

@@ -6,6 +6,15 @@ and :func:`from_model_range` (``(x + 1) / 2``) afterwards.
 
 **Forward process.** ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` for integer
 ``t in [0, num_steps)``, ``abar_t = prod_{s<=t} (1 - beta_s)`` (``alphas_cumprod``, float64).
+
+**One home for the sampling maths.** Every sampler in ``idm`` (the prior's DDIM/DDPM, DDNM, DPS,
+PnP and the IDM network's steps) uses the four functions below; each takes ᾱ as a Python float or
+as a tensor broadcastable against the state (the IDM network's learnable schedule):
+
+* :func:`x0_from_eps` / :func:`eps_from_x0` — invert the forward process;
+* :func:`ddim_step` — DDIM (Song et al., ICLR 2021, eq. 12), ``η = 0`` deterministic;
+* :func:`ddpm_posterior` — mean and variance of ``q(x_{t'} | x_t, x̂₀)`` (Ho et al., NeurIPS 2020, eq. 7)
+  between two (possibly respaced) timesteps.
 """
 
 from __future__ import annotations
@@ -36,6 +45,52 @@ def _gather(values: torch.Tensor, t: torch.Tensor | int | Sequence[int], like: t
         raise IDMError(f"timestep out of range [0, {values.numel()}): {idx.tolist()}")
     out = values[idx].to(device=like.device, dtype=like.dtype)
     return out.reshape(-1, *([1] * (like.ndim - 1))) if out.ndim else out
+
+
+Abar = float | torch.Tensor
+
+
+def _root(value: Any) -> Any:
+    """√max(value, 0) of a float or a tensor."""
+    return value.clamp(min=0).sqrt() if isinstance(value, torch.Tensor) else math.sqrt(max(value, 0.0))
+
+
+def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, abar: Abar) -> torch.Tensor:
+    """``x̂₀ = (x_t − √(1 − ᾱ) ε) / √ᾱ``: the clean image implied by the noise estimate ``eps`` (same
+    shape as ``x_t``) at ``abar`` (0 < ᾱ ≤ 1)."""
+    return (x_t - _root(1 - abar) * eps) / _root(abar)
+
+
+def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, abar: Abar) -> torch.Tensor:
+    """``ε = (x_t − √ᾱ x̂₀) / √(1 − ᾱ)``: the noise implied by the estimate ``x0`` (0 < ᾱ < 1)."""
+    return (x_t - _root(abar) * x0) / _root(1 - abar)
+
+
+def ddim_sigma(abar: Abar, abar_next: Abar, eta: float) -> Abar:
+    """DDIM's fresh-noise std ``s = η √((1 − ᾱ') / (1 − ᾱ)) √(1 − ᾱ / ᾱ')`` for the step ᾱ → ᾱ' (ᾱ' > ᾱ)."""
+    return eta * _root((1 - abar_next) / (1 - abar) * (1 - abar / abar_next))
+
+
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, abar_next: Abar, *, sigma: Abar = 0.0,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+    """DDIM update ``x' = √ᾱ' x̂₀ + √(1 − ᾱ' − s²) ε + s z`` (``s = sigma``, see :func:`ddim_sigma`;
+    ``noise`` z is needed when s > 0). ``ᾱ' = 1`` returns x̂₀."""
+    out = _root(abar_next) * x0 + _root(1 - abar_next - sigma**2) * eps
+    if noise is not None:
+        return out + sigma * noise
+    if not isinstance(sigma, torch.Tensor) and sigma > 0:
+        raise IDMError("a stochastic DDIM step (sigma > 0) needs noise")
+    return out
+
+
+def ddpm_posterior(x_t: torch.Tensor, x0: torch.Tensor, abar: Abar, abar_next: Abar) -> tuple[torch.Tensor, Abar]:
+    """Mean and variance of ``q(x' | x_t, x̂₀)`` from ᾱ to ᾱ' (respaced ``β = 1 − ᾱ/ᾱ'``)::
+
+        mean = √ᾱ' β / (1 − ᾱ) · x̂₀ + √(1 − β) (1 − ᾱ') / (1 − ᾱ) · x_t,   var = β (1 − ᾱ') / (1 − ᾱ)
+    """
+    beta = 1 - abar / abar_next
+    mean = (_root(abar_next) * beta / (1 - abar)) * x0 + (_root(1 - beta) * (1 - abar_next) / (1 - abar)) * x_t
+    return mean, beta * (1 - abar_next) / (1 - abar)
 
 
 #: schedule kinds: betas linear in beta, linear in sqrt(beta) (Stable Diffusion), cosine ᾱ
@@ -89,13 +144,11 @@ class NoiseSchedule:
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
         """Invert the forward process given the noise: ``(x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``."""
-        a = self.abar(t, x_t)
-        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        return x0_from_eps(x_t, eps, self.abar(t, x_t))
 
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor | int, x0: torch.Tensor) -> torch.Tensor:
         """Noise implied by ``x_t`` and ``x0``: ``(x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``."""
-        a = self.abar(t, x_t)
-        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps_from_x0(x_t, x0, self.abar(t, x_t))
 
     # --- respacing / noise levels --------------------------------------------------------------
     def respaced(self, steps: int, t_max: int | None = None) -> list[int]:

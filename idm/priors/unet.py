@@ -45,6 +45,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ..errors import IDMError, check_keys
@@ -196,14 +197,12 @@ class AttentionBlock(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        b, c, hh, ww = h.shape
-        qkv = self.qkv(self.norm(h)).reshape(b, 3, self.num_heads, c // self.num_heads, hh * ww)
+        qkv = rearrange(self.qkv(self.norm(h)), "b (k heads d) h w -> k b heads (h w) d", k=3, heads=self.num_heads)
         # contiguous q, k, v: SDPA then uses its fused (flash) kernel, which does not materialise the
-        # (HW x HW) attention matrix (on CPU: 16 MiB -> 0.8 MiB at 32x32, 64 ch, and twice as fast)
-        q, k, v = (qkv[:, i].transpose(-1, -2).contiguous() for i in range(3))  # (B, heads, HW, c/heads)
+        # (HW x HW) attention matrix (less memory and faster on CPU)
+        q, k, v = (t.contiguous() for t in qkv)  # (B, heads, HW, c/heads)
         a = F.scaled_dot_product_attention(q, k, v)
-        a = a.transpose(-1, -2).reshape(b, c, hh, ww)
-        return h + self.proj(a)
+        return h + self.proj(rearrange(a, "b heads (h w) d -> b (heads d) h w", h=h.shape[-2]))
 
 
 class Downsample(nn.Module):

@@ -7,19 +7,18 @@ The samplers are small functions with one signature (k-diffusion style)::
                progress=False, callback=None, **method_options) -> x
 
 ``model(x, t) -> ε`` on the prior's range [-1, 1]; ``y`` measurements of [0, 1] images by the
-linear operator ``op`` (any :class:`~idm.physics.LinearOperator`: only ``A``, ``A_dagger`` are
-used); ``x`` the estimate ``(B, C, *op.domain_size)`` on [0, 1], not clipped. Importing this
+linear operator ``op`` (any :class:`~idm.physics.LinearOperator`: only ``A``, ``A_dagger`` and
+``project`` are used); ``x`` the estimate ``(B, C, *op.domain_size)`` on [0, 1], not clipped. Importing this
 package registers the methods ``ddnm``, ``ddnm+`` and ``dps`` (:mod:`idm.zeroshot.method`) and ``pnp``.
 """
 
-from .common import Canvas, data_consistency, jump_indices, misfit, project, timestep_pairs
+from .common import data_consistency, jump_indices, misfit, operator_canvas, timestep_pairs
 from .ddnm import noise_aware_weights, sample_ddnm
 from .dps import sample_dps
 from .method import DEFAULT_PRIOR, SOLVERS, ZeroShotReconstructor, build_solver, solver_options
 from .pnp import PnPReconstructor, sample_pnp
 
 __all__ = [
-    "Canvas",
     "DEFAULT_PRIOR",
     "PnPReconstructor",
     "SOLVERS",
@@ -29,7 +28,7 @@ __all__ = [
     "jump_indices",
     "misfit",
     "noise_aware_weights",
-    "project",
+    "operator_canvas",
     "sample_ddnm",
     "sample_dps",
     "sample_pnp",

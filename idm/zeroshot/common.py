@@ -13,12 +13,11 @@ cropped away at the end.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import IDMError
 from ..physics.base import LinearOperator
+from ..physics.canvas import Canvas
 from ..priors.schedule import NoiseSchedule, from_model_range, to_model_range
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -73,31 +72,11 @@ def abar_at(schedule: NoiseSchedule, t: int) -> float:
 
 
 # --- canvas --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Canvas:
-    """The operator's 2D domain ``(H, W)`` padded at the bottom/right to ``size`` (multiples of ``multiple``)."""
-
-    domain: tuple[int, int]
-    size: tuple[int, int]
-
-    @classmethod
-    def for_operator(cls, op: LinearOperator, multiple: int) -> "Canvas":
-        if len(op.domain_size) != 2:
-            raise IDMError(f"zero-shot diffusion solvers work on 2D images, the operator's domain is {op.domain_size}")
-        domain = (int(op.domain_size[0]), int(op.domain_size[1]))
-        return cls(domain, tuple(-(-s // multiple) * multiple for s in domain))  # type: ignore[arg-type]
-
-    def crop(self, x: torch.Tensor) -> torch.Tensor:
-        """Canvas ``(B, C, *size)`` → domain ``(B, C, *domain)`` (a view)."""
-        return x[..., : self.domain[0], : self.domain[1]]
-
-    def paste(self, canvas: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
-        """A copy of ``canvas`` with its domain part replaced by ``inner`` ``(B, C, *domain)``."""
-        if self.size == self.domain:
-            return inner
-        out = canvas.clone()
-        out[..., : self.domain[0], : self.domain[1]] = inner
-        return out
+def operator_canvas(op: LinearOperator, multiple: int) -> Canvas:
+    """The operator's 2D domain padded at the bottom/right to multiples of ``multiple``."""
+    if len(op.domain_size) != 2:
+        raise IDMError(f"zero-shot diffusion solvers work on 2D images, the operator's domain is {op.domain_size}")
+    return Canvas.to_multiple(op.domain_size, multiple)
 
 
 # --- noise, data consistency ---------------------------------------------------------------------
@@ -111,30 +90,20 @@ def initial_state(
 ) -> tuple[Canvas, torch.Tensor]:
     """The canvas of ``op`` (padded to ``size_multiple``) and the initial state ``x_T ~ N(0, I)``
     of shape ``(B, C, *canvas.size)`` (B, C those of ``y``), drawn from ``generator``, on ``y``'s device/dtype."""
-    canvas = Canvas.for_operator(op, size_multiple)
+    canvas = operator_canvas(op, size_multiple)
     return canvas, randn((*y.shape[:2], *canvas.size), generator, y)
-
-
-def project(image: torch.Tensor, y: torch.Tensor, op: LinearOperator, weight: float = 1.0) -> torch.Tensor:
-    """Range-null-space correction of a domain image on [0, 1]: ``x − weight·A†(A x − y)``.
-
-    ``image`` (B, C, *op.domain_size); with ``weight = 1`` and ``A A† = I`` the result satisfies
-    ``A x = y`` (it is ``A†y + (I − A†A) x``); ``weight = 0`` returns ``image`` itself.
-    """
-    if weight == 0.0:
-        return image
-    return image - weight * op.A_dagger(op.A(image) - y)
 
 
 def data_consistency(
     x0: torch.Tensor, y: torch.Tensor, op: LinearOperator, canvas: Canvas, weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`project` applied to an x̂₀ estimate on the canvas: ``x ← x − weight·A†(A x − y)`` on [0, 1].
+    """:meth:`LinearOperator.project <idm.physics.LinearOperator.project>` applied to an x̂₀
+    estimate on the canvas: ``x ← x − weight·A†(A x − y)`` on [0, 1].
 
     ``x0`` is the canvas estimate on [-1, 1]. Returns ``(corrected canvas on [-1, 1], corrected
     domain image on [0, 1])``.
     """
-    image = project(from_model_range(canvas.crop(x0)), y, op, weight)
+    image = op.project(from_model_range(canvas.crop(x0)), y, weight)
     return canvas.paste(x0, to_model_range(image)), image
 
 

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..physics.base import LinearOperator
-from ..priors.schedule import NoiseSchedule
+from ..priors.schedule import NoiseSchedule, x0_from_eps
 from .common import Callback, EpsModel, abar_at, data_consistency, initial_state, randn, timestep_pairs
 
 
@@ -89,7 +89,7 @@ def sample_ddnm(
             x = math.sqrt(ratio) * x + math.sqrt(1.0 - ratio) * randn(x.shape, generator, x)
             continue
         eps = model(x, torch.full((batch,), t, dtype=torch.long, device=x.device))
-        x0 = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
+        x0 = x0_from_eps(x, eps, abar)
         if clip:
             x0 = x0.clamp(-1.0, 1.0)
         a, sigma = math.sqrt(abar_next), math.sqrt(1.0 - abar_next)

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..physics.base import LinearOperator
-from ..priors.schedule import NoiseSchedule, from_model_range
+from ..priors.schedule import NoiseSchedule, ddpm_posterior, from_model_range, x0_from_eps
 from .common import Callback, EpsModel, abar_at, initial_state, misfit, randn, timestep_pairs
 
 
@@ -59,16 +59,12 @@ def sample_dps(
         with torch.set_grad_enabled(zeta > 0.0):
             x.requires_grad_(zeta > 0.0)
             eps = model(x, t_batch)
-            x0 = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
+            x0 = x0_from_eps(x, eps, abar)
             distance = misfit(x0, y, op, canvas) if zeta > 0.0 else None
             grad = torch.autograd.grad(distance.sum(), x)[0] if distance is not None else None
         x, x0 = x.detach(), x0.detach()
         mean_x0 = x0.clamp(-1.0, 1.0) if clip else x0
-        beta = 1.0 - abar / abar_next
-        mean = (math.sqrt(abar_next) * beta / (1.0 - abar)) * mean_x0 + (
-            math.sqrt(1.0 - beta) * (1.0 - abar_next) / (1.0 - abar)
-        ) * x
-        variance = beta * (1.0 - abar_next) / (1.0 - abar)
+        mean, variance = ddpm_posterior(x, mean_x0, abar, abar_next)
         x_next = mean + math.sqrt(variance) * randn(x.shape, generator, x) if variance > 0.0 else mean
         if grad is not None:
             x_next = x_next - zeta * grad

@@ -14,7 +14,7 @@ denoiser ``D(z, σ)``; this is the HQS variant of DPIR (Zhang, Li, Zuo, Zhang, V
 
 and returns the data-consistent ``z_{K+1}`` (the data step applied once more to ``x_K``; on
 Set12 it beats returning ``x_K`` by 0.1–1 dB, docs/pnp.md). The data step is the shared
-range-null-space correction :func:`idm.zeroshot.common.project`: for noise-free measurements
+range-null-space correction :meth:`LinearOperator.project <idm.physics.LinearOperator.project>`: for noise-free measurements
 (``σ_y = op.noise.sigma = 0``) ``w = 1``, the exact projection onto ``{z : A z = y}``; for noisy
 ones it is DPIR's proximal step, exact when ``A Aᵀ = I`` (block CS, inpainting; for other
 operators the same damping of the range-space correction). The denoiser sees ``z`` clipped to the
@@ -46,10 +46,11 @@ from tqdm.auto import tqdm
 
 from ..errors import IDMError
 from ..physics.base import LinearOperator
+from ..physics.canvas import Canvas
 from ..priors.prior import PriorLike, load_prior
-from ..priors.schedule import from_model_range, to_model_range
+from ..priors.schedule import from_model_range, to_model_range, x0_from_eps
 from ..registry import register_method
-from .common import check_inputs, project
+from .common import check_inputs
 from .method import _checked
 
 #: the denoiser used when no checkpoint is given
@@ -154,13 +155,10 @@ def prior_denoiser(prior: PriorLike) -> Denoise:
     def one_step(z: torch.Tensor, sigma: float) -> torch.Tensor:
         t = schedule.timestep_for_noise(2.0 * float(sigma))
         abar = float(schedule.alphas_cumprod[t])
-        h, w = z.shape[-2:]
-        pad_h, pad_w = -h % multiple, -w % multiple
-        padded = torch.nn.functional.pad(z, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else z
-        x_t = math.sqrt(abar) * to_model_range(padded)
+        canvas = Canvas.to_multiple(z.shape[-2:], multiple)
+        x_t = math.sqrt(abar) * to_model_range(canvas.pad(z, mode="reflect"))
         steps = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
-        x0 = (x_t - math.sqrt(1.0 - abar) * prior(x_t, steps)) / math.sqrt(abar)
-        return from_model_range(x0)[..., :h, :w]
+        return canvas.crop(from_model_range(x0_from_eps(x_t, prior(x_t, steps), abar)))
 
     return one_step
 
@@ -191,11 +189,11 @@ def sample_pnp(
     sigma_y = op.noise.sigma
     x = start
     for k, sigma in enumerate(tqdm(sigmas, desc="pnp", disable=not progress, leave=False)):
-        z = project(x, y, op, data_weight(lam, sigma_y, sigma))
+        z = op.project(x, y, data_weight(lam, sigma_y, sigma))
         x = denoise(z.clamp(0.0, 1.0), sigma)
         if callback is not None:
             callback({"k": k, "sigma": sigma, "z": z, "x": x})
-    return project(x, y, op, data_weight(lam, sigma_y, sigmas[-1]))
+    return op.project(x, y, data_weight(lam, sigma_y, sigmas[-1]))
 
 
 def start_image(y: torch.Tensor, op: LinearOperator, start: str) -> torch.Tensor:

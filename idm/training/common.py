@@ -1,4 +1,4 @@
-"""What the training scripts (``train.pretrain_prior``, ``train.finetune``) share.
+"""What the training entry points (:mod:`idm.training.pretrain`, :mod:`idm.training.finetune`) share.
 
 Both train one network on random patches of an image folder with :mod:`accelerate`, in a run folder
 holding ``state.safetensors`` (saved every ``--save-every`` steps; ``--resume`` continues bit for bit)
@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from idm.errors import IDMError
+from ..errors import IDMError
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "log.jsonl"
@@ -54,13 +54,43 @@ def add_run_control_arguments(group: argparse._ArgumentGroup, *, max_minutes_hel
 
 def run_script(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
                argv: list[str] | None) -> int:
-    """Parse ``argv`` and ``run`` it; an :class:`IDMError` prints one line and gives exit status 2."""
+    """Parse ``argv`` and ``run`` it (after ``--threads``); an :class:`IDMError` prints one line and
+    gives exit status 2."""
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        return with_threads(run)(args)
     except IDMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def with_threads(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` preceded by ``torch.set_num_threads(args.threads)`` when ``--threads`` is given."""
+
+    def threaded(args: argparse.Namespace) -> int:
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
+        return run(args)
+
+    return threaded
+
+
+def script_parser(module: str) -> argparse.ArgumentParser:
+    """The ``python -m MODULE`` parser of a training script: its ``add_arguments`` and the first line
+    of its docstring."""
+    script = importlib.import_module(module)
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(script.__doc__ or "").splitlines()[0])
+    return script.add_arguments(parser)
+
+
+def script_main(module: str) -> Callable[..., int]:
+    """``main(argv=None) -> exit status`` of the training script ``module`` (its ``run`` on
+    :func:`script_parser`'s arguments)."""
+
+    def main(argv: list[str] | None = None) -> int:
+        return run_script(script_parser(module), importlib.import_module(module).run, argv)
+
+    return main
 
 
 def add_script_subcommand(subparsers: argparse._SubParsersAction, name: str, module: str,
@@ -71,7 +101,7 @@ def add_script_subcommand(subparsers: argparse._SubParsersAction, name: str, mod
     parser = subparsers.add_parser(name, help=help_text, description=script.__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     script.add_arguments(parser)
-    parser.set_defaults(func=script.run)
+    parser.set_defaults(func=with_threads(script.run))
     return parser
 
 
@@ -114,7 +144,7 @@ def _listed(value: Any) -> Any:
 
 def load_run_state(path: Path, args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
     """The training state at ``path``; :class:`IDMError` if any option of ``names`` differs from it."""
-    from idm.io.checkpoint import load_state
+    from ..io.checkpoint import load_state
 
     state = load_state(path)
     for name in names:
@@ -202,7 +232,7 @@ def patch_loader(images: Any, args: argparse.Namespace, start_step: int,
     """This process's batches for steps ``[start_step, --steps)``: its ``--batch // world`` share of each
     global batch of random ``--patch`` patches of ``images`` (``(B, C, P, P)`` in [0, 1]; patch ``i`` of
     the run is a function of ``i`` and ``--seed`` only)."""
-    from idm.data import RandomPatches
+    from ..data import RandomPatches
 
     world = accelerator.num_processes
     patches = RandomPatches(images, args.patch, length=args.steps * args.batch, seed=args.seed)
@@ -271,7 +301,7 @@ def save_training_state(path: Path, accelerator: Any, progress: Progress, *, ste
     states of every process."""
     from accelerate.utils import gather_object
 
-    from idm.io.checkpoint import save_state
+    from ..io.checkpoint import save_state
 
     accelerator.wait_for_everyone()
     rng = gather_object([capture_rng_states()]) if accelerator.num_processes > 1 else [capture_rng_states()]
@@ -375,7 +405,7 @@ def truncate_log(path: Path, step: int) -> None:
     after its last saved state)."""
     if not path.exists():
         return
-    from idm.io.atomic import atomic_write
+    from ..io.atomic import atomic_write
 
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     kept = [line for line in lines if json.loads(line)["step"] <= step]

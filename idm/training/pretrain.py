@@ -1,0 +1,294 @@
+"""Pre-train the ε-prediction diffusion prior on random patches of an image folder.
+
+    python -m train.pretrain_prior --data ../shared/data/natural/Train400 --out runs/prior --steps 10000
+    idm pretrain ...                          (same options; also python -m idm.training.pretrain)
+    accelerate launch -m train.pretrain_prior ...   (multi-GPU; --batch is the global batch;
+                                                     -m idm.training.pretrain outside a checkout)
+
+Loss: MSE between the U-Net's ε estimate and the noise, ``x_t = q_sample(2 x - 1, t, noise)`` with
+``t`` uniform over the schedule. AdamW, linear warm-up then cosine decay to 10 % of ``--lr``, EMA of
+the weights (``torch.optim.swa_utils.AveragedModel``). The run folder gets:
+
+* ``state.safetensors`` every ``--save-every`` steps (atomic): model, EMA, optimizer, LR scheduler,
+  step, cumulative wall time and RNG states; ``--resume`` continues exactly where it stopped (the
+  data are a deterministic function of the step: patches indexed by position, and the noise / ``t``
+  of step ``s`` come from a generator seeded with (seed, s, rank));
+* ``log.jsonl``: one line ``{"step", "loss", "lr", "wall_s"}`` per step (``wall_s``: cumulative seconds);
+* ``samples/step_XXXXXXX.png``: a grid of EMA samples (DDIM, 50 steps) every ``--sample-every``;
+* at the end (or when ``--max-minutes`` runs out), the EMA weights as a checkpoint directory
+  (``--export``, default ``RUNDIR/checkpoint``) stored as fp16 / bf16, with config and a model card.
+  ``--stop-after N`` stops after N steps of this invocation without exporting (chunked runs).
+
+``--evaluate CHECKPOINT --data DIR`` instead prints the one-step denoising PSNR of a checkpoint
+(:func:`idm.priors.evaluate.evaluate_denoising`) on the images of ``DIR`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import IDMError
+from .common import (
+    EXPORT_DTYPES, LOG_FILE, Progress, RunLog, RunSummary, add_run_control_arguments, add_run_folder_arguments,
+    check_training_args, checked_state_path, command_line, data_row, export_directory, final_loss, hardware,
+    load_run_state, mean_loss, new_accelerator, optimizer_step, patch_loader, resume_progress, resumed_batches,
+    save_training_state, script_main, script_parser, time_is_up, trajectory_args,
+)
+from .common import STATE_FILE  # noqa: F401  (re-exported: the run folder's training state)
+from .common import warmup_cosine as lr_factor  # the LR schedule of pre-training
+
+#: options that determine the training trajectory: a resumed run must repeat them
+TRAJECTORY_OPTIONS = (
+    "data", "steps", "batch", "patch", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay",
+    "base_channels", "channel_mults", "res_blocks", "attn", "dropout", "schedule", "mixed_precision", "seed",
+)
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the pre-training options to ``parser`` (shared by ``idm pretrain``)."""
+    io = parser.add_argument_group("data and run folder")
+    io.add_argument("--data", help="folder of training images (or, with --evaluate, of test images)")
+    io.add_argument("--out", default="runs/prior", help="run folder (state, log, samples; default runs/prior)")
+    add_run_folder_arguments(io)
+    io.add_argument("--eval-data", help="image folder for the denoising PSNR in the model card (optional)")
+    io.add_argument("--evaluate", metavar="CHECKPOINT", help="only evaluate CHECKPOINT on --data and print JSON")
+
+    tr = parser.add_argument_group("training")
+    tr.add_argument("--steps", type=int, default=10000, help="total optimizer steps (default 10000)")
+    tr.add_argument("--batch", type=int, default=16, help="global batch size (default 16)")
+    tr.add_argument("--patch", type=int, default=64, help="square patch size (default 64)")
+    tr.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    tr.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps (default 200)")
+    tr.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    tr.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 = off (default 1)")
+    tr.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per step (default 0.999)")
+    tr.add_argument("--schedule", choices=("linear", "cosine"), default="linear", help="noise schedule (1000 steps)")
+    tr.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate mixed precision (GPU; on CPU accelerate trains in fp32)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of initialisation, patches and noise (default 0)")
+
+    net = parser.add_argument_group("U-Net size")
+    net.add_argument("--base-channels", type=int, default=32, help="channels at full resolution (default 32)")
+    net.add_argument("--channel-mults", type=_int_tuple, default=(1, 2, 2, 2), help="per-level multipliers (default 1,2,2,2)")
+    net.add_argument("--res-blocks", type=int, default=2, help="ResBlocks per level (default 2)")
+    net.add_argument("--attn", type=_int_tuple, default=(2,), help="levels with self-attention, e.g. 2 or 2,3 or '' (default 2)")
+    net.add_argument("--dropout", type=float, default=0.0, help="ResBlock dropout (default 0)")
+
+    run = parser.add_argument_group("run control")
+    run.add_argument("--sample-every", type=int, default=1000, help="steps between EMA sample grids, 0 = never")
+    add_run_control_arguments(
+        run, max_minutes_help="stop after this much wall time (saving the state and exporting the EMA weights so far)"
+    )
+    return parser
+
+
+build_parser = partial(script_parser, "idm.training.pretrain")
+main = script_main("idm.training.pretrain")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.evaluate:
+        return _evaluate_only(args)
+    return train(args)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def unet_config_from_args(args: argparse.Namespace):
+    from ..priors import UNetConfig
+
+    return UNetConfig(
+        base_channels=args.base_channels,
+        channel_mults=tuple(args.channel_mults),
+        num_res_blocks=args.res_blocks,
+        attention_levels=tuple(args.attn),
+        dropout=args.dropout,
+    )
+
+
+def _evaluation_images(folder: str) -> list[torch.Tensor]:
+    from ..data import ImageFolder
+
+    images = ImageFolder(folder)
+    return [images[i][1] for i in range(len(images))]
+
+
+def _evaluate_only(args: argparse.Namespace) -> int:
+    from ..priors import load_prior
+    from ..priors.evaluate import evaluate_denoising
+
+    if not args.data:
+        raise IDMError("--evaluate needs --data: a folder of test images")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prior = load_prior(args.evaluate, device=device)
+    print(json.dumps(evaluate_denoising(prior, _evaluation_images(args.data)), indent=2))
+    return 0
+
+
+def _validate(args: argparse.Namespace, world: int) -> None:
+    check_training_args(args, world)
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise IDMError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
+
+
+# --- training --------------------------------------------------------------------------------
+def train(args: argparse.Namespace) -> int:
+    from accelerate.utils import set_seed
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from ..data import ImageFolder
+    from ..priors import NoiseSchedule, Prior, UNet, to_model_range
+
+    accelerator = new_accelerator(args.mixed_precision)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    _validate(args, world)
+    run_dir = Path(args.out)
+    state_path = checked_state_path(run_dir, args.resume)
+
+    set_seed(args.seed)
+    unet_config = unet_config_from_args(args)
+    schedule = NoiseSchedule(args.schedule)
+    model = UNet(unet_config)
+    if args.patch % unet_config.size_multiple:
+        raise IDMError(f"--patch {args.patch} must be divisible by {unet_config.size_multiple} for this U-Net")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, args.steps))
+
+    progress = Progress(command=command_line("train.pretrain_prior", args, (*TRAJECTORY_OPTIONS, "out")))
+    if args.resume:
+        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        progress = resume_progress(state, accelerator, optimizer, scheduler, logs=[run_dir / LOG_FILE])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(device)
+
+    images = ImageFolder(args.data)
+    loader = patch_loader(images, args, progress.step, accelerator)
+    noise_gen = torch.Generator(device=device)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    stop = args.steps if args.stop_after is None else min(args.steps, progress.step + args.stop_after)
+    step, out_of_time = progress.step, False
+    model.train()
+    with RunLog(run_dir / LOG_FILE, main=accelerator.is_main_process, total=args.steps, initial=progress.step,
+                desc="pretrain", show=not args.no_progress) as log:
+        for batch in resumed_batches(loader, progress.rng):
+            if step >= stop:
+                break
+            x0 = to_model_range(batch.to(device, non_blocking=True))
+            noise_gen.manual_seed((args.seed * 1_000_003 + step) * world + rank)
+            t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=noise_gen, device=device)
+            noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+            x_t = schedule.q_sample(x0, t, noise)
+            loss = F.mse_loss(model(x_t, t).float(), noise)
+            lr = optimizer_step(accelerator, model, optimizer, scheduler, loss, args.grad_clip)
+            ema.update_parameters(accelerator.unwrap_model(model))
+            step += 1
+
+            value = mean_loss(accelerator, loss, step)
+            wall = progress.wall_time + time.monotonic() - t0
+            log.record({"step": step, "loss": value, "lr": lr, "wall_s": round(wall, 3)})
+            out_of_time = time_is_up(t0, args.max_minutes, world)
+            if step % args.save_every == 0 or step == stop or out_of_time:
+                save_training_state(state_path, accelerator, progress, step=step, wall_time=wall,
+                                    args=trajectory_args(args, TRAJECTORY_OPTIONS), optimizer=optimizer,
+                                    scheduler=scheduler, model=accelerator.unwrap_model(model).state_dict(),
+                                    ema=ema.state_dict())
+            if args.sample_every and step % args.sample_every == 0 and accelerator.is_main_process:
+                _write_samples(Prior(ema.module, schedule), run_dir / "samples" / f"step_{step:07d}.png", args)
+            if out_of_time:
+                break
+
+    if step < args.steps:
+        accelerator.print(f"stopped at step {step}/{args.steps}; continue with the same command plus --resume")
+        if not out_of_time:
+            return 0
+    if accelerator.is_main_process:  # finished, or out of --max-minutes: export the EMA weights so far
+        summary = RunSummary(progress.command, hardware(world, device), progress.wall_time + time.monotonic() - t0,
+                             progress.resumes, final_loss(run_dir / LOG_FILE))
+        export_dir = export_directory(args)
+        export(Prior(ema.module, schedule), export_dir, args, summary, num_images=len(images), steps_done=step)
+        accelerator.print(f"exported EMA weights after {step} steps to {export_dir}")
+    accelerator.wait_for_everyone()
+    return 0
+
+
+def _write_samples(prior: Any, path: Path, args: argparse.Namespace) -> None:
+    from ..cli.sample import write_grid
+
+    was_training = prior.unet.training
+    images = prior.sample(16, args.patch, steps=50, sampler="ddim", seed=args.seed)
+    prior.unet.train(was_training)
+    write_grid(images, path)
+
+
+def export(prior: Any, directory: Path, args: argparse.Namespace, summary: RunSummary, *, num_images: int,
+           steps_done: int) -> Path:
+    """Write the EMA prior as a checkpoint directory with a model card."""
+    from ..priors import load_prior
+    from ..priors.evaluate import evaluate_denoising
+    from ..priors.unet import count_parameters
+
+    denoising = evaluate_denoising(prior, _evaluation_images(args.eval_data)) if args.eval_data else None
+    training = {
+        "data": str(args.data), "num_images": num_images, "patch": args.patch, "steps": steps_done,
+        "planned_steps": args.steps,
+        "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema_decay,
+        "mixed_precision": args.mixed_precision, "seed": args.seed, **summary.fields(),
+        "weights": "EMA", "storage_dtype": args.export_dtype,
+    }
+    prior.extra = {**prior.extra, "training": training, **({"denoising": denoising} if denoising else {})}
+    cfg = prior.unet.config
+    lines = [
+        "# idm diffusion prior (ε-prediction U-Net)",
+        "",
+        f"Gray-scale DDPM prior; images on [0, 1] are mapped to [-1, 1] (`2x - 1`). "
+        f"{count_parameters(prior.unet) / 1e6:.2f} M parameters, EMA weights (decay {args.ema_decay}) "
+        f"stored as {args.export_dtype}. Load with `idm.priors.load_prior(path)`.",
+        "",
+        "| | |", "|---|---|",
+        f"| architecture | U-Net: base {cfg.base_channels} ch, mults {list(cfg.channel_mults)}, "
+        f"{cfg.num_res_blocks} ResBlocks/level, attention at levels {list(cfg.attention_levels)} |",
+        f"| noise schedule | {prior.schedule.kind}, {prior.schedule.num_steps} steps |",
+        data_row(args, num_images),
+        f"| steps x batch | {steps_done} x {args.batch}"
+        + (f" (stopped by the time budget; {args.steps} planned)" if steps_done < args.steps else "") + " |",
+        f"| optimizer | AdamW lr {args.lr:g}, warm-up {args.warmup}, cosine to 10 %, grad clip {args.grad_clip:g} |",
+        f"| mixed precision | {args.mixed_precision} |",
+        *summary.card_rows(),
+        *summary.command_lines(),
+    ]
+    if denoising:
+        lines += ["", f"One-step denoising PSNR on `{args.eval_data}` (x̂₀ from x_t at matched noise level):", "",
+                  "| σ (of 255) | t | input PSNR | x̂₀ PSNR |", "|---|---|---|---|"]
+        lines += [f"| {k[5:]} | {v['t']} | {v['input_psnr']:.2f} | {v['psnr']:.2f} |" for k, v in denoising.items()]
+        lines += ["", "Reproduce this table (loads the stored weights):", "", "```bash",
+                  f"idm pretrain --evaluate {directory} --data {args.eval_data}", "```"]
+    lines += ["", f"Samples (DDIM, 50 steps, seed {args.seed}, {args.patch}×{args.patch}), drawn from the stored weights:", "",
+              "![samples](samples.png)", "",
+              f"`idm sample --checkpoint {directory} --n 16 --steps 50 --size {args.patch} --seed {args.seed} -o grid.png`"]
+    saved = prior.save(directory, "\n".join(lines) + "\n", dtype=EXPORT_DTYPES[args.export_dtype])
+    # drawn from the stored (e.g. fp16) weights, so the card's `idm sample` command redraws exactly this grid
+    _write_samples(load_prior(saved), saved / "samples.png", args)
+    return saved
+
+
+if __name__ == "__main__":
+    sys.exit(main())
