@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from idm.bench.methods import MethodChoice, build_method, parse_value
+from idm.bench.quality import run_quality
 from idm.bench.speed import count_unet_calls
 from idm.cli import main
 from idm.data import ImageFolder
@@ -176,4 +177,20 @@ def test_speed_errors(prior_dir: str, tmp_path: Path, capsys) -> None:
     assert error_line(capsys) == "error: --checkpoint idm=" + prior_dir + ": method 'idm' is not among the compared ones (pinv)"
     assert main([*base, "--methods", "nonexistent"]) == 2
     assert error_line(capsys) == f"error: unknown method 'nonexistent'; available: {', '.join(METHODS.names())}"
+    assert main(["bench", "speed", "--size", "32", "--ratio", "0.3", "--methods", "idm", "--matrix-seed", "3",
+                 "--json", str(tmp_path / "s.json")]) == 2
+    assert error_line(capsys) == ("error: checkpoint idm-multi was trained with matrix seed 0, the measurements have "
+                                  "matrix seed 3 (measure with --matrix-seed 0)")
     assert not (tmp_path / "s.json").exists()
+
+
+def test_default_method_trained_for_another_operator_is_skipped(data_dir: Path, capsys) -> None:
+    """The shipped ``unrolled-cs30`` was trained with block size 32: with block size 8 a default
+    ``unrolled`` is skipped with the mismatch as its note, an explicit one stops with that error."""
+    folder = ImageFolder(data_dir, limit=1)
+    images = [folder[0]]
+    results = run_quality(images, [0.3], [MethodChoice("pinv"), MethodChoice("unrolled")], block_size=8)
+    assert [r.method for r in results] == ["pinv"]
+    assert "note: skipping unrolled at ratio 0.3: checkpoint unrolled-cs30 was trained with block size 32" in capsys.readouterr().out
+    with pytest.raises(IDMError, match="trained with block size 32, the measurements have block size 8"):
+        run_quality(images, [0.3], [MethodChoice("unrolled", explicit=True)], block_size=8)

@@ -23,7 +23,7 @@ from ..data import ImageFolder
 from ..errors import IDMError, check_ratio
 from ..evaluation import Evaluation, blockcs_factory, evaluate
 from ..io.atomic import atomic_write
-from .methods import MethodChoice, add_method_arguments, build_method, choose_methods
+from .methods import MethodChoice, add_method_arguments, build_method, choose_methods, skippable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +56,8 @@ def run_quality(
 ) -> list[Evaluation]:
     """Evaluate every method at every ratio on ``images`` (``(name, (1, H, W) in [0, 1])``).
 
-    Methods whose checkpoint is unavailable are skipped (see :func:`idm.bench.methods.build_method`).
+    Default methods whose checkpoint is unavailable, or was trained for another operator (block size,
+    matrix seed), are skipped with a note (see :func:`idm.bench.methods.build_method`).
     Only the first image's output is kept (``Evaluation.outputs``), for the figure.
     """
     results: list[Evaluation] = []
@@ -67,8 +68,14 @@ def run_quality(
             reconstruct = build_method(choice, device=device, seed=seed, ratio=ratio)
             if reconstruct is None:
                 continue
-            result = evaluate(choice.name, images, factory, ratio=ratio, device=device, seed=seed,
-                              keep_outputs=True, progress=True, total=len(images), reconstruct=reconstruct)
+            try:
+                result = evaluate(choice.name, images, factory, ratio=ratio, device=device, seed=seed,
+                                  keep_outputs=True, progress=True, total=len(images), reconstruct=reconstruct)
+            except IDMError as error:  # e.g. a default method's checkpoint trained for another block size
+                if not skippable(choice):
+                    raise
+                print(f"note: skipping {choice.name} at ratio {ratio:g}: {error}")
+                continue
             first = images[0][0]
             result.outputs = {first: result.outputs[first]}
             results.append(result)

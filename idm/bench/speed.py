@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=256, metavar="PX", help="side of the test image (default 256)")
     parser.add_argument("--ratio", type=float, default=0.1, help="sampling ratio of the block CS measurement (default 0.1)")
     parser.add_argument("--block-size", type=int, default=32, help="block size B of block CS (default 32)")
+    parser.add_argument("--matrix-seed", type=int, default=0,
+                        help="seed of the sampling matrix Φ (default 0; learned methods' checkpoints must match)")
     parser.add_argument("--repeat", type=int, default=3, metavar="N",
                         help="timed calls per method after the warm-up; the median is reported (default 3)")
     add_method_arguments(parser)
@@ -113,7 +115,8 @@ def run_cli(args: argparse.Namespace) -> int:
     ratio = check_ratio(args.ratio)
     methods = choose_methods(args)
     name, image = next(iter(sample_images(args.size).items()))
-    op = blockcs_factory(ratio, seed=args.seed, block_size=args.block_size)(tuple(image.shape[1:]), 0)
+    op = blockcs_factory(ratio, seed=args.seed, block_size=args.block_size,
+                         matrix_seed=args.matrix_seed)(tuple(image.shape[1:]), 0)
     y = op.measure(image.unsqueeze(0).to(args.device), generator=torch.Generator().manual_seed(args.seed))
     rows = []
     for choice in methods:

@@ -11,8 +11,8 @@ most three input-sized maps are alive at once:
 3. GroupNorm backward → ``∂x`` and the GroupNorm weight and bias gradients.
 
 Plain autograd through the same three layers, inside a checkpointed layer's recomputation, holds
-``x``, ``n``, ``a``, ``∂a`` and the output of SiLU's backward at once (five maps; measured on the
-first ResBlock of the finest up stage, ``cat(h, skip)`` with 96 channels at 128², 6 MiB each).
+``x``, ``n``, ``a``, ``∂a`` and the output of SiLU's backward at once (five maps; the peak of the
+invertible U-Net lies in such a block, docs/memory.md).
 The values are the same ops' (gradients equal plain autograd to rounding; tested in float64).
 
 It is used by :class:`~idm.priors.unet.ResBlock` when its ``memory_mode`` is not ``"plain"`` and

@@ -14,8 +14,8 @@ denoiser ``D(z, σ)``; this is the HQS variant of DPIR (Zhang, Li, Zuo, Zhang, V
 
 and returns the data-consistent ``z_{K+1}`` (the data step applied once more to ``x_K``; on
 Set12 it beats returning ``x_K`` by 0.1–1 dB, docs/pnp.md). The data step is the shared
-range-null-space correction :meth:`LinearOperator.project <idm.physics.LinearOperator.project>`: for noise-free measurements
-(``σ_y = op.noise.sigma = 0``) ``w = 1``, the exact projection onto ``{z : A z = y}``; for noisy
+range-null-space correction :meth:`~idm.physics.LinearOperator.project`: for noise-free
+measurements (``σ_y = op.noise.sigma = 0``) ``w = 1``, the exact projection onto ``{z : A z = y}``; for noisy
 ones it is DPIR's proximal step, exact when ``A Aᵀ = I`` (block CS, inpainting; for other
 operators the same damping of the range-space correction). The denoiser sees ``z`` clipped to the
 box [0, 1] of its training images: DnCNN is not non-expansive, and without the clip an overshoot
