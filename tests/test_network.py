@@ -67,7 +67,7 @@ def plain_sampler(unet: UNet, emb: torch.Tensor, abar: list[float], y: torch.Ten
 @pytest.mark.parametrize("unshuffle", [1, 2])
 def test_network_with_zero_couplings_is_the_plain_sampler(prior: Prior, unshuffle: int) -> None:
     net = IDMNet.from_prior(prior, steps=3, unshuffle=unshuffle, levels="none").double().zero_couplings()
-    # α initialised to 0.5 (research.md): ᾱ = 0.5, 0.25, 0.125; the constant embedding is the
+    # α initialised to 0.5 (the IDM paper's initialisation): ᾱ = 0.5, 0.25, 0.125; the constant embedding is the
     # prior's at the timestep whose ᾱ is closest to the middle step's 0.25
     abar = [1.0, 0.5, 0.25, 0.125]
     torch.testing.assert_close(net.abar().detach(), torch.tensor(abar, dtype=torch.float64))
