@@ -15,6 +15,7 @@ from idm.physics import (
     Denoising,
     Inpainting,
     LinearOperator,
+    ParallelBeamCT,
     SuperResolution,
     make_operator,
 )
@@ -37,7 +38,10 @@ FACTORIES = {
     "superres-2": lambda size, sigma=0.0: SuperResolution(size, factor=2, noise_sigma=sigma),
     "superres-3": lambda size, sigma=0.0: SuperResolution(size, factor=3, noise_sigma=sigma),
     "denoising": lambda size, sigma=0.0: Denoising(size, noise_sigma=sigma),
+    "ct-sparse": lambda size, sigma=0.0: ParallelBeamCT(size, views=23, noise_sigma=sigma),
 }
+#: operators whose A† is iterative (CG on the normal equations, stopped early): exact only to its tolerance
+ITERATIVE_DAGGER = {"ct-sparse"}
 #: operators whose range is the whole measurement space (A A† y = y for every y)
 SURJECTIVE = {"blockcs-b8", "blockcs-b32", "blockcs-full", "superres-2", "superres-3", "denoising"}
 
@@ -68,8 +72,12 @@ def measurements(op: LinearOperator, batch: int = 2, channels: int = 3, dtype=to
     return torch.randn(op.measurement_shape(batch, channels), generator=generator, dtype=dtype)
 
 
+#: operators on complex images, tested with complex inner products in their own files
+COMPLEX_KINDS = {"mri": "tests/test_mri.py"}
+
+
 def test_every_kind_is_covered():
-    assert {factory(SIZE).kind for factory in FACTORIES.values()} == set(OPERATORS)
+    assert {factory(SIZE).kind for factory in FACTORIES.values()} | set(COMPLEX_KINDS) == set(OPERATORS)
 
 
 # --- linear algebra --------------------------------------------------------------------
@@ -84,7 +92,10 @@ def test_adjointness(op, dtype):
     assert abs(lhs - rhs) / scale <= 1e-5
 
 
-def test_pseudo_inverse_on_the_range(op):
+def test_pseudo_inverse_on_the_range(named_op):
+    name, op = named_op
+    if name in ITERATIVE_DAGGER:
+        pytest.skip("A† is conjugate gradients stopped early (tests/test_ct.py checks its residual)")
     y = op.A(image(op))
     assert torch.allclose(op.A(op.A_dagger(y)), y, atol=1e-10)
 
@@ -97,8 +108,11 @@ def test_pseudo_inverse_everywhere(named_op):
     assert torch.allclose(op.A(op.A_dagger(y)), y, atol=1e-10)
 
 
-def test_pseudo_inverse_is_least_squares(op):
+def test_pseudo_inverse_is_least_squares(named_op):
     """A†y is the minimum-norm least-squares solution: AᵀA A†y = Aᵀy and A†y ∈ range(Aᵀ)."""
+    name, op = named_op
+    if name in ITERATIVE_DAGGER:
+        pytest.skip("A† is conjugate gradients stopped early (tests/test_ct.py checks the normal equations)")
     y = measurements(op)
     x = op.A_dagger(y)
     assert torch.allclose(op.AtA(x), op.A_adjoint(y), atol=1e-10)
@@ -242,7 +256,8 @@ def test_float32_and_device_caches_are_per_dtype(op):
     x64 = image(op)
     y32 = op.A(x64.float())
     assert y32.dtype == torch.float32
-    assert torch.allclose(y32.double(), op.A(x64), atol=1e-5)
+    y64 = op.A(x64)
+    assert torch.linalg.vector_norm(y32.double() - y64) <= 1e-6 * torch.linalg.vector_norm(y64)  # float32 rounding
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

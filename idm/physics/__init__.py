@@ -16,13 +16,17 @@ from ..errors import IDMError
 from .base import GaussianNoise, LinearOperator, conjugate_gradient
 from .blockcs import BlockCS
 from .canvas import Canvas, padded_size
+from .ct import ParallelBeamCT
 from .inpainting import Inpainting
+from .mri import MRI
 from .superres import Denoising, SuperResolution
 
 #: operator kind (as in ``config()["kind"]``) → class
 OPERATORS: dict[str, type[LinearOperator]] = {
     "blockcs": BlockCS,
+    "ct": ParallelBeamCT,
     "inpainting": Inpainting,
+    "mri": MRI,
     "superres": SuperResolution,
     "denoising": Denoising,
 }
@@ -69,6 +73,8 @@ __all__ = [
     "GaussianNoise",
     "Inpainting",
     "LinearOperator",
+    "MRI",
+    "ParallelBeamCT",
     "SuperResolution",
     "conjugate_gradient",
     "make_operator",

@@ -31,7 +31,8 @@ class GaussianNoise:
             return y
         noise = torch.randn(y.shape, generator=generator, dtype=y.real.dtype, device="cpu")
         if y.is_complex():
-            noise = torch.complex(noise, torch.randn(y.shape, generator=generator, dtype=y.real.dtype)) / 2**0.5
+            imaginary = torch.randn(y.shape, generator=generator, dtype=y.real.dtype, device="cpu")
+            noise = torch.complex(noise, imaginary) / 2**0.5
         return y + self.sigma * noise.to(y.device)
 
 
