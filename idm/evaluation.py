@@ -4,6 +4,15 @@ Each image (Y channel, [0, 1]) is measured with its own operator (same seeds for
 so methods are compared on identical measurements), reconstructed on the operator's padded
 domain, cropped back and scored: PSNR with peak 255 and SSIM with scikit-image's 7×7 uniform
 window (see :mod:`idm.metrics`).
+
+MRI (complex images, :class:`idm.physics.MRI`) is scored by the fastMRI convention instead: on
+magnitudes, both divided by the ground truth's maximum magnitude, PSNR ``10·log10(1 / MSE)``
+unclipped (= ``skimage``'s PSNR with ``data_range = max|x|``), SSIM as above on the normalised
+magnitudes clipped to [0, 1] (:func:`magnitude_scores`). Ground truths may be real magnitude
+images in [0, 1] or complex images.
+
+:func:`operator_factory` builds the per-image operators of every operator kind the ``idm``
+command offers (block CS, inpainting, super-resolution, MRI, CT).
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .errors import IDMError
 from .metrics import psnr, ssim_skimage
-from .physics import BlockCS, LinearOperator
+from .physics import MRI, BlockCS, Inpainting, LinearOperator, ParallelBeamCT, SuperResolution
 from .registry import Reconstruct, get_method
 
 #: (image size, image index) → operator that measures that image
@@ -38,6 +47,82 @@ def blockcs_factory(ratio: float, seed: int = 0, block_size: int = 32, noise_sig
     return make
 
 
+#: operator kinds :func:`operator_factory` builds
+FACTORY_KINDS = ("blockcs", "inpainting", "superres", "mri", "ct")
+
+
+def operator_factory(kind: str, *, seed: int = 0, noise_sigma: float = 0.0, **options: Any) -> OperatorFactory:
+    """Per-image operators of ``kind`` (one of :data:`FACTORY_KINDS`); the index-th image gets the
+    seed ``seed + index`` (block-CS permutation, inpainting / MRI mask), so methods compared with
+    the same factory see identical measurements.
+
+    Options per kind (the operator's own arguments):
+
+    * ``blockcs``: ``ratio``, ``block_size`` (32), ``matrix_seed`` (0) — :func:`blockcs_factory`;
+    * ``inpainting``: ``ratio`` (kept pixels);
+    * ``superres``: ``factor``;
+    * ``mri``: ``acceleration``, ``center_fraction``, ``mask_type`` or an explicit ``mask``
+      ((H, W) / (W,) 0/1 tensor: the same for every image, which must then have that size), and
+      ``sensitivities``: None (single-coil), an ``(Nc, H, W)`` tensor, or a callable
+      ``image_size → (Nc, H, W)`` (e.g. synthetic maps for any image size);
+    * ``ct``: ``views``, ``angle_range`` ((θ₀, θ₁) degrees), ``angles`` (explicit), ``detectors``.
+    """
+    options = dict(options)
+    if kind == "blockcs":
+        ratio, block_size = options.pop("ratio"), options.pop("block_size", 32)
+        matrix_seed = options.pop("matrix_seed", 0)
+        _no_extra(kind, options)
+        return blockcs_factory(ratio, seed=seed, noise_sigma=noise_sigma, block_size=block_size,
+                               matrix_seed=matrix_seed)
+    if kind == "inpainting":
+        ratio = options.pop("ratio")
+        _no_extra(kind, options)
+        return lambda size, index: Inpainting(size, ratio=ratio, seed=seed + index, noise_sigma=noise_sigma)
+    if kind == "superres":
+        factor = options.pop("factor")
+        _no_extra(kind, options)
+        return lambda size, index: SuperResolution(size, factor, noise_sigma=noise_sigma)
+    if kind == "mri":
+        sensitivities = options.pop("sensitivities", None)
+        mask = options.pop("mask", None)
+        mri_args = {key: options.pop(key) for key in ("acceleration", "center_fraction", "mask_type") if key in options}
+        _no_extra(kind, options)
+
+        def make_mri(size: tuple[int, ...], index: int) -> LinearOperator:
+            sens = sensitivities(tuple(size)) if callable(sensitivities) else sensitivities
+            if mask is not None:
+                return MRI(size, mask=mask, sensitivities=sens, noise_sigma=noise_sigma)
+            return MRI(size, seed=seed + index, sensitivities=sens, noise_sigma=noise_sigma, **mri_args)
+
+        return make_mri
+    if kind == "ct":
+        ct_args = {key: options.pop(key) for key in ("views", "angles", "angle_range", "detectors") if key in options}
+        _no_extra(kind, options)
+        return lambda size, index: ParallelBeamCT(size, noise_sigma=noise_sigma, **ct_args)
+    raise IDMError(f"unknown operator {kind!r}; available: {', '.join(FACTORY_KINDS)}")
+
+
+def _no_extra(kind: str, options: Mapping[str, Any]) -> None:
+    if options:
+        raise IDMError(f"operator {kind!r} takes no option {', '.join(sorted(options))}")
+
+
+def magnitude_scores(estimate: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastMRI-convention scores of complex (or real) images ``(B, C, H, W)``: ``(psnr, ssim,
+    normalised magnitude of estimate)``, per image ``(B,)``.
+
+    Both magnitudes are divided by the ground truth's maximum magnitude (per image); PSNR is
+    ``10·log10(1 / MSE)`` on those, unclipped, in float64; SSIM is :func:`ssim_skimage` of the
+    normalised magnitudes (clipped to [0, 1] by it)."""
+    est, ref = estimate.abs().double(), truth.abs().double()
+    peak = ref.amax(dim=(1, 2, 3), keepdim=True)
+    if bool((peak <= 0).any()):
+        raise IDMError("MRI scores are relative to the ground truth's maximum magnitude, which is 0")
+    est, ref = est / peak, ref / peak
+    mse = (est - ref).square().mean(dim=(1, 2, 3))
+    return 10.0 * torch.log10(1.0 / mse), ssim_skimage(est.float(), ref.float()), est.float()
+
+
 @dataclass
 class ImageScore:
     name: str
@@ -49,7 +134,7 @@ class ImageScore:
 @dataclass
 class Evaluation:
     method: str
-    ratio: float
+    ratio: float | None
     images: list[ImageScore] = field(default_factory=list)
     outputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -79,7 +164,7 @@ def evaluate(
     images: Iterable[tuple[str, torch.Tensor]],
     make_operator: OperatorFactory,
     *,
-    ratio: float,
+    ratio: float | None,
     checkpoint: str | None = None,
     device: str = "cpu",
     seed: int = 0,
@@ -89,7 +174,8 @@ def evaluate(
     options: Mapping[str, Any] | None = None,
     reconstruct: Reconstruct | None = None,
 ) -> Evaluation:
-    """Measure, reconstruct and score each ``(name, image (1, H, W) in [0, 1])``.
+    """Measure, reconstruct and score each ``(name, image (1, H, W) in [0, 1])`` (MRI: also complex
+    images; scored by :func:`magnitude_scores`; ``ratio``: None for operators without one).
 
     ``options``: extra keyword arguments for the method's factory (e.g. ``{"steps": 20}``);
     ``reconstruct``: the method already built (then ``checkpoint`` and ``options`` are unused)."""
@@ -106,11 +192,15 @@ def evaluate(
         y = op.measure(x, generator=generator)
         start = time.perf_counter()
         with torch.no_grad():
-            estimate = op.crop(reconstruct(y, op)).clamp(0, 1)
+            estimate = op.crop(reconstruct(y, op))
         seconds = time.perf_counter() - start
-        result.images.append(
-            ImageScore(name, float(psnr(estimate, x)[0]), float(ssim_skimage(estimate, x)[0]), seconds)
-        )
+        if isinstance(op, MRI) or estimate.is_complex() or x.is_complex():
+            psnr_value, ssim_value, estimate = magnitude_scores(estimate, x)
+            estimate = estimate.clamp(0, 1)
+        else:
+            estimate = estimate.clamp(0, 1)
+            psnr_value, ssim_value = psnr(estimate, x), ssim_skimage(estimate, x)
+        result.images.append(ImageScore(name, float(psnr_value[0]), float(ssim_value[0]), seconds))
         if keep_outputs:
             result.outputs[name] = estimate[0].cpu()
     return result

@@ -22,8 +22,8 @@ from ..errors import IDMError
 #: module's ``add_parser`` gives the same text)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("idm.cli.demo", "reconstruct the built-in sample images (the main job)"),
-    "measure": ("idm.cli.measure", "measure images with scrambled block CS into a file"),
-    "reconstruct": ("idm.cli.reconstruct", "reconstruct from a measurement file (or from an image, simulating --ratio)"),
+    "measure": ("idm.cli.measure", "measure images (block CS, inpainting, superres, MRI, CT) into a file"),
+    "reconstruct": ("idm.cli.reconstruct", "reconstruct from a measurement file, raw k-space / sinogram, or an image (simulating the operator)"),
     "eval": ("idm.cli.evaluate", "evaluate a method on a folder of images"),
     "pretrain": ("idm.cli.pretrain", "pre-train the diffusion prior on image patches (or --evaluate a prior)"),
     "finetune": ("idm.cli.finetune",

@@ -197,12 +197,13 @@ class ImageFolder:
     tensor in [0, 1] (see :func:`load_image`).
     """
 
-    def __init__(self, root: str | os.PathLike[str], limit: int | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], limit: int | None = None,
+                 suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise IDMError(f"image folder not found: {self.root}")
         paths = sorted(
-            (p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+            (p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in suffixes),
             key=lambda p: p.name,
         )
         if limit is not None:
@@ -210,7 +211,7 @@ class ImageFolder:
                 raise IDMError(f"image limit must be a positive number, got {limit}")
             paths = paths[:limit]
         if not paths:
-            raise IDMError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {self.root}")
+            raise IDMError(f"no images ({', '.join(suffixes)}) in {self.root}")
         self.paths: list[Path] = paths
 
     def __len__(self) -> int:

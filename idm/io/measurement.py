@@ -2,7 +2,8 @@
 
 One safetensors file (the "codec" output of ``idm measure``)::
 
-    y            the measurements, shape operator.measurement_shape(B, C) (may be complex)
+    y            the measurements, shape operator.measurement_shape(B, C); complex (MRI k-space,
+                 complex64) is stored as such: safetensors holds complex dtypes natively
     op.<name>    the operator's own tensors (sampling masks, trajectories, ...), if any
     metadata:    format   = "idm-measurement-v1"
                  operator = JSON of operator.config()   (kind, image_size, ratio, seed, ...)
@@ -141,7 +142,9 @@ def build_operator(measurement: Measurement) -> "LinearOperator":
     except (TypeError, ValueError, KeyError) as error:
         raise IDMError(f"invalid operator description {measurement.operator_config}: {error}") from None
     y = measurement.y
-    expected = tuple(operator.measurement_shape(y.shape[0], y.shape[1]))
+    # image channels: y's channels, except for multi-coil MRI (one complex image channel → Ncoil coils)
+    channels = 1 if getattr(operator, "coils", 1) > 1 else y.shape[1]
+    expected = tuple(operator.measurement_shape(y.shape[0], channels))
     if tuple(y.shape) != expected:
         raise IDMError(
             f"measurements of shape {tuple(y.shape)} do not match the operator "
