@@ -16,7 +16,7 @@ from idm.bench.accounting import peak_memory_bytes  # noqa: E402
 from idm.bench.memory import MemoryCase, idm_factory  # noqa: E402
 from idm.cli import main as idm_main  # noqa: E402
 from idm.errors import IDMError  # noqa: E402
-from idm.invertible import convert_unet, set_memory_mode  # noqa: E402
+from idm.invertible import convert_unet  # noqa: E402
 from idm.invertible.diffusers import PruneOptions, diffusers_layout, prune_diffusers_unet  # noqa: E402
 from idm.io.checkpoint import read_checkpoint_config  # noqa: E402
 from idm.network import IDMNet, load_idm  # noqa: E402

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 
-from pathlib import Path
 
 from ..bench.methods import parse_value
 from ..data import ImageFolder
