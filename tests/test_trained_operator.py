@@ -18,7 +18,7 @@ from idm.errors import IDMError
 from idm.evaluation import blockcs_factory
 from idm.io.checkpoint import TRAINED_OPERATOR_PARAMETERS, check_trained_operator
 from idm.io.measurement import load_measurement
-from idm.physics import BlockCS, Inpainting
+from idm.physics import BlockCS, Inpainting, ParallelBeamCT
 from idm.registry import METHODS, get_method
 
 from conftest import tiny_prior, tiny_unet_config
@@ -247,7 +247,12 @@ def build_arguments(prior_dir: str) -> dict[str, dict]:
         "ddnm+": {"checkpoint": prior_dir, "steps": 2},
         "dps": {"checkpoint": prior_dir, "steps": 2},
         "pnp": {"checkpoint": prior_dir, "iterations": 1, "start": "adjoint"},
+        "fbp": {},  # CT only: measured below with a sparse-view CT operator
     }
+
+
+#: methods that need another operator than block CS (image size = domain for these)
+OTHER_OPERATOR = {"fbp": lambda: ParallelBeamCT((40, 40), views=8)}
 
 
 def test_the_shape_test_covers_every_registered_method() -> None:
@@ -258,8 +263,8 @@ def test_the_shape_test_covers_every_registered_method() -> None:
 def test_every_registered_method_returns_the_operator_domain(name: str, prior_dir: str) -> None:
     """The registry's promise: ``reconstruct(y, op)`` has shape ``(B, C, *op.domain_size)``, here for a
     40×40 image measured in 32×32 blocks (domain 64×64)."""
-    op = BlockCS((40, 40), 0.1, block_size=32, seed=1)
-    assert op.domain_size == (64, 64) != op.image_size
+    op = OTHER_OPERATOR[name]() if name in OTHER_OPERATOR else BlockCS((40, 40), 0.1, block_size=32, seed=1)
+    assert op.domain_size == ((40, 40) if name in OTHER_OPERATOR else (64, 64))
     x = torch.rand(2, 1, 40, 40, generator=torch.Generator().manual_seed(0))
     y = op.measure(x)
     reconstruct = get_method(name).build(ratio=0.1, **build_arguments(prior_dir)[name])

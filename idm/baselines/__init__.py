@@ -1,5 +1,5 @@
-"""Baselines, registered as methods on import: classic ``pinv`` and ``tv``, learned ``unrolled``."""
+"""Baselines, registered as methods on import: classic ``pinv``, ``fbp`` and ``tv``, learned ``unrolled``."""
 
-from . import pinv, tv, unrolled
+from . import fbp, pinv, tv, unrolled
 
-__all__ = ["pinv", "tv", "unrolled"]
+__all__ = ["fbp", "pinv", "tv", "unrolled"]

@@ -53,6 +53,7 @@ class LinearOperator:
             raise IDMError(f"image size must be positive, got {tuple(image_size)}")
         self.image_size = tuple(int(s) for s in image_size)
         self.noise = GaussianNoise(noise_sigma)
+        self._norm_squared: dict[tuple[torch.dtype, torch.device], float] = {}
 
     # --- the operator -------------------------------------------------------------------
     @property
@@ -71,6 +72,26 @@ class LinearOperator:
 
     def AtA(self, x: torch.Tensor) -> torch.Tensor:
         return self.A_adjoint(self.A(x))
+
+    def norm_squared(self, like: torch.Tensor | None = None, iterations: int = 30) -> float:
+        """‖A‖², the largest eigenvalue of AᴴA, by power iteration from a seeded ``(1, 1, *domain)``
+        image of ``like``'s dtype and device (default CPU float32); computed once per dtype and
+        device and kept on the operator (a lower bound that converges from below)."""
+        dtype = like.dtype if like is not None else torch.float32
+        device = like.device if like is not None else torch.device("cpu")
+        if (dtype, device) not in self._norm_squared:
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn((1, 1, *self.domain_size), generator=generator, dtype=dtype).to(device)
+            x = x / x.norm()
+            value = 0.0
+            for _ in range(iterations):
+                x = self.AtA(x)
+                value = float(x.norm())
+                if value == 0.0:
+                    raise IDMError(f"operator {self!r} is zero; nothing to reconstruct")
+                x = x / value
+            self._norm_squared[(dtype, device)] = value
+        return self._norm_squared[(dtype, device)]
 
     def measurement_shape(self, batch: int, channels: int) -> tuple[int, ...]:
         probe = torch.zeros(1, 1, *self.domain_size)

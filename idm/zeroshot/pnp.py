@@ -22,6 +22,13 @@ box [0, 1] of its training images: DnCNN is not non-expansive, and without the c
 can grow from one iteration to the next (measured: a Set12 image at 10 % went to 5 dB with
 σ_max = 0.1).
 
+Complex images (MRI, |x| ≤ 1): the denoiser, trained on real [0, 1] images, denoises the real
+and imaginary parts separately, each mapped from [-1, 1] to [0, 1] (:func:`complex_denoiser`); the
+data step is the operator's own (single-coil: k-space replacement; multi-coil: CG-SENSE), the
+result complex. On the fastMRI knee slice 001 at 4× (random mask, seed 0) Re/Im beat "denoise
+the magnitude, keep the phase" by 0.5 dB (32.94 vs 32.45 dB PSNR of the magnitude at σ 0.01 →
+0.005; 32.66 vs 32.16 at 0.02 → 0.01), hence σ 0.01 → 0.005 for MRI (:data:`MRI_SIGMAS`).
+
 ``x_0`` is the ``tv`` reconstruction (``start="tv"``, default) or ``A†y`` (``start="adjoint"``).
 The defaults (6 iterations from ``tv``, σ 0.02 → 0.01 up to 40 % measured and 0.015 → 0.0075
 above, :func:`default_sigmas`) are a short refinement of the tv estimate; more iterations at small
@@ -72,6 +79,8 @@ LIMITS: dict[str, tuple[float, float]] = {
 #: default (σ_max, σ_min) by the measured fraction of the domain (block CS: the ratio), first row
 #: whose bound is >= the fraction; tuned on Train400 and the first 4 Set12 images (docs/pnp.md)
 SIGMAS_BY_FRACTION = ((0.4, 0.02, 0.01), (1.0, 0.015, 0.0075))
+#: default (σ_max, σ_min) for MRI (fastMRI knee slice 001 at 4×; see the module docstring)
+MRI_SIGMAS = (0.01, 0.005)
 
 
 def pnp_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,8 +114,12 @@ def pnp_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def default_sigmas(op: LinearOperator) -> tuple[float, float]:
     """``(σ_max, σ_min)`` for ``op`` from :data:`SIGMAS_BY_FRACTION`: 0.02 → 0.01 up to 40 %
-    measured, 0.015 → 0.0075 above (a better start needs a gentler denoiser)."""
+    measured, 0.015 → 0.0075 above (a better start needs a gentler denoiser); MRI: :data:`MRI_SIGMAS`."""
     from ..baselines.tv import measured_fraction
+    from ..physics import MRI
+
+    if isinstance(op, MRI):
+        return MRI_SIGMAS
 
     fraction = measured_fraction(op)
     return next((hi, lo) for bound, hi, lo in SIGMAS_BY_FRACTION if fraction <= bound + 1e-9)
@@ -163,6 +176,18 @@ def prior_denoiser(prior: PriorLike) -> Denoise:
     return one_step
 
 
+def complex_denoiser(denoise: Denoise) -> Denoise:
+    """``D`` for complex images with parts in [-1, 1]: ``Re`` and ``Im`` denoised separately (one
+    batch), each as ``2·D(clip((v + 1)/2, 0, 1), σ/2) − 1``."""
+
+    def apply(z: torch.Tensor, sigma: float) -> torch.Tensor:
+        parts = torch.cat((z.real, z.imag)).add(1.0).mul(0.5).clamp(0.0, 1.0)
+        re, im = denoise(parts, 0.5 * sigma).to(z.real.dtype).mul(2.0).sub(1.0).chunk(2)
+        return torch.complex(re, im)
+
+    return apply
+
+
 def denoiser_sigma_max(prior: PriorLike) -> float:
     """The largest σ the denoiser was trained for (DnCNN's ``sigma_max``; unbounded otherwise)."""
     net = getattr(prior, "denoiser", None)
@@ -184,13 +209,14 @@ def sample_pnp(
     """HQS iterations (module docstring) from ``start`` (B, C, *op.domain_size) on [0, 1] with the
     noise levels ``sigmas``; returns the final data step ``z_{K+1}``, same shape.
 
-    ``callback({"k", "sigma", "z", "x"})`` is called after each denoising step.
+    ``callback({"k", "sigma", "z", "x"})`` is called after each denoising step. Complex images
+    (MRI) are handed to ``denoise`` unclipped (wrap it in :func:`complex_denoiser`).
     """
     sigma_y = op.noise.sigma
     x = start
     for k, sigma in enumerate(tqdm(sigmas, desc="pnp", disable=not progress, leave=False)):
         z = op.project(x, y, data_weight(lam, sigma_y, sigma))
-        x = denoise(z.clamp(0.0, 1.0), sigma)
+        x = denoise(z if z.is_complex() else z.clamp(0.0, 1.0), sigma)
         if callback is not None:
             callback({"k": k, "sigma": sigma, "z": z, "x": x})
     return op.project(x, y, data_weight(lam, sigma_y, sigmas[-1]))
@@ -215,14 +241,22 @@ class PnPReconstructor:
     @torch.no_grad()
     def __call__(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         """Measurements ``y`` (``op.measurement_shape(B, C)``) → ``(B, C, *op.domain_size)`` on [0, 1], on y's device."""
-        check_inputs(y, op, self.prior.channels)
+        if y.is_complex():  # MRI: complex k-space, possibly of several coils, of (B, 1, H, W) images
+            op.check_measurements(y)
+            if not bool(torch.isfinite(torch.view_as_real(y)).all()):
+                raise IDMError("measurements contain NaN or infinite values")
+        else:
+            check_inputs(y, op, self.prior.channels)
         if len(op.domain_size) != 2:
             raise IDMError(f"pnp works on 2D images, the operator's domain is {op.domain_size}")
         s = self.settings
-        y_dev = y.to(device=self.prior.device, dtype=torch.float32)
+        y_dev = y.to(device=self.prior.device, dtype=torch.complex64 if y.is_complex() else torch.float32)
         x0 = start_image(y_dev, op, s["start"])
+        if x0.is_complex() and x0.shape[1] != self.prior.channels:
+            raise IDMError(f"the prior has {self.prior.channels} channel(s), the images have {x0.shape[1]}")
+        denoise = complex_denoiser(self.denoise) if x0.is_complex() else self.denoise
         sigmas = noise_levels(s["iterations"], *resolve_sigmas(s["sigma_max"], s["sigma_min"], op))
-        x = sample_pnp(self.denoise, y_dev, op, x0, sigmas, lam=s["lam"], progress=self.progress)
+        x = sample_pnp(denoise, y_dev, op, x0, sigmas, lam=s["lam"], progress=self.progress)
         return x.to(y.device)
 
     def __repr__(self) -> str:
