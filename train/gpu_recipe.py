@@ -111,9 +111,9 @@ FROM_PRIOR_OPTIONS: dict[str, dict[str, Any]] = {
     "toy": {"coupling-v": 0.1, "sampling-steps": 2},
 }
 #: further ``train.finetune`` options when a stage starts from a shipped denoiser (the CPU recipe of
-#: the shipped idm-multi: tv start, nearly plain couplings)
+#: the shipped idm-multi: tv start, T = 4, nearly plain couplings)
 DENOISER_OPTIONS: dict[str, dict[str, Any]] = {
-    "gpu": {"coupling-v": 0.001, "start": "tv"},
+    "gpu": {"coupling-v": 0.001, "start": "tv", "sampling-steps": 4},
     "toy": {"coupling-v": 0.001, "start": "tv", "sampling-steps": 2},
 }
 
