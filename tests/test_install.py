@@ -71,8 +71,8 @@ def test_idm_help_and_measure_help_import_no_heavy_module() -> None:
 
 
 def test_the_listed_help_is_each_subcommand_own() -> None:
-    """:data:`idm.cli.SUBCOMMANDS` repeats the help text of each module's ``add_parser`` (shown by
-    ``idm --help`` without importing the module): they must agree."""
+    """:data:`idm.cli.SUBCOMMANDS` holds the help text ``idm --help`` shows without importing the
+    modules; a subcommand's own parser must show the same text."""
     import argparse
 
     from idm.cli import SUBCOMMANDS, build_parser

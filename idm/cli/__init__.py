@@ -1,7 +1,7 @@
 """The ``idm`` command.
 
 Each subcommand lives in its own module of this package that defines
-``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
+``add_parser(subparsers, help_text) -> argparse.ArgumentParser`` and ``run(args) -> int``.
 User errors (:class:`idm.errors.IDMError`, missing files) print one line and exit with status 2.
 
 Only the module of the subcommand being run is imported: ``idm --help`` lists the subcommands from
@@ -19,7 +19,7 @@ import sys
 from ..errors import IDMError
 
 #: subcommand name → (module defining ``add_parser``, the one-line help ``idm --help`` shows; the
-#: module's ``add_parser`` gives the same text)
+#: one source of that text, handed to the module's ``add_parser``)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("idm.cli.demo", "reconstruct the built-in sample images (the main job)"),
     "measure": ("idm.cli.measure", "measure images (block CS, inpainting, superres, MRI, CT) into a file"),
@@ -41,7 +41,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         if name == command:
-            importlib.import_module(module_name).add_parser(subparsers)
+            importlib.import_module(module_name).add_parser(subparsers, help_text)
         else:
             subparsers.add_parser(name, help=help_text)
     return parser

@@ -15,12 +15,12 @@ BENCHES: dict[str, tuple[str, str]] = {
 }
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("bench", help="run a benchmark (memory, ...)")
+def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("bench", help=help_text)
     benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    for name, (module_name, help_text) in BENCHES.items():
+    for name, (module_name, bench_help) in BENCHES.items():
         module = importlib.import_module(module_name)
-        sub = benches.add_parser(name, help=help_text, description=(module.__doc__ or "").splitlines()[0] or None)
+        sub = benches.add_parser(name, help=bench_help, description=(module.__doc__ or "").splitlines()[0] or None)
         module.add_arguments(sub)
         sub.set_defaults(func=module.run_cli)
     parser.set_defaults(func=run)

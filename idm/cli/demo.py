@@ -18,8 +18,8 @@ from .common import write_json
 DEMO_METHODS = ("pinv", "tv", "pnp", "unrolled", "idm")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("demo", help="reconstruct the built-in sample images (the main job)")
+def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("demo", help=help_text)
     parser.add_argument("-o", "--output", default="idm-demo", help="output folder (default ./idm-demo)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     parser.add_argument("--methods", nargs="+", help=f"methods to compare (default: {' '.join(DEMO_METHODS)})")

@@ -22,8 +22,8 @@ from ..registry import METHODS
 from .common import add_measurement_args, add_method_args, load_truth, method_checkpoint, operator_options, write_json
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("eval", help="evaluate a method on a folder of images")
+def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("eval", help=help_text)
     parser.add_argument("--data", required=True, help="folder of images (png, jpg, tif, bmp)")
     parser.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
     parser.add_argument("--json", help="write the results as JSON to this file")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argparse.ArgumentParser:
     from ..training.common import add_script_subcommand
 
     return add_script_subcommand(
         subparsers, "finetune", "idm.training.finetune",
-        help_text="fine-tune the IDM network for block CS at one ratio or a ratio range, from a prior or a checkpoint",
+        help_text=help_text,
     )

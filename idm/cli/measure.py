@@ -18,8 +18,8 @@ from ..io.measurement import save_measurement
 from .common import add_measurement_args, load_truth, operator_factory_from_args
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("measure", help="measure images (block CS, inpainting, superres, MRI, CT) into a file")
+def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("measure", help=help_text)
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="images of one size (gray or RGB → Y; for mri / ct also a 2-D .npy, complex for mri)")
     add_measurement_args(parser)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argparse.ArgumentParser:
     from ..training.common import add_script_subcommand
 
-    return add_script_subcommand(subparsers, "pretrain", "idm.training.pretrain",
-                                 help_text="pre-train the diffusion prior on image patches (or --evaluate a prior)")
+    return add_script_subcommand(subparsers, "pretrain", "idm.training.pretrain", help_text=help_text)

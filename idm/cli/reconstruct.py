@@ -44,10 +44,10 @@ CALIBRATION = 24
 KERNEL = 6
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "reconstruct",
-        help="reconstruct from a measurement file, raw k-space / sinogram, or an image (simulating the operator)",
+        help=help_text,
     )
     parser.add_argument("input", nargs="?",
                         help="measurement file from `idm measure`, or an image to measure with --operator first")

@@ -11,8 +11,8 @@ import torch
 from ..errors import IDMError
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("sample", help="draw samples from a diffusion prior into a PNG grid")
+def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("sample", help=help_text)
     parser.add_argument("--checkpoint", default="prior-gray",
                         help="prior checkpoint folder or shipped name (default prior-gray), "
                              "a diffusers UNet2DModel folder or hf:ORG/NAME")
