@@ -135,6 +135,7 @@ class IDMNet(nn.Module):
         self.alpha = nn.Parameter(alpha_from_abar(abar).float())
         steps = [SamplingStep(t, self.unet, config.unshuffle, denoiser) for t in range(config.steps, 0, -1)]
         self.sampler = ReversibleSampler(steps, v_init=config.coupling_v)
+        self._start_solver: Any = None  # the tv / pnp reconstructor of config.start, see start_estimate
         self.set_levels(config.levels)
 
     def _diffusers_layout(self, model: nn.Module | None, t_constant: int):
@@ -253,13 +254,12 @@ class IDMNet(nn.Module):
         A†y, or the ``tv`` / ``pnp`` method's result (computed without gradient)."""
         if self.config.start == "adjoint":
             return op.A_dagger(y)
-        solvers = self.__dict__.setdefault("_start_solvers", {})  # built once per network, not a module
-        if self.config.start not in solvers:
+        if self._start_solver is None:  # built on first use (a method, not a module: no parameters)
             from ..registry import get_method
 
-            solvers[self.config.start] = get_method(self.config.start).build(device=y.device)
+            self._start_solver = get_method(self.config.start).build(device=y.device)
         with torch.no_grad():
-            return solvers[self.config.start](y, op).to(y.dtype)
+            return self._start_solver(y, op).to(y.dtype)
 
     # --- weights -----------------------------------------------------------------------------
     def unique_state_dict(self) -> dict[str, torch.Tensor]:

@@ -228,7 +228,7 @@ def start_image(y: torch.Tensor, op: LinearOperator, start: str) -> torch.Tensor
         return op.A_dagger(y)
     from ..baselines.tv import default_iterations, default_lambda, tv_reconstruct
 
-    return tv_reconstruct(op, y, default_lambda(op), default_iterations(op))
+    return tv_reconstruct(op, y, default_lambda(op, y), default_iterations(op))  # λ as the tv method sets it
 
 
 class PnPReconstructor:
