@@ -172,7 +172,9 @@ def test_speed_errors(prior_dir: str, tmp_path: Path, capsys) -> None:
     """Each failure exits with 2 and its own one-line message, and writes no JSON."""
     base = ["bench", "speed", "--size", "16", "--methods", "pinv", "--json", str(tmp_path / "s.json")]
     assert main([*base, "--repeat", "0"]) == 2
-    assert error_line(capsys) == "error: --size, --repeat and --block-size must be positive"
+    assert error_line(capsys) == "error: --size and --repeat must be positive"
+    assert main([*base, "--operator", "ct", "--ratio", "0.1"]) == 2
+    assert error_line(capsys) == "error: --ratio applies to --operator blockcs or inpainting only"
     assert main([*base, "--checkpoint", f"idm={prior_dir}"]) == 2  # idm is not compared (the path exists)
     assert error_line(capsys) == "error: --checkpoint idm=" + prior_dir + ": method 'idm' is not among the compared ones (pinv)"
     assert main([*base, "--methods", "nonexistent"]) == 2

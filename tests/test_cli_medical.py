@@ -391,3 +391,62 @@ def test_real_tooth_sinogram(shared_data, tmp_path, capsys, method):
     assert float((middle > 0.4).float().mean()) > 0.05
     border = torch.cat([image[: side // 8].flatten(), image[-side // 8 :].flatten()])
     assert float(border.mean()) < 0.1 and float(middle.mean()) > 3 * float(border.mean())
+
+
+# --- idm demo --medical ----------------------------------------------------------------------------
+def test_demo_medical_missing_data(tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "no-data"
+    code, stdout, err = run(capsys, "demo", "--medical", "--data-root", missing, "-o", out)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(missing) in err and "--data-root" in err
+    (missing / "mri").mkdir(parents=True)  # a root without the files: the first missing one is named
+    code, stdout, err = run(capsys, "demo", "--medical", "--data-root", missing, "--cases", "ct-23v", "-o", out)
+    assert code == 2 and str(missing / "ct/totalsegmentator/example_ct.nii.gz") in err and err.count("\n") == 1, err
+    assert not out.exists()
+    for argv, message in ((("--cases", "knee-4x"), "--cases needs --medical"),
+                          (("--medical", "--ratios", 0.1), "--ratios does not apply to idm demo --medical")):
+        code, _, err = run(capsys, "demo", *argv, "-o", out)
+        assert code == 2 and message in err, err
+    assert not out.exists()
+
+
+def test_demo_medical_real_data(shared_data, tmp_path, capsys):
+    pytest.importorskip("nibabel")
+    pytest.importorskip("scipy.io")
+    out = tmp_path / "demo"
+    code, stdout, err = run(capsys, "demo", "--medical", "--data-root", shared_data, "--cases", "knee-4x", "ct-23v",
+                            "brain-8coil", "--methods", "pinv", "fbp", "-o", out)
+    assert code == 0, err
+    assert "note: skipping fbp on knee-4x" in stdout and "note: skipping fbp on brain-8coil" in stdout
+    table = [line.split() for line in stdout.splitlines() if line.split()[:1] in (["knee-4x"], ["ct-23v"], ["brain-8coil"])]
+    rows = {tuple(cells[:2]): cells[2:] for cells in table}
+    assert len(table) == 4 and set(rows) == {("knee-4x", "pinv"), ("ct-23v", "pinv"), ("ct-23v", "fbp"), ("brain-8coil", "pinv")}
+    assert rows["brain-8coil", "pinv"][:2] == ["—", "—"]  # no ground truth: seconds only
+    result = json.loads((out / "results.json").read_text())
+    cases = {c["case"]: c for c in result["cases"]}
+    assert list(cases) == ["knee-4x", "ct-23v", "brain-8coil"]
+    knee, ct, brain = cases["knee-4x"], cases["ct-23v"], cases["brain-8coil"]
+    assert len(knee["images"]) == 4 and [r["method"] for r in knee["runs"]] == ["pinv"]
+    assert knee["operator"] == {"kind": "mri", "acceleration": 4.0, "mask_type": "random", "seed": 0}
+    assert 26 < knee["runs"][0]["mean"]["psnr"] < 30  # zero-filled at 4x (docs/medical.md: 27.7 on 3 of the 4)
+    assert len(knee["runs"][0]["images"]) == 4 and knee["runs"][0]["images"][3]["name"] == "knee-singlecoil-001"
+    scores = {r["method"]: r["mean"] for r in ct["runs"]}
+    assert ct["images"] == ["slice056"] and ct["operator"]["views"] == 23
+    assert 25 < scores["fbp"]["psnr"] < scores["pinv"]["psnr"] < 31  # docs: 26.8 / 28.6 over three slices
+    assert brain["runs"][0]["images"][0]["psnr"] is None and brain["runs"][0]["mean"]["seconds"] > 0
+    for name in cases:
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_medical_skips_idm_without_checkpoint(shared_data, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("nibabel")
+    import idm.io.checkpoint
+
+    monkeypatch.setattr(idm.io.checkpoint, "checkpoint_search_dirs", lambda: [tmp_path])
+    code, stdout, err = run(capsys, "demo", "--medical", "--data-root", shared_data, "--cases", "ct-23v",
+                            "-o", tmp_path / "demo")
+    assert code == 0, err
+    assert "note: skipping idm" in stdout and "idm-ct" in stdout
+    runs = json.loads((tmp_path / "demo" / "results.json").read_text())["cases"][0]["runs"]
+    assert [r["method"] for r in runs] == ["fbp", "tv"] and runs[1]["mean"]["psnr"] > runs[0]["mean"]["psnr"] + 3

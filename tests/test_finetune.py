@@ -198,3 +198,68 @@ def test_alpha_init_option_sets_the_initial_schedule(workspace: Path, capsys) ->
     at = unrolled.index("--sampling-steps")
     assert main(unrolled[2:at] + unrolled[at + 2:]) == 2  # no --init (scratch), no --sampling-steps
     assert "--alpha-init" in capsys.readouterr().err
+
+
+# --- MRI and CT (idm.training.tasks) ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def denoiser_prior(tmp_path_factory) -> Path:
+    """A tiny DnCNN denoiser checkpoint (the backbone medical IDM networks start from)."""
+    from idm.priors.denoiser import DenoiserPrior
+    from idm.priors.dncnn import DnCNN, DnCNNConfig
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("dncnn") / "tiny-dncnn"
+    DenoiserPrior(DnCNN(DnCNNConfig(depth=4, features=8, sigma_input=True))).save(root, "# tiny", dtype=None)
+    return root
+
+
+@pytest.mark.parametrize("operator, options, trained", [
+    ("mri", ["--acceleration", "2,4"], {"acceleration_range": [2.0, 4.0], "mask_type": "random"}),
+    ("ct", ["--views", "6,12", "--wedge", "90,150", "--dc-iterations", "2", "--start", "fbp"],
+     {"views_range": [6, 12], "angle_range": [0.0, 180.0], "wedge_range": [90.0, 150.0]}),
+])
+def test_medical_finetune_exports_a_checkpoint_the_idm_method_picks_and_resumes_exactly(
+        workspace: Path, denoiser_prior: Path, tmp_path: Path, monkeypatch, operator: str, options: list[str],
+        trained: dict) -> None:
+    def args(out: Path, *extra: str) -> list[str]:
+        return ["--operator", operator, *options, "--prior", str(denoiser_prior), "--data", str(workspace / "data"),
+                "--val", str(workspace / "val"), "--out", str(out), "--steps", "4", "--batch", "2", "--patch", "32",
+                "--sampling-steps", "2", "--levels", "none", "--val-every", "0", "--save-every", "2", "--threads", "1",
+                "--no-progress", *extra]
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(args(straight)) == 0
+    assert main(args(split, "--stop-after", "2")) == 0
+    assert main(args(split, "--resume")) == 0
+    assert losses(split) == losses(straight)
+    config = read_checkpoint_config(straight / "checkpoint")
+    assert config["operator"] == operator and config["trained_operator"] == trained
+    assert config["ratio"] is None and config["block_size"] is None and "matrix_seed" not in config
+    assert set(config["validation"]) >= {"psnr", "ssim"} and len([k for k in config["validation"] if "@" in k]) == 6
+    assert config["idm"]["complex"] == (operator == "mri")
+    card = (straight / "checkpoint" / "README.md").read_text()
+    assert f"--operator {operator}" in card and "--block-size" not in card
+    # the `idm` method picks idm-<operator> for the operator's kind, without a ratio
+    monkeypatch.setenv("IDM_CHECKPOINT_DIR", str(tmp_path))
+    shutil.copytree(straight / "checkpoint", tmp_path / f"idm-{operator}")
+    from idm.evaluation import operator_factory
+
+    op = operator_factory(operator, **({"acceleration": 3} if operator == "mri" else {"views": 9}))((40, 36), 0)
+    x = torch.rand(1, 1, 40, 36)
+    with torch.no_grad():
+        out = get_method("idm").build()(op.measure(x), op)
+    assert out.shape == (1, 1, 40, 36) and out.is_complex() == (operator == "mri")
+
+
+def test_medical_options_are_checked(workspace: Path, denoiser_prior: Path, tmp_path: Path, capsys) -> None:
+    base = ["--prior", str(denoiser_prior), "--data", str(workspace / "data"), "--steps", "1", "--batch", "1",
+            "--patch", "32", "--threads", "1", "--no-progress"]
+    for extra, message in ((["--operator", "mri"], "needs --acceleration"),
+                           (["--operator", "ct", "--views", "12,6"], "--views needs"),
+                           (["--operator", "ct", "--views", "8", "--wedge", "90,180"], "--wedge needs"),
+                           (["--operator", "mri", "--acceleration", "4", "--ratio", "0.1"], "--ratio do(es) not apply"),
+                           (["--operator", "ct", "--views", "8", "--arch", "unrolled", "--init", "x"], "--arch unrolled"),
+                           (["--ratio", "0.25", "--acceleration", "4"], "--acceleration do(es) not apply")):
+        assert main([*base, *extra, "--out", str(tmp_path / "r")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "r").exists()

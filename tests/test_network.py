@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from idm.errors import IDMError
 from idm.network import IDMConfig, IDMNet, load_idm
 from idm.network.adapt import adapt_unet
-from idm.physics import BlockCS, Inpainting, SuperResolution
+from idm.physics import MRI, BlockCS, Inpainting, ParallelBeamCT, SuperResolution
 from idm.priors import NoiseSchedule, Prior, UNet
 from idm.registry import get_method
 
@@ -269,8 +269,14 @@ def test_idm_method_errors(prior: Prior, tmp_path, monkeypatch) -> None:
     with pytest.raises(IDMError, match=r"no shipped idm checkpoint for ratio 0\.8; pass --checkpoint or train one with idm finetune "
                                        r"--ratio 0\.8"):
         build(ratio=0.8)
-    with pytest.raises(IDMError, match="ratio"):
-        build()
+    lazy = build()  # neither checkpoint nor ratio: chosen at the first call from the operator
+    far = BlockCS((32, 32), 0.8, block_size=8)
+    with pytest.raises(IDMError, match=r"no shipped idm checkpoint for ratio 0\.8"):
+        lazy(far.A(images()), far)
+    for op in (MRI((32, 32), acceleration=4), ParallelBeamCT((32, 32), views=8)):  # the shipped idm-mri / idm-ct
+        with torch.no_grad():
+            out = build()(op.A(images(1)), op)
+        assert out.shape == (1, 1, 32, 32) and out.is_complex() == (op.kind == "mri")
     with pytest.raises(IDMError, match="trained for ratio 0.25"):
         build(checkpoint=str(tmp_path / "idm-cs25"), ratio=0.1)
     with pytest.raises(IDMError, match="no option"):

@@ -87,3 +87,37 @@ def test_shipped_denoiser_card(name: str) -> None:
     card = (CHECKPOINTS / name / "README.md").read_text()
     for field in ("Provenance", "BSD-3-Clause", "Redistribution and use", "Set12", "BSD68", "sha256"):
         assert field in card, f"model card of {name} lacks {field!r}"
+
+
+#: IDM checkpoints for MRI / CT (no sampling ratio): ``idm-mri``, ``idm-ct``
+MEDICAL = sorted(p.name for p in CHECKPOINTS.iterdir() if p.name in ("idm-mri", "idm-ct"))
+#: what their model cards state (data, commands, steps, hardware, wall time, held-out metrics)
+MEDICAL_CARD_FIELDS = ("train.medical_slices", "Command", "steps x batch", "hardware", "wall time", "## Measured",
+                       "held-out", "not")
+
+
+def test_the_medical_checkpoints_are_found() -> None:
+    assert MEDICAL == ["idm-ct", "idm-mri"]
+
+
+@pytest.mark.parametrize("name", MEDICAL)
+def test_shipped_medical_checkpoint_card_and_reconstruction(name: str) -> None:
+    from idm.evaluation import magnitude_scores, operator_factory
+
+    config = json.loads((CHECKPOINTS / name / "config.json").read_text())
+    kind = name.removeprefix("idm-")
+    assert config["architecture"] == "idm" and config["operator"] == kind and config["ratio"] is None
+    assert config["idm"]["complex"] == (kind == "mri") and "trained_operator" in config
+    card = (CHECKPOINTS / name / "README.md").read_text()
+    missing = [field for field in MEDICAL_CARD_FIELDS if field.lower() not in card.lower()]
+    assert not missing, f"model card of {name} lacks {missing}"
+    assert (CHECKPOINTS / name / "model.safetensors").stat().st_size < 10 * 2**20
+    x = sample_images(64)["camera"][None]
+    op = operator_factory(kind, **({"acceleration": 4} if kind == "mri" else {"views": 23}))((64, 64), 3)
+    y = op.A(x)
+    with torch.no_grad():
+        estimate = get_method("idm").build()(y, op)  # picks idm-<kind> from the operator
+        baseline = op.A_dagger(y) if kind == "mri" else op.fbp(y)
+    assert estimate.shape == x.shape and estimate.is_complex() == (kind == "mri")
+    gain = float(magnitude_scores(estimate, x)[0][0]) - float(magnitude_scores(baseline, x)[0][0])
+    assert gain > (1.0 if kind == "mri" else 4.0), f"{name}: only {gain:.2f} dB above the direct inverse"

@@ -1,7 +1,9 @@
 """``idm bench speed``: seconds per image and U-Net evaluations of each reconstruction method.
 
 One ``size × size`` sample image (the first built-in sample, :func:`idm.data.sample_images`) is
-measured by scrambled block CS at ``--ratio`` and reconstructed by every method: one warm-up call,
+measured by ``--operator`` (default scrambled block CS at ``--ratio`` 0.1; ``mri`` / ``ct`` with their
+own options, e.g. ``--operator mri --acceleration 4 --size 320``) and reconstructed by every method:
+one warm-up call,
 during which the U-Net evaluations are counted, then ``--repeat`` timed calls (device
 synchronised); the median is reported::
 
@@ -25,10 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..cli.common import write_json
+from ..cli.common import add_measurement_args, operator_factory_from_args, operator_kind, write_json
 from ..data import sample_images
-from ..errors import IDMError, check_ratio
-from ..evaluation import blockcs_factory
+from ..errors import IDMError
 from ..invertible import ReversibleUNet
 from ..physics.base import LinearOperator
 from ..priors.unet import UNet
@@ -36,6 +37,8 @@ from ..registry import Reconstruct
 from .accounting import synchronize
 from .methods import add_method_arguments, build_method, choose_methods
 
+#: block-CS ratio when ``--ratio`` is not given
+DEFAULT_RATIO = 0.1
 #: module types whose forward calls count as one U-Net evaluation
 UNET_TYPES: tuple[type[nn.Module], ...] = (UNet, ReversibleUNet)
 
@@ -70,13 +73,10 @@ def count_unet_calls(types: tuple[type[nn.Module], ...] = UNET_TYPES) -> Iterato
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=256, metavar="PX", help="side of the test image (default 256)")
-    parser.add_argument("--ratio", type=float, default=0.1, help="sampling ratio of the block CS measurement (default 0.1)")
-    parser.add_argument("--block-size", type=int, default=32, help="block size B of block CS (default 32)")
-    parser.add_argument("--matrix-seed", type=int, default=0,
-                        help="seed of the sampling matrix Φ (default 0; learned methods' checkpoints must match)")
     parser.add_argument("--repeat", type=int, default=3, metavar="N",
                         help="timed calls per method after the warm-up; the median is reported (default 3)")
     add_method_arguments(parser)
+    add_measurement_args(parser, seed=False)
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
 
 
@@ -110,13 +110,15 @@ def table(rows: list[dict]) -> str:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if args.size < 1 or args.repeat < 1 or args.block_size < 1:
-        raise IDMError("--size, --repeat and --block-size must be positive")
-    ratio = check_ratio(args.ratio)
+    if args.size < 1 or args.repeat < 1:
+        raise IDMError("--size and --repeat must be positive")
+    if operator_kind(args) == "blockcs" and args.ratio is None:
+        args.ratio = DEFAULT_RATIO
+    kind, factory = operator_factory_from_args(args)
     methods = choose_methods(args)
     name, image = next(iter(sample_images(args.size).items()))
-    op = blockcs_factory(ratio, seed=args.seed, block_size=args.block_size,
-                         matrix_seed=args.matrix_seed)(tuple(image.shape[1:]), 0)
+    op = factory(tuple(image.shape[1:]), 0)
+    ratio = op.config().get("ratio")
     y = op.measure(image.unsqueeze(0).to(args.device), generator=torch.Generator().manual_seed(args.seed))
     rows = []
     for choice in methods:
@@ -127,9 +129,17 @@ def run_cli(args: argparse.Namespace) -> int:
         del reconstruct
     if not rows:
         raise IDMError("no method could be timed (all were skipped)")
-    print(f"{name}, {args.size}×{args.size}, block CS ratio {ratio:g}, median of {args.repeat} on {args.device}")
+    print(f"{name}, {args.size}×{args.size}, {describe_operator(op)}, median of {args.repeat} on {args.device}, "
+          f"{torch.get_num_threads()} thread(s)")
     print(table(rows))
     if args.json:
         write_json(args.json, {"rows": rows})
         print(f"results written to {args.json}")
     return 0
+
+
+def describe_operator(op: LinearOperator) -> str:
+    """One line naming the measurement, e.g. ``blockcs ratio=0.1`` or ``ct views=23``."""
+    config = op.config()
+    keys = ("ratio", "block_size", "acceleration", "mask_type", "views", "angle_range", "factor")
+    return " ".join([op.kind, *(f"{k}={config[k]}" for k in keys if config.get(k) is not None)])

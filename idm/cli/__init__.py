@@ -21,7 +21,7 @@ from ..errors import IDMError
 #: subcommand name → (module defining ``add_parser``, the one-line help ``idm --help`` shows; the
 #: one source of that text, handed to the module's ``add_parser``)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("idm.cli.demo", "reconstruct the built-in sample images (the main job)"),
+    "demo": ("idm.cli.demo", "reconstruct the built-in sample images (the main job; --medical: knee MRI, CT, raw brain k-space)"),
     "measure": ("idm.cli.measure", "measure images (block CS, inpainting, superres, MRI, CT) into a file"),
     "reconstruct": ("idm.cli.reconstruct", "reconstruct from a measurement file, raw k-space / sinogram, or an image (simulating the operator)"),
     "eval": ("idm.cli.evaluate", "evaluate a method on a folder of images"),

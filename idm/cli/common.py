@@ -47,10 +47,11 @@ DEFAULT_VIEWS = 180
 MASK_CHOICES = ("random", "equispaced", "poisson")
 
 
-def add_measurement_args(parser: argparse.ArgumentParser, *, ratio_required: bool = False) -> None:
+def add_measurement_args(parser: argparse.ArgumentParser, *, ratio_required: bool = False, seed: bool = True) -> None:
     """The ``--operator`` option and each operator's own options (all default None so that
     :func:`check_operator_options` can tell which were given). ``ratio_required`` is accepted for
-    compatibility: ``--ratio`` is checked when the operator needs it (blockcs, inpainting)."""
+    compatibility: ``--ratio`` is checked when the operator needs it (blockcs, inpainting).
+    ``seed=False`` leaves ``--seed`` to the caller (a parser that already has one)."""
     group = parser.add_argument_group("measurement (forward operator)")
     group.add_argument("--operator", choices=OPERATOR_CHOICES,
                        help="forward operator (default blockcs: scrambled block compressed sensing)")
@@ -77,9 +78,10 @@ def add_measurement_args(parser: argparse.ArgumentParser, *, ratio_required: boo
     group.add_argument("--angles", metavar="LOW,HIGH",
                        help="ct: angular range of the views in degrees (default 0,180; a smaller wedge is limited angle)")
     group.add_argument("--detectors", type=int, help="ct: detector cells (default ceil(√2·max(H, W)))")
-    group.add_argument("--seed", type=int, default=0,
-                       help="seed of the permutation / mask (seed + i for the i-th image of idm eval) and noise "
-                            "(default 0)")
+    if seed:
+        group.add_argument("--seed", type=int, default=0,
+                           help="seed of the permutation / mask (seed + i for the i-th image of idm eval) and noise "
+                                "(default 0)")
     group.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
                        help="std of additive Gaussian measurement noise, on the [0, 1] image scale")
 

@@ -245,7 +245,9 @@ def check_trained_operator(name: str | os.PathLike[str], config: dict[str, Any],
     Checked, in this order: the operator kind (``config["operator"]``, default ``"blockcs"``);
     for block CS the block size B and the matrix seed (both fix Φ, the q × B² matrix, and a network
     trained on one Φ silently fails on another); the sampling ratio (``config["ratio"]``, or for a
-    multi-ratio checkpoint any ratio in its ``ratio_range``).
+    multi-ratio checkpoint any ratio in its ``ratio_range``). MRI and CT checkpoints: the kind only
+    (their ``trained_operator`` range is recorded, not enforced: the network's data consistency is
+    exact for any mask, coil set or view count, so a real scan's own sampling can be reconstructed).
 
     Not checked: the permutation ``seed`` (training redraws the pixel permutation every step,
     ``step_operator`` in ``idm finetune``, so a checkpoint serves every permutation), the noise level and
@@ -264,6 +266,8 @@ def check_trained_operator(name: str | os.PathLike[str], config: dict[str, Any],
             words, option = _PARAMETER_WORDS.get(key, (key, f"--{key.replace('_', '-')}"))
             raise IDMError(f"checkpoint {name} was trained with {words} {trained}, the measurements have "
                            f"{words} {measured} (measure with {option} {trained})")
+    if trained_kind in ("mri", "ct"):  # masks / view counts outside the trained range still work (exact data consistency)
+        return
     measured = measured_config.get("ratio")
     if config.get("ratio_range") is not None:
         low, high = (float(r) for r in config["ratio_range"])

@@ -14,7 +14,7 @@ LEVELS = ("none", "steps", "both")
 #: initialisations of the learnable schedule α ∈ R^T (ᾱ = cumprod α)
 SCHEDULE_INITS = ("paper", "prior", "sigma")
 #: initial estimates x_start the sampler starts from (x_T = √ᾱ_T · x_start on the model range)
-STARTS = ("adjoint", "tv", "pnp")
+STARTS = ("adjoint", "tv", "pnp", "fbp")
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,17 @@ class IDMConfig:
             σ_t = √((1 − ᾱ_t)/ᾱ_t)/2 geometric from ``sigma_max`` at step T to ``sigma_min`` at step 1:
             the range a denoiser backbone was trained for; the default for denoisers).
         sigma_max, sigma_min: the σ range of ``schedule_init="sigma"`` (on [0, 1]).
+        complex: the images are complex (MRI, :mod:`idm.physics.mri`): the network works on the
+            real canvas ``[Re, Im]`` (:func:`~idm.physics.mri.complex_to_channels`, 2 channels per
+            backbone channel) and folds the two parts into the batch for the backbone, so a
+            1-channel prior denoises Re and Im as two images; the injectors see both parts
+            together (``Injector(group=2)``) and data consistency acts on the complex image.
+        dc_iterations: conjugate-gradient steps of each data-consistency solve for operators whose
+            A† is iterative (CT; multi-coil MRI), part of the trained function; None uses the operator's
+            own A† (exact for block CS, inpainting, single-coil MRI).
         start: the initial estimate x_start (``x_T = √ᾱ_T · (2 x_start − 1)``): ``"adjoint"``
-            (A†y, free), ``"tv"`` (the ``tv`` baseline) or ``"pnp"`` (the ``pnp`` method with the
-            shipped ``dncnn-17``); computed without gradient, its cost is added to every call.
+            (A†y, free), ``"tv"`` (the ``tv`` baseline), ``"pnp"`` (the ``pnp`` method with the
+            shipped ``dncnn-17``) or ``"fbp"`` (CT only: filtered backprojection, nearly free); computed without gradient, its cost is added to every call.
         alpha_init: the initial α for ``schedule_init="paper"``.
         coupling_v: initial mixing weight v of every reversible coupling (0.5 as in the official
             code); stored per coupling as a learnable scalar.
@@ -69,6 +77,8 @@ class IDMConfig:
     sigma_max: float = 0.1
     sigma_min: float = 0.01
     start: str = "adjoint"
+    complex: bool = False
+    dc_iterations: int | None = None
 
     def __post_init__(self) -> None:
         if self.denoiser is not None:
@@ -105,12 +115,26 @@ class IDMConfig:
             raise IDMError(f"unknown start {self.start!r}; use one of {', '.join(STARTS)}")
         if not 0.0 < float(self.coupling_v) < 1.0:
             raise IDMError(f"coupling_v must lie in (0, 1), got {self.coupling_v}")
+        if self.dc_iterations is not None and (isinstance(self.dc_iterations, bool) or int(self.dc_iterations) < 1):
+            raise IDMError(f"dc_iterations must be a positive integer or None, got {self.dc_iterations!r}")
+        if not isinstance(self.complex, bool):
+            raise IDMError(f"complex must be true or false, got {self.complex!r}")
         object.__setattr__(self, "steps", int(self.steps))
         object.__setattr__(self, "unshuffle", int(self.unshuffle))
 
     @property
     def channels(self) -> int:
-        """Image channels C."""
+        """Channels C of the network's real canvas (``2 ×`` the backbone's for complex images)."""
+        return self.fold * self.backbone_channels
+
+    @property
+    def fold(self) -> int:
+        """How many canvas channel groups the backbone sees as separate batch items (2 for complex images)."""
+        return 2 if self.complex else 1
+
+    @property
+    def backbone_channels(self) -> int:
+        """Image channels of the prior network (denoiser, U-Net or diffusers backbone)."""
         if self.denoiser:
             return int(self.denoiser["channels"])
         return int(self.backbone["image_channels"]) if self.backbone else self.unet.in_channels

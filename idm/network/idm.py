@@ -68,21 +68,25 @@ class SamplingStep(nn.Module):
     the step's learnable ᾱ_t (:func:`~idm.priors.denoiser.denoiser_eps`).
     """
 
-    def __init__(self, t: int, unet: ReversibleUNet, unshuffle: int, denoiser: DnCNNConfig | None = None) -> None:
+    def __init__(self, t: int, unet: ReversibleUNet, unshuffle: int, denoiser: DnCNNConfig | None = None,
+                 fold: int = 1) -> None:
         super().__init__()
-        self.t, self.unshuffle = int(t), int(unshuffle)
+        self.t, self.unshuffle, self.fold = int(t), int(unshuffle), int(fold)
         self.unet = unet
         self.denoiser = denoiser
 
     def noise(self, x: torch.Tensor, meas: MeasurementContext, abar: torch.Tensor) -> torch.Tensor:
-        """ε estimate for the canvas ``x`` (B, C, H, W) at ``abar`` (the step's ᾱ_t, a scalar tensor)."""
+        """ε estimate for the canvas ``x`` (B, C, H, W) at ``abar`` (the step's ᾱ_t, a scalar tensor);
+        the backbone sees ``(fold·B, C/fold, H, W)`` (complex images: Re and Im as two items)."""
         context = {"meas": meas, "step": self.t - 1}
+        h = x.reshape(x.shape[0] * self.fold, -1, *x.shape[2:]) if self.fold > 1 else x
         if self.denoiser is not None:
-            return denoiser_eps(lambda z, s: self.unet(network_input(self.denoiser, z, s), context), x, abar)
-        u = self.unshuffle
-        h = F.pixel_unshuffle(x, u) if u > 1 else x
-        eps = self.unet(h, context)
-        return F.pixel_shuffle(eps, u) if u > 1 else eps
+            eps = denoiser_eps(lambda z, s: self.unet(network_input(self.denoiser, z, s), context), h, abar)
+        else:
+            u = self.unshuffle
+            eps = self.unet(F.pixel_unshuffle(h, u) if u > 1 else h, context)
+            eps = F.pixel_shuffle(eps, u) if u > 1 else eps
+        return eps.reshape(x.shape)
 
     def forward(self, x: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
         meas: MeasurementContext = context["meas"]
@@ -133,7 +137,7 @@ class IDMNet(nn.Module):
             v_init=config.coupling_v,
         )
         self.alpha = nn.Parameter(alpha_from_abar(abar).float())
-        steps = [SamplingStep(t, self.unet, config.unshuffle, denoiser) for t in range(config.steps, 0, -1)]
+        steps = [SamplingStep(t, self.unet, config.unshuffle, denoiser, config.fold) for t in range(config.steps, 0, -1)]
         self.sampler = ReversibleSampler(steps, v_init=config.coupling_v)
         self._start_solver: Any = None  # the tv / pnp reconstructor of config.start, see start_estimate
         self.set_levels(config.levels)
@@ -149,7 +153,7 @@ class IDMNet(nn.Module):
         elif type(model).__name__ != backbone["class_name"]:
             raise IDMError(f"IDM backbone is a {backbone['class_name']}, got a {type(model).__name__}")
         pruned = prune_diffusers_unet(model, PruneOptions.from_dict(backbone["prune"]))
-        adapt_diffusers_unet(pruned, self.config.channels, self.config.unshuffle)
+        adapt_diffusers_unet(pruned, self.config.backbone_channels, self.config.unshuffle)
         return diffusers_layout(pruned, t_constant)
 
     def _injector_factory(self):
@@ -158,7 +162,7 @@ class IDMNet(nn.Module):
         def factory(site: InjectionSite) -> Injector | None:
             if not site.last:
                 return None
-            return Injector(site.channels, cfg.unshuffle * 2**site.level, cfg.channels, cfg.steps)
+            return Injector(site.channels, cfg.unshuffle * 2**site.level, cfg.channels, cfg.steps, group=cfg.fold)
 
         return factory
 
@@ -234,24 +238,31 @@ class IDMNet(nn.Module):
         return torch.cat([alpha.new_ones(1), alpha.cumprod(0)])
 
     def forward(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
-        """Measurements ``y`` (``op.measurement_shape(B, C)``) → estimate ``(B, C, *op.domain_size)``."""
+        """Measurements ``y`` (``op.measurement_shape(B, C)``) → estimate ``(B, C, *op.domain_size)``,
+        complex ``(B, 1, H, W)`` for a complex network (``config.complex``, MRI: ``y`` complex)."""
         op.check_measurements(y)
-        if y.shape[1] != self.config.channels:
-            raise IDMError(f"IDM network expects {self.config.channels}-channel measurements, got {y.shape[1]}")
         if len(op.domain_size) != 2:
             raise IDMError(f"IDM works on 2D images, the operator's domain is {op.domain_size}")
-        if not y.is_floating_point() or not bool(torch.isfinite(y).all()):
-            raise IDMError("measurements must be finite real floating-point values")
-        y = y.to(self.alpha.dtype)
-        meas = MeasurementContext.build(op, y, self.config.size_multiple)
+        if y.is_complex() != self.config.complex:
+            raise IDMError(f"this IDM network is for {'complex (MRI)' if self.config.complex else 'real'} "
+                           f"measurements, got {y.dtype} ones")
+        if not (y.is_complex() or y.is_floating_point()) or not bool(torch.isfinite(torch.view_as_real(y) if y.is_complex() else y).all()):
+            raise IDMError("measurements must be finite floating-point values")
+        y = y.to(torch.complex128 if self.alpha.dtype == torch.float64 else torch.complex64) if y.is_complex() \
+            else y.to(self.alpha.dtype)
+        meas = MeasurementContext.build(op, y, self.config.size_multiple, self.config.dc_iterations)
+        if meas.aty.shape[1] != self.config.channels:
+            raise IDMError(f"IDM network expects {self.config.backbone_channels}-channel "
+                           f"{'complex ' if self.config.complex else ''}images, the measurements give "
+                           f"{meas.aty.shape[1] // self.config.fold}")
         abar = self.abar()
-        x = abar[-1].sqrt() * to_model_range(meas.pad(self.start_estimate(y, op)))
+        x = abar[-1].sqrt() * to_model_range(meas.to_canvas(self.start_estimate(y, op)))
         out = self.sampler(x, {"meas": meas, "abar": abar})
-        return meas.crop(from_model_range(out))
+        return meas.from_canvas(from_model_range(out))
 
     def start_estimate(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
-        """The initial estimate x_start (B, C, *op.domain_size) on [0, 1] of ``config.start``:
-        A†y, or the ``tv`` / ``pnp`` method's result (computed without gradient)."""
+        """The initial estimate x_start (B, C, *op.domain_size) on [0, 1] (complex for complex ``y``) of
+        ``config.start``: A†y, or the ``tv`` / ``pnp`` / ``fbp`` method's result (without gradient)."""
         if self.config.start == "adjoint":
             return op.A_dagger(y)
         if self._start_solver is None:  # built on first use (a method, not a module: no parameters)
@@ -275,8 +286,8 @@ class IDMNet(nn.Module):
                           ratio_range: tuple[float, float] | list[float] | None = None) -> dict[str, Any]:
         """The checkpoint's ``config.json``: trained for one ``ratio``, or (``ratio=None``) for every
         ratio in ``ratio_range`` (a multi-ratio network)."""
-        if (ratio is None) == (ratio_range is None):
-            raise IDMError("an IDM checkpoint is trained for one ratio or for a ratio range: give exactly one")
+        if operator == "blockcs" and (ratio is None) == (ratio_range is None):
+            raise IDMError("a block-CS IDM checkpoint is trained for one ratio or for a ratio range: give exactly one")
         return {
             **(extra or {}),
             **({"ratio_range": [check_ratio(r) for r in ratio_range]} if ratio_range is not None else {}),

@@ -6,13 +6,20 @@ sampling step. For features ``h`` of shape ``(B, ch, H/r, W/r)`` (``r`` = the st
 down-scaling from the canvas, unshuffle included) and step ``k``::
 
     z     = pixel_shuffle(conv1x1_k(h), r)                      (B, C, H, W)   image-sized map
-    m     = cat[z, AᵀA z, Aᵀy]                                  (B, 3C, H, W)
+    m     = cat[z, AᵀA z / ‖A‖², Aᵀy / ‖A‖²]                    (B, 3C, H, W)
     h_out = h + conv1x1'_k(pixel_unshuffle(m, r))               (B, ch, H/r, W/r)
 
 The paper (and official code) applies the 1×1 convs on the image side of the (un)shuffle, which
 needs ``ch`` divisible by ``r²``; here they act on the feature side, which is the same map with
 weights untied across the ``r²`` sub-pixel positions and works for any channel count.
-``conv1x1'_k`` is zero-initialised, so a new injector is the identity.
+``conv1x1'_k`` is zero-initialised, so a new injector is the identity. The Gram maps are divided by
+``‖A‖²`` (:meth:`~idm.physics.LinearOperator.norm_squared`; 1 for block CS, MRI and inpainting) so
+that operators of any scale, e.g. CT's ‖A‖² ≈ 10³, feed the injectors maps of the image's scale.
+
+With ``group = g > 1`` the backbone sees the canvas' ``C`` channels as ``g`` batch items of ``C/g``
+channels (complex MRI: Re and Im through a 1-channel prior, :attr:`IDMConfig.complex`); the
+injector regroups the features ``(g·B, ch, …) → (B, g·ch, …)``, so ``z``, ``AᵀA z`` and ``Aᵀy`` are
+formed on whole ``C``-channel images, and splits its update back.
 """
 
 from __future__ import annotations
@@ -39,23 +46,24 @@ class Injector(nn.Module):
 
     preserves_shape = True
 
-    def __init__(self, features: int, scale: int, channels: int, steps: int) -> None:
-        if scale < 1:
-            raise ValueError(f"injector scale must be >= 1, got {scale}")
+    def __init__(self, features: int, scale: int, channels: int, steps: int, group: int = 1) -> None:
+        if scale < 1 or group < 1:
+            raise ValueError(f"injector scale and group must be >= 1, got {scale} and {group}")
         super().__init__()
-        self.scale, self.channels = int(scale), int(channels)
-        r2 = self.scale**2
-        self.to_image = nn.ModuleList(nn.Conv2d(features, channels * r2, 1) for _ in range(steps))
-        self.to_features = nn.ModuleList(nn.Conv2d(3 * channels * r2, features, 1) for _ in range(steps))
+        self.scale, self.channels, self.group = int(scale), int(channels), int(group)
+        r2, width = self.scale**2, features * self.group
+        self.to_image = nn.ModuleList(nn.Conv2d(width, channels * r2, 1) for _ in range(steps))
+        self.to_features = nn.ModuleList(nn.Conv2d(3 * channels * r2, width, 1) for _ in range(steps))
         for conv in self.to_features:
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
     def forward(self, h: torch.Tensor, context: dict) -> torch.Tensor:
-        """``h`` (B, ch, H/r, W/r) → same shape."""
+        """``h`` (group·B, ch, H/r, W/r) → same shape."""
         ctx: MeasurementContext = context["meas"]
         step: int = context["step"]
-        z = F.pixel_shuffle(self.to_image[step](h), self.scale)
+        g = h.reshape(h.shape[0] // self.group, -1, *h.shape[2:])  # (B, group·ch, H/r, W/r)
+        z = F.pixel_shuffle(self.to_image[step](g), self.scale)
         aty = ctx.aty.to(z.dtype)
         m = torch.cat([z, ctx.AtA(z), aty.expand(z.shape[0], *aty.shape[1:])], dim=1)
-        return h + self.to_features[step](F.pixel_unshuffle(m, self.scale))
+        return h + self.to_features[step](F.pixel_unshuffle(m, self.scale)).reshape(h.shape)

@@ -1,7 +1,9 @@
 """The ``idm`` reconstruction method: a fine-tuned IDM network loaded from a checkpoint.
 
-Without ``checkpoint`` the shipped checkpoint ``idm-cs{round(100·ratio)}`` matching the
-measurement's ratio is used (searched by :func:`idm.io.checkpoint.resolve_checkpoint`).
+Without ``checkpoint`` the shipped checkpoint for the measurements is used (searched by
+:func:`idm.io.checkpoint.resolve_checkpoint`): block CS ``idm-cs{round(100·ratio)}`` or a multi-ratio
+``idm-*`` whose range holds the ratio; MRI ``idm-mri``; CT ``idm-ct`` (chosen at the first call, from
+the operator's kind).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from ..io.checkpoint import check_trained_operator, shipped_checkpoint
 from ..physics.base import LinearOperator
 from ..registry import register_method
 from .idm import load_idm
+
+#: the shipped checkpoint of each operator kind without a sampling ratio
+OPERATOR_CHECKPOINTS = {"mri": "idm-mri", "ct": "idm-ct"}
 
 
 @register_method("idm", "IDM: the prior's sampler fine-tuned end to end (invertible diffusion, T=3)", checkpoint_kind="idm")
@@ -37,15 +42,30 @@ def build(
         raise IDMError(f"method 'idm' has no option(s) {', '.join(sorted(options))}")
     if ratio is not None:
         ratio = check_ratio(ratio)
-    name = shipped_checkpoint("idm", ratio, "idm finetune") if checkpoint is None else checkpoint
-    net, config = load_idm(name, device=device, ratio=ratio)
+    loaded: dict[str, Any] = {}
+
+    def network(kind: str, measured_ratio: float | None):
+        if "net" not in loaded:
+            if checkpoint is not None:
+                name = checkpoint
+            elif kind in OPERATOR_CHECKPOINTS:
+                name = OPERATOR_CHECKPOINTS[kind]
+            else:
+                name = shipped_checkpoint("idm", ratio if ratio is not None else measured_ratio, "idm finetune")
+            loaded["name"] = name
+            loaded["net"], loaded["config"] = load_idm(name, device=device, ratio=ratio)
+        return loaded["name"], loaded["net"], loaded["config"]
+
+    if checkpoint is not None or ratio is not None:
+        network("blockcs", ratio)  # load now: a missing or mismatched checkpoint fails before any work
     device = torch.device(device)
 
     def reconstruct(y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+        name, net, config = network(op.kind, op.config().get("ratio"))
         check_trained_operator(name, config, op)
         op.check_measurements(y)
         with torch.no_grad():
-            x = net(y.to(device=device, dtype=torch.float32), op)
+            x = net(y.to(device=device, dtype=torch.complex64 if y.is_complex() else torch.float32), op)
         return x.to(y.device)
 
     return reconstruct

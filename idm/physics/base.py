@@ -66,9 +66,10 @@ class LinearOperator:
     def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def A_dagger(self, y: torch.Tensor) -> torch.Tensor:
-        """Pseudo-inverse A†y. The default solves the normal equations by conjugate gradients."""
-        return conjugate_gradient(self.AtA, self.A_adjoint(y), iterations=50)
+    def A_dagger(self, y: torch.Tensor, iterations: int | None = None) -> torch.Tensor:
+        """Pseudo-inverse A†y. The default solves the normal equations by ``iterations`` (50)
+        conjugate-gradient steps (operators with an exact A† do not take ``iterations``)."""
+        return conjugate_gradient(self.AtA, self.A_adjoint(y), iterations=50 if iterations is None else iterations)
 
     def AtA(self, x: torch.Tensor) -> torch.Tensor:
         return self.A_adjoint(self.A(x))
@@ -102,16 +103,21 @@ class LinearOperator:
         """Noisy measurements ``A(pad(x)) + noise`` of images ``x`` of shape ``(B, C, *image_size)``."""
         return self.noise(self.A(self.pad(x)), generator)
 
-    def project(self, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    def project(self, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0,
+                iterations: int | None = None) -> torch.Tensor:
         """Range-null-space data consistency ``x − weight·A†(A x − y)`` of a domain image on [0, 1].
 
         ``x`` (B, C, *domain_size); with ``weight = 1`` and ``A A† = I`` the result satisfies
         ``A x = y`` (it is ``A†y + (I − A†A) x``; Wang et al., "DDNM", ICLR 2023); ``weight = 0``
         returns ``x`` itself. The one data-consistency step of every reconstructor in ``idm``.
+        ``iterations``: for operators whose A† is iterative (CT, multi-coil MRI: conjugate
+        gradients), the CG steps of this solve (None: the operator's own); a few steps from 0 on the
+        residual give an inexact but cheap correction (Chung et al., "Decomposed diffusion sampler", ICLR 2024).
         """
         if weight == 0.0:
             return x
-        return x - weight * self.A_dagger(self.A(x) - y)
+        residual = self.A(x) - y
+        return x - weight * (self.A_dagger(residual) if iterations is None else self.A_dagger(residual, iterations=iterations))
 
     @property
     def canvas(self) -> Canvas:

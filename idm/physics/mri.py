@@ -375,14 +375,16 @@ class MRI(LinearOperator):
             x = (x * self._as("sens", y).conj()).sum(1, keepdim=True)
         return x
 
-    def A_dagger(self, y: torch.Tensor) -> torch.Tensor:
-        """Zero-filled ``F⁻¹ M y`` (single-coil) or CG-SENSE ``(AᴴA)⁻¹ Aᴴ y`` (multi-coil)."""
+    def A_dagger(self, y: torch.Tensor, iterations: int | None = None) -> torch.Tensor:
+        """Zero-filled ``F⁻¹ M y`` (single-coil, exact) or CG-SENSE ``(AᴴA)⁻¹ Aᴴ y`` (multi-coil;
+        ``iterations`` CG steps, default :attr:`cg_iterations`)."""
         b = self.A_adjoint(y)
         if self._sens is None:
             return b
         dims = tuple(range(1, b.ndim))
-        tol = self.cg_tol * float(b.abs().square().sum(dims).sqrt().min()) if b.numel() else 0.0
-        return conjugate_gradient(self.AtA, b, iterations=self.cg_iterations, tol=tol)
+        tol = self.cg_tol * float(b.detach().abs().square().sum(dims).sqrt().min()) if b.numel() else 0.0
+        steps = self.cg_iterations if iterations is None else as_int("CG iterations", iterations, minimum=1)
+        return conjugate_gradient(self.AtA, b, iterations=steps, tol=tol)
 
     def measurement_shape(self, batch: int, channels: int) -> tuple[int, ...]:
         if self._sens is None:

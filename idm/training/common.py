@@ -142,13 +142,16 @@ def _listed(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def load_run_state(path: Path, args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
-    """The training state at ``path``; :class:`IDMError` if any option of ``names`` differs from it."""
+def load_run_state(path: Path, args: argparse.Namespace, names: Iterable[str],
+                   added: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The training state at ``path``; :class:`IDMError` if any option of ``names`` differs from it.
+    ``added``: options introduced after a state was written, with the value such states used."""
     from ..io.checkpoint import load_state
 
     state = load_state(path)
+    added = added or {}
     for name in names:
-        given, saved = _listed(getattr(args, name)), _listed(state["args"].get(name))
+        given, saved = _listed(getattr(args, name)), _listed(state["args"].get(name, added.get(name)))
         if given != saved:
             raise IDMError(
                 f"--resume: --{name.replace('_', '-')} is {given!r} but the run in {args.out} used {saved!r}; "

@@ -1,4 +1,4 @@
-"""Fine-tune the IDM network end to end (or train the ``unrolled`` baseline) for scrambled block CS at one ratio.
+"""Fine-tune the IDM network end to end (or train the ``unrolled`` baseline) for scrambled block CS, MRI or CT.
 
     python -m train.finetune --init prior-gray --ratio 0.1 --data ../shared/data/natural/Train400 \\
         --val ../shared/data/natural/Set12 --out runs/idm-cs10 --steps 20000 --batch 8 --patch 128
@@ -10,9 +10,13 @@
 or an IDM checkpoint trained at another ratio (its weights and architecture are reused). With
 ``--arch unrolled`` the same loop trains the learned baseline :mod:`idm.baselines.unrolled` from
 scratch (``--phases``, ``--channels``), or from an unrolled checkpoint at another ratio. Loss: L1
-between the network's final output and the patch. Each step measures its global batch with one
-:class:`~idm.physics.BlockCS` whose pixel permutation is redrawn (seed = f(seed, step)); Φ is the
-fixed matrix of ``--matrix-seed`` (the one evaluation uses). Adam; the LR is halved at 20/40/60/80 %
+between the network's final output and the patch (on the modulus for complex MRI images). Each step
+measures its global batch with one operator of ``--operator`` (:mod:`idm.training.tasks`): a
+:class:`~idm.physics.BlockCS` whose pixel permutation is redrawn (seed = f(seed, step); Φ is the
+fixed matrix of ``--matrix-seed``, the one evaluation uses), an :class:`~idm.physics.MRI` mask
+redrawn at an ``--acceleration`` drawn from its range, or a :class:`~idm.physics.ParallelBeamCT` with
+a drawn view count (and ``--wedge``). MRI and CT data are slice folders written by
+``python -m train.medical_slices`` (docs/medical.md). Adam; the LR is halved at 20/40/60/80 %
 of ``--steps`` (``--lr-schedule step``, the paper's schedule) or follows a cosine to 10 % after a
 linear warm-up. The run folder gets:
 
@@ -21,8 +25,9 @@ linear warm-up. The run folder gets:
   position, permutations seeded by step). Each save also checks that all processes hold identical
   parameters;
 * ``log.jsonl`` (``{"step", "loss", "lr"}`` per step) and ``val.jsonl`` (``{"step", "psnr", "ssim"}``
-  every ``--val-every`` steps: mean over ``--val`` images measured with permutation seeds 0, 1, …,
-  scored like :func:`idm.evaluation.evaluate` — PSNR peak 255 and scikit-image SSIM on the crop);
+  every ``--val-every`` steps, per ``--val-levels`` setting: mean over ``--val`` images measured with
+  seeds 0, 1, …, scored by :func:`idm.evaluation.evaluate` — PSNR peak 255 and scikit-image SSIM on
+  the crop; magnitudes for MRI);
 * at the end, a compact checkpoint (``--export``, default ``RUNDIR/checkpoint``; fp16 weights,
   config, model card with command, steps, batch, hardware, wall time and validation PSNR/SSIM).
 """
@@ -37,12 +42,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+from dataclasses import replace
 
-from ..errors import IDMError, check_ratio
+import torch
+
+from ..errors import IDMError
+from ..network.config import STARTS
 from ..invertible.diffusers import PRUNE_PRESETS
-from ..physics._args import count_for_ratio
+from .tasks import LEVEL_NAMES, TASK_KINDS, StepOperators, check_task_args, checkpoint_fields, describe, run_label, validation_factory
 from .common import (
     EXPORT_DTYPES, LOG_FILE, Progress, RunLog, RunSummary, add_run_control_arguments, add_run_folder_arguments,
     check_training_args, checked_state_path, command_line, data_row, export_directory, final_loss, hardware,
@@ -55,10 +62,14 @@ VAL_FILE = "val.jsonl"
 TRAJECTORY_OPTIONS = (
     "arch", "init", "prior", "prune", "phases", "channels", "ratio", "block_size", "matrix_seed", "data", "steps", "batch", "patch", "lr", "lr_schedule",
     "warmup", "grad_clip", "sampling_steps", "unshuffle", "schedule_init", "alpha_init", "coupling_v", "mixed_precision",
-    "seed", "ratio_range", "start", "sigma_max", "sigma_min",
+    "seed", "ratio_range", "start", "sigma_max", "sigma_min", "operator", "acceleration", "mask", "views",
+    "dc_iterations", "wedge",
 )
+#: trajectory options added after the first runs, with the value those runs used (for --resume)
+ADDED_OPTIONS = {"operator": "blockcs", "acceleration": None, "mask": None, "views": None, "dc_iterations": None, "wedge": None}
 #: IDM-only network options (``--arch unrolled`` rejects them)
-IDM_OPTIONS = ("sampling_steps", "unshuffle", "schedule_init", "alpha_init", "coupling_v", "start", "sigma_max", "sigma_min")
+IDM_OPTIONS = ("sampling_steps", "unshuffle", "schedule_init", "alpha_init", "coupling_v", "start", "sigma_max", "sigma_min",
+               "dc_iterations")
 #: the paper halves the LR at epochs 10/20/30/40 of 50
 STEP_MILESTONES = (0.2, 0.4, 0.6, 0.8)
 #: trainable reconstruction networks (``--arch``)
@@ -99,16 +110,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     io.add_argument("--out", help="run folder (default runs/idm-csNN)")
     add_run_folder_arguments(io)
 
-    cs = parser.add_argument_group("measurement (scrambled block CS)")
-    ratio = cs.add_mutually_exclusive_group(required=True)
-    ratio.add_argument("--ratio", type=float, help="sampling ratio in (0, 1]")
+    cs = parser.add_argument_group("measurement (idm.training.tasks: one network for a range of settings)")
+    cs.add_argument("--operator", choices=TASK_KINDS, default="blockcs",
+                    help="blockcs (scrambled block CS, default), mri (single-coil Cartesian, complex images) or ct "
+                         "(2D parallel beam)")
+    ratio = cs.add_mutually_exclusive_group()
+    ratio.add_argument("--ratio", type=float, help="blockcs: sampling ratio in (0, 1]")
     ratio.add_argument("--ratio-range", type=_ratio_pair, metavar="LOW,HIGH",
-                       help="one network for every ratio in [LOW, HIGH] (e.g. 0.05,0.6): each step draws its ratio "
-                            "uniformly (seeded by the step); validation at --val-ratios")
-    cs.add_argument("--val-ratios", type=_ratio_list, default=(0.1, 0.3, 0.5), metavar="R1,R2,...",
-                    help="with --ratio-range: the ratios validated (default 0.1,0.3,0.5)")
-    cs.add_argument("--block-size", type=int, default=32, help="block size B (default 32)")
-    cs.add_argument("--matrix-seed", type=int, default=0, help="seed of the sampling matrix Φ (default 0, as evaluation)")
+                       help="blockcs: one network for every ratio in [LOW, HIGH] (e.g. 0.05,0.6): each step draws its "
+                            "ratio uniformly (seeded by the step)")
+    cs.add_argument("--block-size", type=int, default=32, help="blockcs: block size B (default 32)")
+    cs.add_argument("--matrix-seed", type=int, default=0,
+                    help="blockcs: seed of the sampling matrix Φ (default 0, as evaluation)")
+    cs.add_argument("--acceleration", type=_ratio_list, metavar="A|LOW,HIGH",
+                    help="mri: acceleration, or a range drawn per step (e.g. 4,8)")
+    cs.add_argument("--mask", choices=("random", "equispaced", "poisson"), help="mri: mask type (default random)")
+    cs.add_argument("--views", type=_ratio_list, metavar="N|LOW,HIGH",
+                    help="ct: views over 180°, or a range drawn per step (e.g. 18,60)")
+    cs.add_argument("--wedge", type=_ratio_list, metavar="LOW,HIGH",
+                    help="ct: also train limited angle: half of the steps use a wedge [0°, w), w uniform in "
+                         "[LOW, HIGH] degrees (e.g. 90,150)")
+    cs.add_argument("--val-levels", "--val-ratios", type=_ratio_list, metavar="V1,V2,...",
+                    help="settings validated: ratios (blockcs range: default 0.1,0.3,0.5), accelerations or view "
+                         "counts (default: the range's ends and middle)")
 
     tr = parser.add_argument_group("training")
     tr.add_argument("--steps", type=int, default=20000, help="total optimizer steps (default 20000)")
@@ -133,9 +157,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                           "--sigma-max to --sigma-min; default for a denoiser prior, paper otherwise)")
     net.add_argument("--sigma-max", type=float, help="--schedule-init sigma: image-scale noise std of step T (default 0.1)")
     net.add_argument("--sigma-min", type=float, help="--schedule-init sigma: noise std of step 1 (default 0.01)")
-    net.add_argument("--start", choices=("adjoint", "tv", "pnp"),
-                     help="initial estimate the sampler starts from: adjoint (A†y, default), tv or pnp (each costs "
+    net.add_argument("--start", choices=STARTS,
+                     help="initial estimate the sampler starts from: adjoint (A†y, default), tv, pnp or fbp (CT; each costs "
                           "its own run time at every call)")
+    net.add_argument("--dc-iterations", type=int,
+                     help="CG steps of each data-consistency solve for operators with an iterative A† (ct: e.g. 3; "
+                          "default: the operator's own A†, 50 steps for CT)")
     net.add_argument("--alpha-init", type=float, help="with --schedule-init paper: the initial α of every step, in (0, 1) "
                      "(ᾱ_t = α^t; default 0.5, the paper's)")
     net.add_argument("--coupling-v", type=float, help="initial v of every reversible coupling, in (0, 1) "
@@ -167,27 +194,13 @@ def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
     return 0.5 ** sum(step >= round(m * total) for m in STEP_MILESTONES)
 
 
-def permutation_seed(seed: int, step: int) -> int:
-    """Seed of the pixel permutation of training step ``step`` (shared by all processes)."""
-    return (seed * 1_000_003 + step) % (2**63 - 1) + 10_000  # evaluation uses seeds 0, 1, …
-
-
 def _validate_args(args: argparse.Namespace, world: int) -> None:
     check_training_args(args, world, positive=("block_size",))
-    if args.ratio_range is not None:
-        low, high = (check_ratio(r) for r in args.ratio_range)
-        if not low < high:
-            raise IDMError(f"--ratio-range needs LOW < HIGH, got {low:g} {high:g}")
-        args.ratio_range = [low, high]
-        args.val_ratios = [check_ratio(r) for r in args.val_ratios]
-    else:
-        args.ratio = check_ratio(args.ratio)
+    check_task_args(args)
     if args.val_every < 0:
         raise IDMError(f"--val-every must be >= 0, got {args.val_every}")
-    if args.patch % args.block_size:
-        raise IDMError(f"--patch {args.patch} must be a multiple of --block-size {args.block_size}")
-    if args.ratio_range is not None and args.arch != "idm":
-        raise IDMError("--ratio-range trains one IDM network for many ratios; --arch unrolled needs --ratio")
+    if args.arch != "idm" and (args.operator != "blockcs" or args.ratio_range is not None):
+        raise IDMError("--arch unrolled trains for one block-CS --ratio; ranges and mri / ct need --arch idm")
     idm_only = IDM_OPTIONS if args.arch == "unrolled" else ("phases", "channels")
     given = [f"--{name.replace('_', '-')}" for name in idm_only if getattr(args, name) is not None]
     if given:
@@ -202,22 +215,6 @@ def _validate_args(args: argparse.Namespace, world: int) -> None:
         args.init = "prior-gray"
     if args.out is None:
         args.out = f"runs/{args.arch}-{run_label(args)}"
-
-
-def run_label(args: argparse.Namespace) -> str:
-    """``csNN`` for one ratio, ``csLL-HH`` for a ratio range."""
-    if args.ratio_range is not None:
-        return f"cs{round(args.ratio_range[0] * 100)}-{round(args.ratio_range[1] * 100)}"
-    return f"cs{round(args.ratio * 100)}"
-
-
-def step_ratio(args: argparse.Namespace, step: int) -> float:
-    """The sampling ratio of training step ``step``: ``--ratio``, or uniform in ``--ratio-range`` (seeded by step)."""
-    if args.ratio_range is None:
-        return args.ratio
-    u = float(torch.rand((), generator=torch.Generator().manual_seed(permutation_seed(args.seed + 7919, step))))
-    low, high = args.ratio_range
-    return low + (high - low) * u
 
 
 def build_network(args: argparse.Namespace):
@@ -247,24 +244,34 @@ def build_network(args: argparse.Namespace):
     changes = {k: v for k, v in (("steps", args.sampling_steps), ("unshuffle", args.unshuffle),
                                  ("schedule_init", args.schedule_init), ("alpha_init", args.alpha_init),
                                  ("coupling_v", args.coupling_v), ("start", args.start),
+                                 ("dc_iterations", args.dc_iterations),
                                  ("sigma_max", args.sigma_max), ("sigma_min", args.sigma_min))
                if v is not None}
+    complex_images = args.operator == "mri"
     if is_diffusers or architecture in ("unet", "dncnn"):
         from ..invertible.diffusers import prune_preset
         from ..network import idm_from_prior
 
-        net = idm_from_prior(source, prune=prune_preset(args.prune), levels=args.levels, **changes)
+        net = idm_from_prior(source, prune=prune_preset(args.prune), levels=args.levels, complex=complex_images,
+                             **changes)
         kind = "diffusers" if is_diffusers else ("denoiser" if architecture == "dncnn" else "prior")
         return net, {"init": str(source), "init_kind": kind}
     if architecture == "idm":
         net, config = load_idm(path, levels=args.levels)
+        if net.config.complex != complex_images:
+            raise IDMError(f"--init {args.init} is an IDM network for {'complex' if net.config.complex else 'real'} "
+                           f"images; --operator {args.operator} needs {'complex' if complex_images else 'real'} ones")
+        for key in ("start", "dc_iterations"):  # not part of the weights: they may change
+            if key in changes:
+                net.config = replace(net.config, **{key: changes.pop(key)})
         differing = {k: v for k, v in changes.items() if getattr(net.config, k) != v}
         if differing:
             raise IDMError(
                 f"--init {args.init} is an IDM checkpoint; its architecture cannot be changed "
                 f"({', '.join(f'{k}={v}' for k, v in differing.items())})"
             )
-        return net, {"init": str(args.init), "init_kind": "idm", "init_ratio": config.get("ratio")}
+        return net, {"init": str(args.init), "init_kind": "idm", "init_ratio": config.get("ratio"),
+                     "init_operator": config.get("operator", "blockcs")}
     raise IDMError(f"--init {args.init}: not a prior or IDM checkpoint (architecture {architecture!r})")
 
 
@@ -287,34 +294,21 @@ def parameter_checksum(model: torch.nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def validate(net: Any, images: list[tuple[str, torch.Tensor]], args: argparse.Namespace,
              device: torch.device) -> dict[str, float]:
-    """Mean PSNR/SSIM of ``net`` over ``images``, each measured with permutation seed = its index;
-    with ``--ratio-range`` per validation ratio (``"psnr@0.1"``, …) and their mean (``"psnr"``)."""
-    if args.ratio_range is not None:
-        per_ratio = {r: validate_at(net, images, args, device, r) for r in args.val_ratios}
-        out = {f"{key}@{r:g}": value for r, scores in per_ratio.items() for key, value in scores.items()}
-        for key in ("psnr", "ssim"):
-            out[key] = sum(scores[key] for scores in per_ratio.values()) / len(per_ratio)
-        return out
-    return validate_at(net, images, args, device, args.ratio)
+    """Mean PSNR/SSIM of ``net`` over ``images`` (scored as ``idm eval`` does, image ``i`` measured
+    with seed ``i``); with several ``--val-levels`` per level (``"psnr@0.1"``, …) and their mean (``"psnr"``)."""
+    from ..evaluation import evaluate
 
-
-@torch.no_grad()
-def validate_at(net: Any, images: list[tuple[str, torch.Tensor]], args: argparse.Namespace,
-                device: torch.device, ratio: float) -> dict[str, float]:
-    """Mean PSNR/SSIM of ``net`` over ``images`` at one ``ratio``."""
-    from ..evaluation import blockcs_factory
-    from ..metrics import psnr, ssim_skimage
-
-    make = blockcs_factory(ratio, seed=0, block_size=args.block_size)
-    scores = []
-    for index, (_, image) in enumerate(images):
-        x = image.unsqueeze(0).to(device)
-        op = make(tuple(image.shape[1:]), index)
-        if args.matrix_seed:
-            op = type(op)(**{**op.config_args(), "matrix_seed": args.matrix_seed})
-        estimate = op.crop(net(op.measure(x), op)).clamp(0, 1)
-        scores.append((float(psnr(estimate, x)[0]), float(ssim_skimage(estimate, x)[0])))
-    return {"psnr": sum(s[0] for s in scores) / len(scores), "ssim": sum(s[1] for s in scores) / len(scores)}
+    per_level = {}
+    for level in args.val_levels:
+        result = evaluate("idm", images, validation_factory(args, level), ratio=None, device=str(device),
+                          reconstruct=lambda y, op: net(y.to(device), op))
+        per_level[level] = result.mean
+    if len(per_level) == 1:
+        return dict(next(iter(per_level.values())))
+    out = {f"{key}@{v:g}": scores[key] for v, scores in per_level.items() for key in ("psnr", "ssim")}
+    for key in ("psnr", "ssim"):
+        out[key] = sum(scores[key] for scores in per_level.values()) / len(per_level)
+    return out
 
 
 # --- training --------------------------------------------------------------------------------
@@ -322,7 +316,6 @@ def train(args: argparse.Namespace) -> int:
     from accelerate.utils import gather_object, set_seed
 
     from ..data import ImageFolder
-    from ..physics import BlockCS
 
     accelerator = new_accelerator(args.mixed_precision)
     world, device = accelerator.num_processes, accelerator.device
@@ -333,7 +326,7 @@ def train(args: argparse.Namespace) -> int:
     set_seed(args.seed)
     state = None
     if args.resume:
-        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS)
+        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS, added=ADDED_OPTIONS)
         model = empty_network(args.arch, state["net_config"]).set_levels(args.levels)
         model.load_unique_state_dict(state["model"], source=f"training state {state_path}")
         provenance = state["provenance"]
@@ -348,8 +341,10 @@ def train(args: argparse.Namespace) -> int:
         optimizer, lambda s: lr_factor(s, args.lr_schedule, args.warmup, args.steps)
     )
     memory = ("levels",) if args.arch == "idm" else ()
-    shown = ("val_ratios",) if args.ratio_range is not None else ()
-    command = command_line("train.finetune", args, (*TRAJECTORY_OPTIONS, *memory, "out", "val", "val_limit", *shown))
+    shown = ("val_levels",)
+    blockcs_only = () if args.operator == "blockcs" else ("block_size", "matrix_seed")
+    options = [name for name in TRAJECTORY_OPTIONS if name not in blockcs_only]
+    command = command_line("train.finetune", args, (*options, *memory, "out", "val", "val_limit", *shown))
     progress = Progress(command=command)
     if state is not None:
         progress = resume_progress(state, accelerator, optimizer, scheduler,
@@ -363,15 +358,7 @@ def train(args: argparse.Namespace) -> int:
     if args.val and accelerator.is_main_process:
         folder = ImageFolder(args.val, limit=args.val_limit)
         val_images = [folder[i] for i in range(len(folder))]
-    base_ops: dict[int, BlockCS] = {}  # one operator per number of measured rows (Φ and its pseudo-inverse)
-
-    def step_operator(step: int) -> BlockCS:
-        ratio = step_ratio(args, step)
-        rows = count_for_ratio(ratio, args.block_size**2)  # the operator's own rule: ceil(ratio·B²)
-        if rows not in base_ops:
-            base_ops[rows] = BlockCS((args.patch, args.patch), rows / args.block_size**2, block_size=args.block_size,
-                                     matrix_seed=args.matrix_seed)
-        return base_ops[rows].redraw(permutation_seed(args.seed, step))
+    step_operator = StepOperators(args)
 
     def run_validation(step: int) -> dict[str, float] | None:
         """Validate a full-precision copy of the current weights (main process only)."""
@@ -405,7 +392,7 @@ def train(args: argparse.Namespace) -> int:
             x = batch.to(device, non_blocking=True)
             op = step_operator(step)
             y = op.A(x)
-            loss = F.l1_loss(model(y, op).float(), x)
+            loss = (model(y, op) - x).abs().float().mean()  # L1 (on the modulus for complex MRI images)
             lr = optimizer_step(accelerator, model, optimizer, scheduler, loss, args.grad_clip)
             step += 1
 
@@ -448,10 +435,10 @@ def export(net: Any, directory: Path, args: argparse.Namespace, summary: RunSumm
         **provenance, "data": str(args.data), "num_images": num_images, "patch": args.patch, "steps": args.steps,
         "batch": args.batch, "lr": args.lr, "lr_schedule": args.lr_schedule, "arch": args.arch,
         **({"levels": args.levels} if args.arch == "idm" else {}),
-        "mixed_precision": args.mixed_precision, "seed": args.seed, "matrix_seed": args.matrix_seed,
+        "mixed_precision": args.mixed_precision, "seed": args.seed, "operator": args.operator,
         **summary.fields(), "storage_dtype": args.export_dtype,
     }
-    extra: dict[str, Any] = {"training": training, "matrix_seed": args.matrix_seed}
+    extra: dict[str, Any] = {"training": training, **({"matrix_seed": args.matrix_seed} if args.operator == "blockcs" else {})}
     if validation:
         extra["validation"] = {"data": val_name, **validation}
     params = sum(p.numel() for p in net.parameters())
@@ -475,15 +462,14 @@ def export(net: Any, directory: Path, args: argparse.Namespace, summary: RunSumm
             f"T = {cfg.steps}, unshuffle {cfg.unshuffle}, {cfg.describe_backbone()}, "
             f"injectors {'on' if cfg.injectors else 'off'}, learned ᾱ {alphas}")
         init = f"{provenance.get('init_kind')} `{provenance.get('init')}`"
-    ratio_text = (f"ratio {args.ratio:g}" if args.ratio_range is None else
-                  f"every ratio in [{args.ratio_range[0]:g}, {args.ratio_range[1]:g}] (one network, ratio drawn per step)")
+    measurement = describe(args)
     lines = [
-        f"# idm {title} — scrambled block CS, {ratio_text}",
+        f"# idm {title} — {measurement}",
         "",
         f"{summary_line} {params / 1e6:.2f} M parameters stored as {args.export_dtype}. Use with {use}.",
         "",
         "| | |", "|---|---|",
-        f"| measurement | scrambled block CS, {ratio_text}, block {args.block_size}, Φ seed {args.matrix_seed} |",
+        f"| measurement | {measurement} |",
         f"| initialisation | {init} |",
         f"| network | {network} |",
         data_row(args, num_images),
@@ -493,17 +479,17 @@ def export(net: Any, directory: Path, args: argparse.Namespace, summary: RunSumm
          else f"| mixed precision | {args.mixed_precision} |"),
         *summary.card_rows(),
     ]
-    if validation and args.ratio_range is not None:
-        for r in args.val_ratios:
-            lines.append(f"| validation on `{val_name}` at ratio {r:g} | PSNR {validation[f'psnr@{r:g}']:.2f} dB, "
-                         f"SSIM {validation[f'ssim@{r:g}']:.4f} |")
+    level = LEVEL_NAMES[args.operator]
+    if validation and len(args.val_levels) > 1:
+        for v in args.val_levels:
+            lines.append(f"| validation on `{val_name}` at {level} {v:g} | PSNR {validation[f'psnr@{v:g}']:.2f} dB, "
+                         f"SSIM {validation[f'ssim@{v:g}']:.4f} |")
     elif validation:
         lines.append(f"| validation on `{val_name}` | PSNR {validation['psnr']:.2f} dB, SSIM {validation['ssim']:.4f} |")
     lines += summary.command_lines()
-    band = {"ratio_range": args.ratio_range} if args.ratio_range is not None else {}
-    return net.save(directory, "\n".join(lines) + "\n", ratio=args.ratio if args.ratio_range is None else None,
-                    operator="blockcs", **band,
-                    block_size=args.block_size, extra=extra, dtype=EXPORT_DTYPES[args.export_dtype])
+    fields = checkpoint_fields(args)
+    extra.update(fields.pop("extra", {}))
+    return net.save(directory, "\n".join(lines) + "\n", **fields, extra=extra, dtype=EXPORT_DTYPES[args.export_dtype])
 
 
 if __name__ == "__main__":
