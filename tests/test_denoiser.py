@@ -4,12 +4,14 @@ multi-ratio IDM checkpoints."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from idm.data import save_image
 from idm.errors import IDMError
 from idm.network import IDMNet, load_idm
 from idm.physics import BlockCS
@@ -322,3 +324,34 @@ def test_ratio_range_is_for_idm_networks_only(tmp_path, capsys) -> None:
                  "--steps", "1", "--batch", "1", "--patch", "32", "--block-size", "16", "--no-progress"])
     assert code == 2 and "--arch unrolled trains for one block-CS --ratio" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_calibrated_sigma_scale_interpolates_and_the_tool_writes_it(tmp_path) -> None:
+    net = IDMNet.from_prior(DenoiserPrior(tiny_denoiser(6), NoiseSchedule()), steps=2, levels="none")
+    config = replace(net.config, sigma_scale=((0.5, 0.25), (0.1, 1.0)))
+    assert config.sigma_scale == ((0.1, 1.0), (0.5, 0.25))  # sorted
+    assert config.sigma_factor(None) == 1.0 and config.sigma_factor(0.05) == 1.0 and config.sigma_factor(0.8) == 0.25
+    assert config.sigma_factor(0.3) == pytest.approx(0.5)  # log-linear between the anchors
+    for bad in (((0.0, 1.0),), ((0.2, 0.0),), ((0.2, 1.0), (0.2, 2.0))):
+        with pytest.raises(IDMError, match="sigma_scale"):
+            replace(net.config, sigma_scale=bad)
+    abar = net.abar().detach()
+    net.config = config
+    scaled = net.abar(0.5).detach()
+    torch.testing.assert_close((1 - scaled[1:]) / scaled[1:], 0.25 * (1 - abar[1:]) / abar[1:])
+    torch.testing.assert_close(net.abar(0.05).detach(), abar)
+    # the tool: a grid per ratio on training images, the best factor into config and card, weights unchanged
+    from train.calibrate_schedule import main
+
+    net.config = replace(config, sigma_scale=None)
+    net.save(tmp_path / "multi", "# card", ratio=None, ratio_range=(0.1, 0.5), block_size=8, dtype=None)
+    for i in range(2):
+        save_image(tmp_path / "train" / f"{i}.png", torch.rand(1, 16, 16))
+    assert main(["--checkpoint", str(tmp_path / "multi"), "--data", str(tmp_path / "train"), "--ratios", "0.2,0.4",
+                 "--factors", "0.5,1", "--out", str(tmp_path / "cal")]) == 0
+    calibrated, stored = load_idm(tmp_path / "cal")
+    assert [r for r, _ in calibrated.config.sigma_scale] == [0.2, 0.4]
+    assert all(f in (0.5, 1.0) for _, f in calibrated.config.sigma_scale)
+    assert "## Schedule calibration" in (tmp_path / "cal" / "README.md").read_text()
+    assert (tmp_path / "multi" / "model.safetensors").read_bytes() == (tmp_path / "cal" / "model.safetensors").read_bytes()
+    assert main(["--checkpoint", str(tmp_path / "cal"), "--data", str(tmp_path / "train"), "--factors", "0,1"]) == 2

@@ -49,6 +49,12 @@ class IDMConfig:
             backbone channel) and folds the two parts into the batch for the backbone, so a
             1-channel prior denoises Re and Im as two images; the injectors see both parts
             together (``Injector(group=2)``) and data consistency acts on the complex image.
+        sigma_scale: a calibrated, ratio-dependent schedule: pairs ``(ratio, factor)`` (sorted by
+            ratio); for measurements with a sampling ratio r (block CS, inpainting) every step's noise
+            variance σ_t² = (1 − ᾱ_t)/ᾱ_t is multiplied by ``factor(r)``, interpolated linearly in
+            ``log factor`` between the pairs and held constant outside them (None: 1). Not learned:
+            fitted after training on training images (``train/calibrate_schedule.py``), because one
+            learned ᾱ cannot suit every ratio of a multi-ratio network.
         dc_iterations: conjugate-gradient steps of each data-consistency solve for operators whose
             A† is iterative (CT; multi-coil MRI), part of the trained function; None uses the operator's
             own A† (exact for block CS, inpainting, single-coil MRI).
@@ -79,6 +85,7 @@ class IDMConfig:
     start: str = "adjoint"
     complex: bool = False
     dc_iterations: int | None = None
+    sigma_scale: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.denoiser is not None:
@@ -117,6 +124,11 @@ class IDMConfig:
             raise IDMError(f"coupling_v must lie in (0, 1), got {self.coupling_v}")
         if self.dc_iterations is not None and (isinstance(self.dc_iterations, bool) or int(self.dc_iterations) < 1):
             raise IDMError(f"dc_iterations must be a positive integer or None, got {self.dc_iterations!r}")
+        if self.sigma_scale is not None:
+            pairs = tuple(sorted((float(r), float(f)) for r, f in self.sigma_scale))
+            if not pairs or any(not (0 < r <= 1 and f > 0) for r, f in pairs) or len({r for r, _ in pairs}) != len(pairs):
+                raise IDMError(f"sigma_scale must be distinct (ratio in (0, 1], factor > 0) pairs, got {self.sigma_scale!r}")
+            object.__setattr__(self, "sigma_scale", pairs)
         if not isinstance(self.complex, bool):
             raise IDMError(f"complex must be true or false, got {self.complex!r}")
         object.__setattr__(self, "steps", int(self.steps))
@@ -160,6 +172,21 @@ class IDMConfig:
                     f"{list(cfg['block_out_channels'])}, pruned: {', '.join(k for k, v in prune.items() if v) or 'nothing'}"
                     f"{' = ' + str(prune['deepest']) if prune.get('deepest') else ''})")
         return f"U-Net base {self.unet.base_channels} ch, mults {list(self.unet.channel_mults)}"
+
+    def sigma_factor(self, ratio: float | None) -> float:
+        """The calibrated factor of σ_t² at sampling ratio ``ratio`` (1 without calibration or ratio)."""
+        if self.sigma_scale is None or ratio is None:
+            return 1.0
+        import math
+
+        pairs = self.sigma_scale
+        if ratio <= pairs[0][0]:
+            return pairs[0][1]
+        for (r0, f0), (r1, f1) in zip(pairs, pairs[1:]):
+            if ratio <= r1:
+                w = (ratio - r0) / (r1 - r0)
+                return math.exp((1 - w) * math.log(f0) + w * math.log(f1))
+        return pairs[-1][1]
 
     def with_levels(self, levels: str) -> "IDMConfig":
         return replace(self, levels=levels)

@@ -232,10 +232,15 @@ class IDMNet(nn.Module):
         return self
 
     # --- the sampler -------------------------------------------------------------------------
-    def abar(self) -> torch.Tensor:
-        """``(T + 1,)`` cumulative products ``[1, ᾱ_1, …, ᾱ_T]`` of the clamped α."""
+    def abar(self, ratio: float | None = None) -> torch.Tensor:
+        """``(T + 1,)`` cumulative products ``[1, ᾱ_1, …, ᾱ_T]`` of the clamped α; with a sampling
+        ``ratio`` and a calibrated ``config.sigma_scale``, each σ_t² = (1 − ᾱ_t)/ᾱ_t scaled by its factor."""
         alpha = self.alpha.clamp(*ALPHA_RANGE)
-        return torch.cat([alpha.new_ones(1), alpha.cumprod(0)])
+        abar = alpha.cumprod(0)
+        factor = self.config.sigma_factor(ratio)
+        if factor != 1.0:
+            abar = 1 / (1 + factor * (1 - abar) / abar)
+        return torch.cat([alpha.new_ones(1), abar])
 
     def forward(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         """Measurements ``y`` (``op.measurement_shape(B, C)``) → estimate ``(B, C, *op.domain_size)``,
@@ -255,7 +260,8 @@ class IDMNet(nn.Module):
             raise IDMError(f"IDM network expects {self.config.backbone_channels}-channel "
                            f"{'complex ' if self.config.complex else ''}images, the measurements give "
                            f"{meas.aty.shape[1] // self.config.fold}")
-        abar = self.abar()
+        ratio = op.config().get("ratio")
+        abar = self.abar(float(ratio) if ratio is not None else None)
         x = abar[-1].sqrt() * to_model_range(meas.to_canvas(self.start_estimate(y, op)))
         out = self.sampler(x, {"meas": meas, "abar": abar})
         return meas.from_canvas(from_model_range(out))
