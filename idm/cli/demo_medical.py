@@ -43,6 +43,7 @@ from ..bench.methods import MethodChoice, build_method
 from ..errors import IDMError
 from ..evaluation import Evaluation, ImageScore, evaluate, operator_factory
 from ..io.atomic import atomic_write
+from ..network.method import OPERATOR_CHECKPOINTS
 from ..registry import METHODS
 from .common import write_json
 
@@ -101,8 +102,6 @@ def run_medical(args: argparse.Namespace) -> int:
                 print(f"note: skipping {name} on {case.name}: it applies to {' / '.join(ONLY_FOR[name])} only")
                 continue
             if (name, case.kind) not in built:  # idm: the shipped checkpoint of the operator kind, loaded now
-                from ..network.method import OPERATOR_CHECKPOINTS
-
                 checkpoint = OPERATOR_CHECKPOINTS[case.kind] if name == "idm" else None
                 choice = MethodChoice(name, checkpoint=checkpoint, explicit=bool(explicit))
                 built[name, case.kind] = build_method(choice, device=args.device, seed=args.seed, ratio=None)

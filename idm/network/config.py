@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -177,8 +178,6 @@ class IDMConfig:
         """The calibrated factor of σ_t² at sampling ratio ``ratio`` (1 without calibration or ratio)."""
         if self.sigma_scale is None or ratio is None:
             return 1.0
-        import math
-
         pairs = self.sigma_scale
         if ratio <= pairs[0][0]:
             return pairs[0][1]

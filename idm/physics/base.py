@@ -74,10 +74,19 @@ class LinearOperator:
     def AtA(self, x: torch.Tensor) -> torch.Tensor:
         return self.A_adjoint(self.A(x))
 
+    def exact_norm_squared(self) -> float | None:
+        """‖A‖² where the operator knows it in closed form (AᴴA a nonzero orthogonal projection: 1),
+        else None. Subclasses override it; :meth:`norm_squared` then skips the power iteration."""
+        return None
+
     def norm_squared(self, like: torch.Tensor | None = None, iterations: int = 30) -> float:
-        """‖A‖², the largest eigenvalue of AᴴA, by power iteration from a seeded ``(1, 1, *domain)``
-        image of ``like``'s dtype and device (default CPU float32); computed once per dtype and
-        device and kept on the operator (a lower bound that converges from below)."""
+        """‖A‖², the largest eigenvalue of AᴴA: :meth:`exact_norm_squared` if known, else by power
+        iteration from a seeded ``(1, 1, *domain)`` image of ``like``'s dtype and device (default CPU
+        float32), computed once per dtype and device and kept on the operator (a lower bound that
+        converges from below)."""
+        exact = self.exact_norm_squared()
+        if exact is not None:
+            return exact
         dtype = like.dtype if like is not None else torch.float32
         device = like.device if like is not None else torch.device("cpu")
         if (dtype, device) not in self._norm_squared:

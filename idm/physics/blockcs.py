@@ -130,6 +130,10 @@ class BlockCS(LinearOperator):
         scrambled = rearrange(y @ phi, "b c n p -> b c (n p)")
         return rearrange(scrambled.index_select(-1, inverse), "b c (h w) -> b c h w", h=self._domain[0])
 
+    def exact_norm_squared(self) -> float:
+        """1: Φ has orthonormal rows, so AᵀA is an orthogonal projection."""
+        return 1.0
+
     def A_dagger(self, y: torch.Tensor) -> torch.Tensor:
         """A† = Aᵀ (Φ has orthonormal rows)."""
         return self.A_adjoint(y)

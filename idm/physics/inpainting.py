@@ -87,6 +87,10 @@ class Inpainting(LinearOperator):
         self.check_measurements(y)
         return y * self._mask_as(y)
 
+    def exact_norm_squared(self) -> float | None:
+        """1 (AᵀA is the 0/1 mask, a projection) unless the mask keeps nothing."""
+        return 1.0 if bool(self.mask.any()) else None
+
     def A_dagger(self, y: torch.Tensor) -> torch.Tensor:
         return self.A_adjoint(y)
 

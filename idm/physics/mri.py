@@ -375,6 +375,11 @@ class MRI(LinearOperator):
             x = (x * self._as("sens", y).conj()).sum(1, keepdim=True)
         return x
 
+    def exact_norm_squared(self) -> float | None:
+        """Single-coil: 1 (AᴴA = F⁻¹ M F, a projection) unless the mask is empty; multi-coil: None
+        (it depends on the sensitivities)."""
+        return 1.0 if self._sens is None and bool(self._mask.any()) else None
+
     def A_dagger(self, y: torch.Tensor, iterations: int | None = None) -> torch.Tensor:
         """Zero-filled ``F⁻¹ M y`` (single-coil, exact) or CG-SENSE ``(AᴴA)⁻¹ Aᴴ y`` (multi-coil;
         ``iterations`` CG steps, default :attr:`cg_iterations`)."""

@@ -26,6 +26,8 @@ import torch
 
 from ..errors import IDMError, check_ratio
 from ..evaluation import OperatorFactory, operator_factory
+from ..physics import MRI, BlockCS, ParallelBeamCT
+from ..physics._args import count_for_ratio
 from ..physics.base import LinearOperator
 
 #: operator kinds ``idm finetune`` trains for
@@ -102,10 +104,11 @@ def check_task_args(args: argparse.Namespace) -> None:
         raise IDMError(f"unknown --operator {kind!r}; use one of {', '.join(TASK_KINDS)}")
     if args.val_levels is None:
         low, high = level_range(args)
-        middle = round((low + high) / 2) if kind == "ct" else (low + high) / 2
-        args.val_levels = sorted({low, middle, high}) if kind != "blockcs" or args.ratio_range is not None else [low]
-        if kind == "blockcs" and args.ratio_range is not None:
-            args.val_levels = [0.1, 0.3, 0.5]
+        if kind == "blockcs":
+            args.val_levels = [0.1, 0.3, 0.5] if args.ratio_range is not None else [low]
+        else:
+            middle = round((low + high) / 2) if kind == "ct" else (low + high) / 2
+            args.val_levels = sorted({low, middle, high})
     args.val_levels = [float(v) for v in args.val_levels]
 
 
@@ -150,29 +153,22 @@ class StepOperators:
     block-CS Φ and its pseudo-inverse are computed once per row count)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from ..physics import BlockCS
-        from ..physics._args import count_for_ratio
-
-        self.args, self._blockcs, self._rows = args, BlockCS, count_for_ratio
+        self.args = args
         self._cache: dict[Any, LinearOperator] = {}
 
     def __call__(self, step: int) -> LinearOperator:
         args, level = self.args, step_level(self.args, step)
         size, seed = (args.patch, args.patch), step_seed(args.seed, step)
         if args.operator == "blockcs":
-            rows = self._rows(level, args.block_size**2)  # the operator's own rule: ceil(ratio·B²)
+            rows = count_for_ratio(level, args.block_size**2)  # the operator's own rule: ceil(ratio·B²)
             if rows not in self._cache:
-                self._cache[rows] = self._blockcs(size, rows / args.block_size**2, block_size=args.block_size,
+                self._cache[rows] = BlockCS(size, rows / args.block_size**2, block_size=args.block_size,
                                                   matrix_seed=args.matrix_seed)
             return self._cache[rows].redraw(seed)
         if args.operator == "mri":
-            from ..physics import MRI
-
             return MRI(size, acceleration=level, mask_type=args.mask, seed=seed)
         wedge = step_wedge(args, step)
         if (level, wedge) not in self._cache:
-            from ..physics import ParallelBeamCT
-
             if len(self._cache) > 256:  # wedges are drawn from a continuum: keep the cache bounded
                 self._cache.clear()
             self._cache[level, wedge] = ParallelBeamCT(size, views=int(level), angle_range=(0.0, wedge))
