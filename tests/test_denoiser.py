@@ -354,4 +354,8 @@ def test_calibrated_sigma_scale_interpolates_and_the_tool_writes_it(tmp_path) ->
     assert all(f in (0.5, 1.0) for _, f in calibrated.config.sigma_scale)
     assert "## Schedule calibration" in (tmp_path / "cal" / "README.md").read_text()
     assert (tmp_path / "multi" / "model.safetensors").read_bytes() == (tmp_path / "cal" / "model.safetensors").read_bytes()
+    assert calibrated.config.passes == 1
+    assert main(["--checkpoint", str(tmp_path / "multi"), "--data", str(tmp_path / "train"), "--ratios", "0.2",
+                 "--factors", "1", "--passes", "2", "--out", str(tmp_path / "cal2")]) == 0
+    assert load_idm(tmp_path / "cal2")[0].config.passes == 2
     assert main(["--checkpoint", str(tmp_path / "cal"), "--data", str(tmp_path / "train"), "--factors", "0,1"]) == 2

@@ -4,6 +4,7 @@ exact resume, re-init, DDP."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -124,6 +125,9 @@ def test_init_from_an_idm_checkpoint_at_another_ratio(workspace: Path, exported:
     assert provenance["init_kind"] == "idm" and start.levels == "both"
     for (key, a), b in zip(start.unique_state_dict().items(), source.unique_state_dict().values()):
         assert torch.equal(a, b), key
+    # the number of sampler passes is not part of the weights: it may change
+    with_passes, _ = build_network(build_parser().parse_args([*args, "--passes", "2"]))
+    assert with_passes.config.passes == 2 and start.config.passes == 1
     # the architecture of an IDM --init is fixed
     args[args.index("--sampling-steps") + 1] = "3"
     args[args.index("--out") + 1] = str(workspace / "from-idm-T3")
@@ -149,6 +153,24 @@ def test_learning_rate_schedules() -> None:
     assert lr_factor(0, "cosine", 10, 100) == pytest.approx(0.1)
     assert lr_factor(10, "cosine", 10, 100) == pytest.approx(1.0)
     assert lr_factor(100, "cosine", 10, 100) == pytest.approx(0.1)
+
+
+def test_level_sampling_draws_from_the_range_uniformly_or_log_uniformly() -> None:
+    import argparse
+
+    from idm.training.tasks import step_level
+
+    def draws(sampling: str) -> torch.Tensor:
+        args = argparse.Namespace(operator="blockcs", ratio=None, ratio_range=[0.05, 0.6], seed=0, level_sampling=sampling)
+        return torch.tensor([step_level(args, s) for s in range(2000)])
+
+    uniform, log = draws("uniform"), draws("log")
+    for values in (uniform, log):
+        assert 0.05 <= float(values.min()) and float(values.max()) <= 0.6
+    assert torch.equal(uniform, draws("uniform"))  # seeded by the step: --resume replays it
+    share = {name: float((v < 0.15).double().mean()) for name, v in (("uniform", uniform), ("log", log))}
+    assert share["uniform"] == pytest.approx(0.1 / 0.55, abs=0.03)
+    assert share["log"] == pytest.approx(math.log(3) / math.log(12), abs=0.03)
 
 
 def test_two_cpu_processes_stay_in_sync_and_match_one_process(workspace: Path) -> None:

@@ -498,3 +498,26 @@ def test_tensor_needing_grad_hidden_in_an_opaque_context_object_is_refused():
     seq(x, Holder(torch.zeros(1, 2, 3, 3))).sum().backward()  # no grad needed: fine
     with pytest.raises(ValueError, match="requires grad"):
         seq(x, Holder(torch.zeros(1, 2, 3, 3, requires_grad=True)))
+
+
+def test_inference_coupling_reuses_fresh_buffers_but_never_its_inputs() -> None:
+    """Without grad the coupling blends into the body's output in place; a body that returns its input
+    (or a view of it) must not have that input overwritten."""
+    from idm.invertible.coupling import Coupling
+
+    class Returns(torch.nn.Module):
+        def __init__(self, fn) -> None:
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, x, context=None):
+            return self.fn(x)
+
+    x1, x2 = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
+    for fn in (lambda x: x, lambda x: x[:], lambda x: 2 * x):
+        coupling = Coupling(Returns(fn), v_init=0.3)
+        keep1, keep2 = x1.clone(), x2.clone()
+        with torch.no_grad():
+            y1, y2 = coupling(x1, x2)
+        torch.testing.assert_close(y1, 0.7 * fn(keep1) + 0.3 * keep2)
+        assert torch.equal(x1, keep1) and torch.equal(x2, keep2) and torch.equal(y2, keep1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -47,10 +48,12 @@ def images(batch: int = 2, size: int = 32) -> torch.Tensor:
 
 
 # --- the sampler ---------------------------------------------------------------------------------
-def plain_sampler(unet: UNet, emb: torch.Tensor, abar: list[float], y: torch.Tensor, op, unshuffle: int) -> torch.Tensor:
-    """Reference: deterministic DDIM with range-null-space data consistency, written out directly."""
+def plain_sampler(unet: UNet, emb: torch.Tensor, abar: list[float], y: torch.Tensor, op, unshuffle: int,
+                  start: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: deterministic DDIM with range-null-space data consistency, written out directly,
+    from ``start`` (default A†y)."""
     T = len(abar) - 1
-    x = math.sqrt(abar[T]) * (2 * op.A_dagger(y) - 1)
+    x = math.sqrt(abar[T]) * (2 * (op.A_dagger(y) if start is None else start) - 1)
     for t in range(T, 0, -1):
         h = F.pixel_unshuffle(x, unshuffle) if unshuffle > 1 else x
         eps = unet(h, emb=emb)
@@ -82,6 +85,28 @@ def test_network_with_zero_couplings_is_the_plain_sampler(prior: Prior, unshuffl
         expected = plain_sampler(reference_unet, emb, abar, y, op, unshuffle)
         got = net(y, op)  # injectors are zero-initialised: identity
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    # passes = 2: the sampler runs again from its own output
+    net.config = dataclasses.replace(net.config, passes=2)
+    with torch.no_grad():
+        twice = plain_sampler(reference_unet, emb, abar, y, op, unshuffle, start=expected)
+        torch.testing.assert_close(net(y, op), twice, rtol=1e-10, atol=1e-10)
+    assert float((twice - expected).abs().max()) > 1e-3  # the second pass does something
+
+
+def test_passes_keep_gradients_equal_to_plain_autograd_and_are_validated(prior: Prior) -> None:
+    torch.manual_seed(0)
+    net = randomized(IDMNet.from_prior(prior, steps=2, unshuffle=2, levels="none", passes=2)).double()
+    op = BlockCS((32, 32), 0.25, block_size=8, seed=5)
+    x = images().double()
+    y = op.A(x)
+    loss_plain, plain = _gradients(net, "none", y, x, op)
+    loss, grads = _gradients(net, "both", y, x, op)
+    assert loss == pytest.approx(loss_plain, rel=1e-10)
+    for name, g in plain.items():
+        assert float((grads[name] - g).norm()) <= 1e-8 * max(float(g.norm()), 1e-3), name
+    for bad in (0, True, 1.5):
+        with pytest.raises(IDMError, match="passes"):
+            dataclasses.replace(net.config, passes=bad)
 
 
 def test_unshuffled_unet_initialisation_reproduces_the_prior_on_half_resolution(prior: Prior) -> None:
@@ -259,6 +284,10 @@ def test_idm_method_picks_the_shipped_checkpoint_for_the_ratio(prior: Prior, tmp
     explicit = build(checkpoint=str(tmp_path / "idm-cs25"), ratio=0.25)
     with torch.no_grad():
         torch.testing.assert_close(explicit(y, op), reconstruct(y, op), rtol=0, atol=0)
+    # the passes option overrides the checkpoint's
+    net.config = dataclasses.replace(net.config, passes=2)
+    with torch.no_grad():
+        torch.testing.assert_close(build(ratio=0.25, passes=2)(y, op), net.set_levels("none")(y, op), rtol=1e-6, atol=1e-6)
 
 
 def test_idm_method_errors(prior: Prior, tmp_path, monkeypatch) -> None:
@@ -281,6 +310,8 @@ def test_idm_method_errors(prior: Prior, tmp_path, monkeypatch) -> None:
         build(checkpoint=str(tmp_path / "idm-cs25"), ratio=0.1)
     with pytest.raises(IDMError, match="no option"):
         build(ratio=0.25, steps=5)
+    with pytest.raises(IDMError, match="passes must be a positive integer"):
+        build(ratio=0.25, passes=0)
     reconstruct = build(checkpoint=str(tmp_path / "idm-cs25"))
     op = BlockCS((32, 32), 0.1, block_size=8)
     with pytest.raises(IDMError, match="trained for ratio 0.25"):

@@ -2,7 +2,7 @@
 
     python -m train.calibrate_schedule --checkpoint checkpoints/idm-multi \\
         --data ../shared/data/natural/Train400 --limit 16 --ratios 0.05,0.1,0.2,0.3,0.4,0.5,0.6 \\
-        --factors 0.05,0.1,0.25,0.5,1,2 [--out DIR]
+        --factors 0.05,0.1,0.25,0.5,1,2 [--passes N] [--out DIR]
 
 One learned schedule ᾱ serves every ratio of a multi-ratio network, and it suits the low ratios it
 is most often wrong at: at high ratios the start (``tv``) is already good and the schedule's noise
@@ -12,7 +12,7 @@ multiplies every σ_t² = (1 − ᾱ_t)/ᾱ_t (``IDMConfig.sigma_scale``), by th
 measured as ``idm eval`` does (block CS of the checkpoint's block size / matrix seed, permutation seed
 = image index). The checkpoint (``--out``, default: in place) gets the pairs in its config and a
 "Schedule calibration" section in its card with the whole grid and this command; the weights are not
-changed. Files are replaced atomically.
+changed. ``--passes`` sets the number of sampler passes (``IDMConfig.passes``) calibrated for and stored. Files are replaced atomically.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=16, help="first N images (default 16)")
     parser.add_argument("--ratios", default="0.05,0.1,0.2,0.3,0.4,0.5,0.6", help="anchor ratios")
     parser.add_argument("--factors", default="0.05,0.1,0.25,0.5,1,2", help="σ² factors tried at each ratio")
+    parser.add_argument("--passes", type=int, help="sampler passes to calibrate for and store in the checkpoint "
+                        "(IDMConfig.passes; default: the checkpoint's)")
     parser.add_argument("--out", help="write the calibrated checkpoint here (default: in place)")
     parser.add_argument("--threads", type=int, help="torch threads")
     return parser
@@ -68,7 +70,7 @@ def calibrate(args: argparse.Namespace) -> int:
     folder = ImageFolder(args.data, limit=args.limit)
     images = [folder[i] for i in range(len(folder))]
     net, _ = load_idm(source)
-    base = replace(net.config, sigma_scale=None)
+    base = replace(net.config, sigma_scale=None, **({} if args.passes is None else {"passes": args.passes}))
     grid: dict[float, dict[float, float]] = {}
     for ratio in ratios:
         make = blockcs_factory(ratio, block_size=config["block_size"], matrix_seed=config.get("matrix_seed", 0))
@@ -80,10 +82,12 @@ def calibrate(args: argparse.Namespace) -> int:
             print(f"ratio {ratio:g}  σ² × {factor:g}: {grid[ratio][factor]:.3f} dB", flush=True)
     best = [(r, max(grid[r], key=grid[r].get)) for r in ratios]
     config["idm"]["sigma_scale"] = [list(pair) for pair in best]
+    config["idm"]["passes"] = base.passes
     command = shlex.join(["python", "-m", "train.calibrate_schedule", *sys.argv[1:]])
     lines = ["", "## Schedule calibration", "",
              f"The learned ᾱ is used with σ_t² scaled by a factor per sampling ratio (`sigma_scale`, log-linear "
-             f"between the anchors), chosen by mean PSNR on the first {len(images)} images of `{args.data}` "
+             f"between the anchors) and {base.passes} sampler pass{'es' if base.passes > 1 else ''} "
+             f"(`passes`), chosen by mean PSNR on the first {len(images)} images of `{args.data}` "
              "(training images); weights unchanged. PSNR (dB) per factor:", "",
              "| ratio | " + " | ".join(f"× {f:g}" for f in factors) + " | chosen |",
              "|---|" + "---|" * (len(factors) + 1)]

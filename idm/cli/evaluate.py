@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     print(result.table())
     if args.json:
         payload = result.to_json()
+        if checkpoint is not None:
+            payload["checkpoint"] = str(checkpoint)
+        if options:
+            payload["options"] = options
         if kind != "blockcs":
             payload["operator"] = factory(tuple(folder[0][1].shape[1:]), 0).config()
         write_json(args.json, payload)

@@ -40,6 +40,12 @@ import torch
 from torch import nn
 
 
+def _owns_storage(f: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether ``f`` shares no memory with ``others`` (then it may be overwritten in place)."""
+    pointer = f.untyped_storage().data_ptr()
+    return all(pointer != o.untyped_storage().data_ptr() for o in others)
+
+
 def call_body(body: nn.Module, x: torch.Tensor, context: Any) -> torch.Tensor:
     """``body(x, context)`` checked to preserve the shape of ``x``."""
     out = body(x, context)
@@ -66,7 +72,10 @@ class Coupling(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, context: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         f = call_body(self.body, x1, context).to(x2.dtype)
-        return (1 - self.v) * f + self.v * x2, x1
+        v = self.v.to(f.dtype)
+        if not torch.is_grad_enabled() and _owns_storage(f, x1, x2):
+            return f.lerp_(x2, v), x1  # inference: (1 − v)·f + v·x₂ into f's buffer (no new allocation)
+        return torch.lerp(f, x2, v), x1  # (1 − v)·f + v·x₂ in one pass over memory
 
     def inverse(self, y1: torch.Tensor, y2: torch.Tensor, context: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs ``(x₁, x₂)`` recovered from outputs ``(y₁, y₂)``: ``x₁ = y₂``, ``x₂ = (y₁ − (1 − v)·f(y₂)) / v``."""

@@ -265,7 +265,7 @@ class ReversibleSequence(nn.Module):
         if check_memory_mode(self.memory_mode) == "reversible" and torch.is_grad_enabled():
             return self._reversible(x, context)
         y1, y2 = self.forward_streams(x, context)
-        return y1 + self.m.to(y1.dtype) * y2
+        return torch.addcmul(y1, self.m.to(y1.dtype), y2)  # y₁ + m·y₂
 
     def forward_streams(self, x: torch.Tensor, context: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The two output streams ``(y₁, y₂)`` before the merge (plain or checkpointed autograd)."""

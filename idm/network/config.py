@@ -59,6 +59,12 @@ class IDMConfig:
         dc_iterations: conjugate-gradient steps of each data-consistency solve for operators whose
             A† is iterative (CT; multi-coil MRI), part of the trained function; None uses the operator's
             own A† (exact for block CS, inpainting, single-coil MRI).
+        passes: how many times the T-step sampler runs, each pass started from the previous pass's
+            output (x_start ← x₀, then x_T = √ᾱ_T · (2 x_start − 1) again): ``passes · T`` backbone
+            evaluations with the same weights and schedule, which at low sampling ratios is worth
+            more than its time (docs/denoiser-priors.md). Part of the trained function when training
+            with it (``idm finetune --passes``); set after training it is an inference choice like
+            ``sigma_scale``.
         start: the initial estimate x_start (``x_T = √ᾱ_T · (2 x_start − 1)``): ``"adjoint"``
             (A†y, free), ``"tv"`` (the ``tv`` baseline), ``"pnp"`` (the ``pnp`` method with the
             shipped ``dncnn-17``) or ``"fbp"`` (CT only: filtered backprojection, nearly free); computed without gradient, its cost is added to every call.
@@ -87,6 +93,7 @@ class IDMConfig:
     complex: bool = False
     dc_iterations: int | None = None
     sigma_scale: tuple[tuple[float, float], ...] | None = None
+    passes: int = 1
 
     def __post_init__(self) -> None:
         if self.denoiser is not None:
@@ -130,6 +137,8 @@ class IDMConfig:
             if not pairs or any(not (0 < r <= 1 and f > 0) for r, f in pairs) or len({r for r, _ in pairs}) != len(pairs):
                 raise IDMError(f"sigma_scale must be distinct (ratio in (0, 1], factor > 0) pairs, got {self.sigma_scale!r}")
             object.__setattr__(self, "sigma_scale", pairs)
+        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
+            raise IDMError(f"passes must be a positive integer, got {self.passes!r}")
         if not isinstance(self.complex, bool):
             raise IDMError(f"complex must be true or false, got {self.complex!r}")
         object.__setattr__(self, "steps", int(self.steps))

@@ -4,7 +4,7 @@ Sampler (Chen et al., "Invertible Diffusion Models for Compressed Sensing", IEEE
 the prior's value range [-1, 1] (``x_model = 2·x_image − 1``)::
 
     x = sqrt(ᾱ_T) · (2·x_start − 1)            start: x_start = A†y, or the tv / pnp result (config.start)
-    for t = T … 1:
+    for t = T … 1:                                 (config.passes > 1: repeated from x_start = the output)
         ε  = shuffle(UNet(unshuffle(x)))                           (injectors see A, y, step t)
         x̂₀ = (x − sqrt(1 − ᾱ_t)·ε) / sqrt(ᾱ_t)                    x0_from_eps
         x̂₀ = 2·DC((x̂₀ + 1)/2) − 1,  DC(x) = x − A†(A x − y)       op.project, on [0, 1]
@@ -262,9 +262,10 @@ class IDMNet(nn.Module):
                            f"{meas.aty.shape[1] // self.config.fold}")
         ratio = op.config().get("ratio")
         abar = self.abar(float(ratio) if ratio is not None else None)
-        x = abar[-1].sqrt() * to_model_range(meas.to_canvas(self.start_estimate(y, op)))
-        out = self.sampler(x, {"meas": meas, "abar": abar})
-        return meas.from_canvas(from_model_range(out))
+        canvas = meas.to_canvas(self.start_estimate(y, op))
+        for _ in range(self.config.passes):  # each pass restarts from the previous one's x₀
+            canvas = from_model_range(self.sampler(abar[-1].sqrt() * to_model_range(canvas), {"meas": meas, "abar": abar}))
+        return meas.from_canvas(canvas)
 
     def start_estimate(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         """The initial estimate x_start (B, C, *op.domain_size) on [0, 1] (complex for complex ``y``) of

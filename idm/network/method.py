@@ -8,6 +8,7 @@ the operator's kind).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,16 +31,20 @@ def build(
     seed: int = 0,
     progress: bool = False,
     ratio: float | None = None,
+    passes: int | None = None,
     **options: Any,
 ):
     """``reconstruct(y, op)`` → IDM estimate ``(B, C, *op.domain_size)`` (not clipped).
 
     ``ratio`` (the measurements' sampling ratio) picks the shipped checkpoint when ``checkpoint``
-    is None and is checked against the checkpoint's. The IDM network is deterministic: ``seed``
-    is unused. No other options.
+    is None and is checked against the checkpoint's. ``passes`` overrides the checkpoint's number
+    of sampler passes (:attr:`IDMConfig.passes`; e.g. 1 for speed). The IDM network is
+    deterministic: ``seed`` is unused. No other options.
     """
     if options:
         raise IDMError(f"method 'idm' has no option(s) {', '.join(sorted(options))}")
+    if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 1):
+        raise IDMError(f"idm option passes must be a positive integer, got {passes!r}")
     if ratio is not None:
         ratio = check_ratio(ratio)
     loaded: dict[str, Any] = {}
@@ -54,6 +59,8 @@ def build(
                 name = shipped_checkpoint("idm", ratio if ratio is not None else measured_ratio, "idm finetune")
             loaded["name"] = name
             loaded["net"], loaded["config"] = load_idm(name, device=device, ratio=ratio)
+            if passes is not None:
+                loaded["net"].config = replace(loaded["net"].config, passes=passes)
         return loaded["name"], loaded["net"], loaded["config"]
 
     if checkpoint is not None or ratio is not None:

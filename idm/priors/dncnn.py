@@ -74,6 +74,13 @@ def _conv(cin: int, cout: int, bias: bool) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, padding=1, padding_mode="circular", bias=bias)
 
 
+def _relu(h: torch.Tensor) -> torch.Tensor:
+    """ReLU, in place on the fresh convolution output when no graph is recorded (inference): a new
+    (B, 64, H, W) buffer per layer costs page faults comparable to the ReLU itself (measured: a
+    two-pass ``idm-multi`` call on 256², 1.68 → 1.37 s)."""
+    return torch.relu(h) if torch.is_grad_enabled() else h.relu_()
+
+
 class ConvReLU(nn.Module):
     """``ReLU(conv(h) + b)``: one shape-preserving middle layer (B, F, H, W) → (B, F, H, W)."""
 
@@ -82,7 +89,7 @@ class ConvReLU(nn.Module):
         self.conv = _conv(features, features, bias=True)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(h))
+        return _relu(self.conv(h))
 
 
 class InputLayer(nn.Module):
@@ -93,7 +100,7 @@ class InputLayer(nn.Module):
         self.conv = _conv(in_channels, features, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(h))
+        return _relu(self.conv(h))
 
 
 class DnCNN(nn.Module):

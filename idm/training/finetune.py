@@ -63,13 +63,13 @@ TRAJECTORY_OPTIONS = (
     "arch", "init", "prior", "prune", "phases", "channels", "ratio", "block_size", "matrix_seed", "data", "steps", "batch", "patch", "lr", "lr_schedule",
     "warmup", "grad_clip", "sampling_steps", "unshuffle", "schedule_init", "alpha_init", "coupling_v", "mixed_precision",
     "seed", "ratio_range", "start", "sigma_max", "sigma_min", "operator", "acceleration", "mask", "views",
-    "dc_iterations", "wedge",
+    "dc_iterations", "wedge", "level_sampling", "passes",
 )
 #: trajectory options added after the first runs, with the value those runs used (for --resume)
-ADDED_OPTIONS = {"operator": "blockcs", "acceleration": None, "mask": None, "views": None, "dc_iterations": None, "wedge": None}
+ADDED_OPTIONS = {"operator": "blockcs", "level_sampling": "uniform", "passes": None, "acceleration": None, "mask": None, "views": None, "dc_iterations": None, "wedge": None}
 #: IDM-only network options (``--arch unrolled`` rejects them)
 IDM_OPTIONS = ("sampling_steps", "unshuffle", "schedule_init", "alpha_init", "coupling_v", "start", "sigma_max", "sigma_min",
-               "dc_iterations")
+               "dc_iterations", "passes")
 #: the paper halves the LR at epochs 10/20/30/40 of 50
 STEP_MILESTONES = (0.2, 0.4, 0.6, 0.8)
 #: trainable reconstruction networks (``--arch``)
@@ -130,6 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     cs.add_argument("--wedge", type=_ratio_list, metavar="LOW,HIGH",
                     help="ct: also train limited angle: half of the steps use a wedge [0°, w), w uniform in "
                          "[LOW, HIGH] degrees (e.g. 90,150)")
+    cs.add_argument("--level-sampling", choices=("uniform", "log"), default="uniform",
+                    help="how a range's setting is drawn per step: uniformly (default) or log-uniformly "
+                         "(more steps at low ratios / accelerations / view counts)")
     cs.add_argument("--val-levels", "--val-ratios", type=_ratio_list, metavar="V1,V2,...",
                     help="settings validated: ratios (blockcs range: default 0.1,0.3,0.5), accelerations or view "
                          "counts (default: the range's ends and middle)")
@@ -163,6 +166,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     net.add_argument("--dc-iterations", type=int,
                      help="CG steps of each data-consistency solve for operators with an iterative A† (ct: e.g. 3; "
                           "default: the operator's own A†, 50 steps for CT)")
+    net.add_argument("--passes", type=int,
+                     help="sampler passes, each restarted from the previous output (IDMConfig.passes; default 1, "
+                          "or an IDM --init's own)")
     net.add_argument("--alpha-init", type=float, help="with --schedule-init paper: the initial α of every step, in (0, 1) "
                      "(ᾱ_t = α^t; default 0.5, the paper's)")
     net.add_argument("--coupling-v", type=float, help="initial v of every reversible coupling, in (0, 1) "
@@ -244,7 +250,7 @@ def build_network(args: argparse.Namespace):
     changes = {k: v for k, v in (("steps", args.sampling_steps), ("unshuffle", args.unshuffle),
                                  ("schedule_init", args.schedule_init), ("alpha_init", args.alpha_init),
                                  ("coupling_v", args.coupling_v), ("start", args.start),
-                                 ("dc_iterations", args.dc_iterations),
+                                 ("dc_iterations", args.dc_iterations), ("passes", args.passes),
                                  ("sigma_max", args.sigma_max), ("sigma_min", args.sigma_min))
                if v is not None}
     complex_images = args.operator == "mri"
@@ -261,7 +267,7 @@ def build_network(args: argparse.Namespace):
         if net.config.complex != complex_images:
             raise IDMError(f"--init {args.init} is an IDM network for {'complex' if net.config.complex else 'real'} "
                            f"images; --operator {args.operator} needs {'complex' if complex_images else 'real'} ones")
-        for key in ("start", "dc_iterations"):  # not part of the weights: they may change
+        for key in ("start", "dc_iterations", "passes"):  # not part of the weights: they may change
             if key in changes:
                 net.config = replace(net.config, **{key: changes.pop(key)})
         differing = {k: v for k, v in changes.items() if getattr(net.config, k) != v}
@@ -459,7 +465,7 @@ def export(net: Any, directory: Path, args: argparse.Namespace, summary: RunSumm
              "end (IDM, Chen et al., TPAMI 2025)." if cfg.denoiser else
              f"The {cfg.steps}-step sampler of a diffusion prior fine-tuned end to end (IDM, Chen et al., TPAMI 2025)."),
             "`idm reconstruct --method idm --checkpoint <this folder>` or `idm.network.load_idm(path)`",
-            f"T = {cfg.steps}, unshuffle {cfg.unshuffle}, {cfg.describe_backbone()}, "
+            f"T = {cfg.steps}{f' × {cfg.passes} passes' if cfg.passes > 1 else ''}, unshuffle {cfg.unshuffle}, {cfg.describe_backbone()}, "
             f"injectors {'on' if cfg.injectors else 'off'}, learned ᾱ {alphas}")
         init = f"{provenance.get('init_kind')} `{provenance.get('init')}`"
     measurement = describe(args)

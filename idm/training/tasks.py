@@ -12,7 +12,10 @@
   limited-angle wedge ``[0°, w)``, ``w`` uniform in the range (detectors: the operator's default for
   the patch size).
 
-Each step draws its setting uniformly from the range, seeded by the step (so ``--resume`` replays it);
+Each step draws its setting from the range, seeded by the step (so ``--resume`` replays it):
+uniformly, or with ``--level-sampling log`` log-uniformly (p(r) ∝ 1/r, which gives low ratios /
+accelerations / view counts a larger share of the steps; ratio 0.05–0.6: 44 % of the steps below
+0.15 against 18 %);
 validation runs at ``--val-levels`` (default: the ends and the middle of the range).
 """
 
@@ -51,12 +54,16 @@ def level_range(args: argparse.Namespace) -> tuple[float, float]:
 
 def step_level(args: argparse.Namespace, step: int) -> float:
     """The setting (ratio / acceleration / view count) of training step ``step``: uniform in the
-    range, seeded by the step (view counts rounded to an integer)."""
+    range, or log-uniform with ``args.level_sampling == "log"``, seeded by the step (view counts
+    rounded to an integer)."""
     low, high = level_range(args)
     if low == high:
         return low
     u = float(torch.rand((), generator=torch.Generator().manual_seed(step_seed(args.seed + 7919, step))))
-    value = low + (high - low) * u
+    if getattr(args, "level_sampling", "uniform") == "log":
+        value = low * (high / low) ** u
+    else:
+        value = low + (high - low) * u
     return float(round(value)) if args.operator == "ct" else value
 
 
