@@ -38,7 +38,7 @@ def misfit(x: torch.Tensor, y: torch.Tensor, op: BlockCS) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def pnp():
-    return get_method("pnp").build(iterations=4)
+    return get_method("pnp").build(checkpoint="dncnn-17", iterations=4)  # the default for block CS
 
 
 def test_output_shape_is_the_operator_domain_and_close_to_the_truth(pnp) -> None:

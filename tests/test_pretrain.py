@@ -150,3 +150,50 @@ def test_time_budget_stops_saves_and_exports(image_dir, tmp_path) -> None:
     config = json.loads((out / "checkpoint" / "config.json").read_text())
     assert config["training"]["steps"] == 1 and config["training"]["planned_steps"] == 6
     assert "stopped by the time budget" in (out / "checkpoint" / "README.md").read_text()
+
+
+# --- --arch dncnn: denoiser priors (e.g. the medical ones) -----------------------------------------
+DNCNN_ARGS = ["--arch", "dncnn", "--steps", "4", "--batch", "2", "--patch", "16", "--warmup", "1", "--save-every", "2",
+              "--threads", "1", "--no-progress"]
+
+
+def test_denoiser_prior_trains_resumes_exactly_and_exports(image_dir, tmp_path) -> None:
+    from idm.priors.denoiser import DenoiserPrior
+    from idm.training.pretrain import random_phase_parts
+
+    base = ["--data", str(image_dir), *DNCNN_ARGS, "--depth", "4", "--features", "8", "--random-phase",
+            "--sigma-max", "0.1", "--eval-data", str(image_dir)]
+    assert main([*base, "--out", str(tmp_path / "full")]) == 0
+    prior = load_prior(tmp_path / "full" / "checkpoint")
+    assert isinstance(prior, DenoiserPrior) and prior.denoiser.config.depth == 4
+    assert prior.denoiser.config.sigma_max == 0.1 and prior.extra["training"]["random_phase"] is True
+    card = (tmp_path / "full" / "checkpoint" / "README.md").read_text()
+    assert "--random-phase --out" in card and "--base-channels" not in card and "Denoising PSNR" in card
+    # interrupted after 2 steps and resumed: the same weights as the uninterrupted run
+    assert main([*base, "--out", str(tmp_path / "part"), "--stop-after", "2"]) == 0
+    assert main([*base, "--out", str(tmp_path / "part"), "--resume"]) == 0
+    full, part = load_state(tmp_path / "full" / STATE_FILE), load_state(tmp_path / "part" / STATE_FILE)
+    for key, value in full["model"].items():
+        assert torch.equal(value, part["model"][key]), key
+    # the MRI representation: Re / Im of x·e^{iφ} on [0, 1], |x| kept
+    x = torch.rand(3, 1, 8, 8)
+    parts = random_phase_parts(x, torch.Generator().manual_seed(0)) * 2 - 1
+    re, im = parts.chunk(2)
+    torch.testing.assert_close(torch.complex(re, im).abs(), x)
+
+
+def test_denoiser_fine_tuning_starts_from_the_init_and_checks_it(image_dir, tmp_path, capsys) -> None:
+    from idm.priors.denoiser import DenoiserPrior
+    from idm.priors.dncnn import DnCNN, DnCNNConfig
+    from idm.priors import NoiseSchedule
+
+    torch.manual_seed(0)
+    DenoiserPrior(DnCNN(DnCNNConfig(depth=3, features=4)), NoiseSchedule()).save(tmp_path / "init", "# init", dtype=None)
+    base = ["--data", str(image_dir), *DNCNN_ARGS, "--init", str(tmp_path / "init")]
+    assert main([*base, "--out", str(tmp_path / "ft"), "--lr", "1e-9", "--ema-decay", "0"]) == 0
+    tuned, init = load_prior(tmp_path / "ft" / "checkpoint"), load_prior(tmp_path / "init")
+    for (key, a), b in zip(tuned.denoiser.state_dict().items(), init.denoiser.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=key)  # lr ≈ 0: the init's weights (fp16 storage)
+    assert main([*base, "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "nope")]) == 2
+    assert main(["--data", str(image_dir), *TINY_ARGS, "--out", str(tmp_path / "u"), "--random-phase"]) == 2
+    assert "--arch dncnn" in capsys.readouterr().err

@@ -121,3 +121,27 @@ def test_shipped_medical_checkpoint_card_and_reconstruction(name: str) -> None:
     assert estimate.shape == x.shape and estimate.is_complex() == (kind == "mri")
     gain = float(magnitude_scores(estimate, x)[0][0]) - float(magnitude_scores(baseline, x)[0][0])
     assert gain > (1.0 if kind == "mri" else 4.0), f"{name}: only {gain:.2f} dB above the direct inverse"
+
+
+#: denoiser priors trained here on medical slices (``idm pretrain --arch dncnn``), ``pnp``'s MRI / CT default
+MEDICAL_PRIORS = ("prior-ct", "prior-mri")
+
+
+@pytest.mark.parametrize("name", MEDICAL_PRIORS)
+def test_shipped_medical_prior_card_and_pnp_default(name: str) -> None:
+    from idm.evaluation import operator_factory
+
+    config = json.loads((CHECKPOINTS / name / "config.json").read_text())
+    assert config["architecture"] == "dncnn" and config["training"]["init"] == "dncnn-6"
+    assert {"sigma15", "sigma25", "sigma50"} <= set(config["denoising"])
+    card = (CHECKPOINTS / name / "README.md").read_text()
+    missing = [field for field in MEDICAL_CARD_FIELDS if field.lower() not in card.lower()]
+    assert not missing, f"model card of {name} lacks {missing}"
+    assert (CHECKPOINTS / name / "model.safetensors").stat().st_size < 2**20
+    kind = name.removeprefix("prior-")
+    x = sample_images(32)["camera"][None]
+    op = operator_factory(kind, **({"acceleration": 4} if kind == "mri" else {"views": 12}))((32, 32), 1)
+    y = op.A(x)
+    default = get_method("pnp").build(iterations=2)(y, op)  # picks prior-<kind> from the operator
+    torch.testing.assert_close(default, get_method("pnp").build(checkpoint=name, iterations=2)(y, op))
+    assert not torch.equal(default, get_method("pnp").build(checkpoint="dncnn-17", iterations=2)(y, op))

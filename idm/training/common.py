@@ -121,11 +121,14 @@ def check_training_args(args: argparse.Namespace, world: int, positive: Sequence
 
 def command_line(module: str, args: argparse.Namespace, names: Iterable[str]) -> str:
     """``python -m MODULE`` with the options ``names`` spelled out (those that are not None; tuples
-    comma-separated): an explicit command reproducing the run."""
+    comma-separated, booleans as a bare flag when true): an explicit command reproducing the run."""
     parts = ["python", "-m", module]
     for name in names:
         value = getattr(args, name)
-        if value is None:
+        if value is None or value is False:
+            continue
+        if value is True:
+            parts.append(f"--{name.replace('_', '-')}")
             continue
         if isinstance(value, (tuple, list)):
             value = ",".join(str(v) for v in value)

@@ -19,6 +19,15 @@ the weights (``torch.optim.swa_utils.AveragedModel``). The run folder gets:
   (``--export``, default ``RUNDIR/checkpoint``) stored as fp16 / bf16, with config and a model card.
   ``--stop-after N`` stops after N steps of this invocation without exporting (chunked runs).
 
+``--arch dncnn`` trains a Gaussian denoiser prior instead (:class:`~idm.priors.dncnn.DnCNN` with σ
+as an input channel, used through :class:`~idm.priors.denoiser.DenoiserPrior`), from scratch or
+fine-tuned from a denoiser checkpoint (``--init dncnn-6``): loss MSE between the network's noise
+estimate and the noise, ``z = x + σ·n`` with σ uniform in [0, ``--sigma-max``] per patch. With
+``--random-phase`` (MRI) each patch x becomes x·e^{iφ} with a random linear phase φ and the network
+learns on its real and imaginary parts mapped to [0, 1] as (v + 1)/2 — the representation in
+which ``pnp`` and the IDM network denoise complex images (:func:`idm.zeroshot.pnp.complex_denoiser`).
+No sample grids (a denoiser trained for σ ≤ σ_max does not sample from pure noise).
+
 ``--evaluate CHECKPOINT --data DIR`` instead prints the one-step denoising PSNR of a checkpoint
 (:func:`idm.priors.evaluate.evaluate_denoising`) on the images of ``DIR`` as JSON.
 """
@@ -27,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,7 +61,12 @@ from .common import warmup_cosine as lr_factor  # the LR schedule of pre-trainin
 TRAJECTORY_OPTIONS = (
     "data", "steps", "batch", "patch", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay",
     "base_channels", "channel_mults", "res_blocks", "attn", "dropout", "schedule", "mixed_precision", "seed",
+    "arch", "init", "depth", "features", "sigma_max", "random_phase",
 )
+#: trajectory options added after the first runs, with the value those runs used (for --resume)
+ADDED_OPTIONS = {"arch": "unet", "init": None, "depth": 17, "features": 64, "sigma_max": 0.2, "random_phase": False}
+#: prior architectures ``--arch`` trains
+ARCHITECTURES = ("unet", "dncnn")
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -82,7 +98,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     tr.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate mixed precision (GPU; on CPU accelerate trains in fp32)")
     tr.add_argument("--seed", type=int, default=0, help="seed of initialisation, patches and noise (default 0)")
 
-    net = parser.add_argument_group("U-Net size")
+    arch = parser.add_argument_group("architecture")
+    arch.add_argument("--arch", choices=ARCHITECTURES, default="unet",
+                      help="unet: ε-prediction diffusion U-Net (default); dncnn: Gaussian denoiser prior")
+    arch.add_argument("--init", help="dncnn: a denoiser checkpoint to fine-tune (e.g. dncnn-6); default: from scratch")
+    arch.add_argument("--depth", type=int, default=17, help="dncnn from scratch: conv layers (default 17)")
+    arch.add_argument("--features", type=int, default=64, help="dncnn from scratch: feature channels (default 64)")
+    arch.add_argument("--sigma-max", type=float, default=0.2,
+                      help="dncnn: largest noise std trained for, on [0, 1] (default 0.2)")
+    arch.add_argument("--random-phase", action="store_true",
+                      help="dncnn: train on the real / imaginary parts of patches with a random linear phase "
+                           "(MRI: complex images; with --evaluate, evaluate on such parts)")
+
+    net = parser.add_argument_group("U-Net size (--arch unet)")
     net.add_argument("--base-channels", type=int, default=32, help="channels at full resolution (default 32)")
     net.add_argument("--channel-mults", type=_int_tuple, default=(1, 2, 2, 2), help="per-level multipliers (default 1,2,2,2)")
     net.add_argument("--res-blocks", type=int, default=2, help="ResBlocks per level (default 2)")
@@ -120,11 +148,17 @@ def unet_config_from_args(args: argparse.Namespace):
     )
 
 
-def _evaluation_images(folder: str) -> list[torch.Tensor]:
+def _evaluation_images(folder: str, args: argparse.Namespace) -> list[torch.Tensor]:
+    """The images of ``folder``; with ``--random-phase`` the real and imaginary parts of each (a random
+    linear phase seeded by ``--seed``: the representation such a denoiser is trained for)."""
     from ..data import ImageFolder
 
-    images = ImageFolder(folder)
-    return [images[i][1] for i in range(len(images))]
+    folder_images = ImageFolder(folder)
+    images = [folder_images[i][1] for i in range(len(folder_images))]
+    if getattr(args, "random_phase", False):
+        generator = torch.Generator().manual_seed(args.seed)
+        images = [part for im in images for part in random_phase_parts(im[None].float(), generator)]
+    return images
 
 
 def _evaluate_only(args: argparse.Namespace) -> int:
@@ -135,14 +169,71 @@ def _evaluate_only(args: argparse.Namespace) -> int:
         raise IDMError("--evaluate needs --data: a folder of test images")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prior = load_prior(args.evaluate, device=device)
-    print(json.dumps(evaluate_denoising(prior, _evaluation_images(args.data)), indent=2))
+    print(json.dumps(evaluate_denoising(prior, _evaluation_images(args.data, args)), indent=2))
     return 0
+
+
+def _own_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The trajectory options that apply to ``--arch`` (for the command quoted in the card)."""
+    unet = ("base_channels", "channel_mults", "res_blocks", "attn", "dropout")
+    if args.arch == "unet":
+        skip = ("arch", "init", "depth", "features", "sigma_max", "random_phase")
+    else:
+        skip = unet + (("depth", "features") if args.init is not None else ())
+    return tuple(name for name in TRAJECTORY_OPTIONS if name not in skip)
 
 
 def _validate(args: argparse.Namespace, world: int) -> None:
     check_training_args(args, world)
     if not 0.0 <= args.ema_decay < 1.0:
         raise IDMError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
+    if args.arch == "unet" and (args.init is not None or args.random_phase):
+        raise IDMError("--init and --random-phase apply to --arch dncnn")
+    if args.arch == "dncnn" and not 0.0 < args.sigma_max <= 1.0:
+        raise IDMError(f"--sigma-max must lie in (0, 1], got {args.sigma_max}")
+
+
+def build_denoiser(args: argparse.Namespace):
+    """``--arch dncnn``: the DnCNN to train (a copy of ``--init``'s, or fresh of ``--depth`` / ``--features``,
+    σ input, ``--sigma-max``) and a description of where it came from."""
+    from ..priors import load_prior
+    from ..priors.denoiser import DenoiserPrior
+    from ..priors.dncnn import DnCNN, DnCNNConfig
+
+    if args.init is None:
+        config = DnCNNConfig(depth=args.depth, features=args.features, sigma_input=True, sigma_max=args.sigma_max)
+        return DnCNN(config), "from scratch"
+    prior = load_prior(args.init)
+    if not isinstance(prior, DenoiserPrior) or not isinstance(prior.denoiser, DnCNN):
+        raise IDMError(f"--init {args.init} is not a DnCNN denoiser checkpoint")
+    if not prior.denoiser.config.sigma_input:
+        raise IDMError(f"--init {args.init} is a blind DnCNN; fine-tuning needs one that takes σ as input")
+    net = DnCNN(replace(prior.denoiser.config, sigma_max=args.sigma_max))
+    net.load_state_dict(prior.denoiser.state_dict())
+    return net, f"fine-tuned from `{args.init}`"
+
+
+def random_phase_parts(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``x`` (B, 1, H, W) on [0, 1] → (2B, 1, H, W): the real and imaginary parts of x·e^{iφ}, mapped
+    to [0, 1] as (v + 1)/2, with φ = c + a·u + b·v (u, v ∈ [-1, 1] the pixel coordinates; c uniform in
+    [−π, π), a, b uniform in [−π/2, π/2] per patch)."""
+    b, _, h, w = x.shape
+    coeff = torch.rand(3, b, 1, 1, 1, generator=generator, device=x.device, dtype=x.dtype)
+    u = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+    v = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)[:, None]
+    phase = math.pi * (2 * coeff[0] - 1) + 0.5 * math.pi * ((2 * coeff[1] - 1) * u + (2 * coeff[2] - 1) * v)
+    return torch.cat((x * torch.cos(phase), x * torch.sin(phase))).add(1.0).mul(0.5)
+
+
+def denoiser_loss(model: torch.nn.Module, x: torch.Tensor, generator: torch.Generator,
+                  args: argparse.Namespace) -> torch.Tensor:
+    """MSE between the DnCNN's noise estimate of ``x + σ·n`` and ``σ·n``, σ ~ U[0, --sigma-max] per patch."""
+    if args.random_phase:
+        x = random_phase_parts(x, generator)
+    sigma = args.sigma_max * torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+    noise = sigma[:, None, None, None] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    z = x + noise
+    return F.mse_loss((z - model(z, sigma)).float(), noise.float())  # through forward: DDP-wrapped models sync
 
 
 # --- training --------------------------------------------------------------------------------
@@ -152,6 +243,7 @@ def train(args: argparse.Namespace) -> int:
 
     from ..data import ImageFolder
     from ..priors import NoiseSchedule, Prior, UNet, to_model_range
+    from ..priors.denoiser import DenoiserPrior
 
     accelerator = new_accelerator(args.mixed_precision)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -160,18 +252,21 @@ def train(args: argparse.Namespace) -> int:
     state_path = checked_state_path(run_dir, args.resume)
 
     set_seed(args.seed)
-    unet_config = unet_config_from_args(args)
     schedule = NoiseSchedule(args.schedule)
-    model = UNet(unet_config)
-    if args.patch % unet_config.size_multiple:
-        raise IDMError(f"--patch {args.patch} must be divisible by {unet_config.size_multiple} for this U-Net")
+    if args.arch == "dncnn":
+        model, origin = build_denoiser(args)
+    else:
+        unet_config = unet_config_from_args(args)
+        model, origin = UNet(unet_config), "from scratch"
+        if args.patch % unet_config.size_multiple:
+            raise IDMError(f"--patch {args.patch} must be divisible by {unet_config.size_multiple} for this U-Net")
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, args.steps))
 
-    progress = Progress(command=command_line("train.pretrain_prior", args, (*TRAJECTORY_OPTIONS, "out")))
+    progress = Progress(command=command_line("train.pretrain_prior", args, (*_own_options(args), "out")))
     if args.resume:
-        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS)
+        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS, added=ADDED_OPTIONS)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         progress = resume_progress(state, accelerator, optimizer, scheduler, logs=[run_dir / LOG_FILE])
@@ -192,12 +287,16 @@ def train(args: argparse.Namespace) -> int:
         for batch in resumed_batches(loader, progress.rng):
             if step >= stop:
                 break
-            x0 = to_model_range(batch.to(device, non_blocking=True))
+            batch = batch.to(device, non_blocking=True)
             noise_gen.manual_seed((args.seed * 1_000_003 + step) * world + rank)
-            t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=noise_gen, device=device)
-            noise = torch.randn(x0.shape, generator=noise_gen, device=device)
-            x_t = schedule.q_sample(x0, t, noise)
-            loss = F.mse_loss(model(x_t, t).float(), noise)
+            if args.arch == "dncnn":
+                loss = denoiser_loss(model, batch, noise_gen, args)
+            else:
+                x0 = to_model_range(batch)
+                t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=noise_gen, device=device)
+                noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+                x_t = schedule.q_sample(x0, t, noise)
+                loss = F.mse_loss(model(x_t, t).float(), noise)
             lr = optimizer_step(accelerator, model, optimizer, scheduler, loss, args.grad_clip)
             ema.update_parameters(accelerator.unwrap_model(model))
             step += 1
@@ -211,7 +310,7 @@ def train(args: argparse.Namespace) -> int:
                                     args=trajectory_args(args, TRAJECTORY_OPTIONS), optimizer=optimizer,
                                     scheduler=scheduler, model=accelerator.unwrap_model(model).state_dict(),
                                     ema=ema.state_dict())
-            if args.sample_every and step % args.sample_every == 0 and accelerator.is_main_process:
+            if args.arch == "unet" and args.sample_every and step % args.sample_every == 0 and accelerator.is_main_process:
                 _write_samples(Prior(ema.module, schedule), run_dir / "samples" / f"step_{step:07d}.png", args)
             if out_of_time:
                 break
@@ -224,7 +323,11 @@ def train(args: argparse.Namespace) -> int:
         summary = RunSummary(progress.command, hardware(world, device), progress.wall_time + time.monotonic() - t0,
                              progress.resumes, final_loss(run_dir / LOG_FILE))
         export_dir = export_directory(args)
-        export(Prior(ema.module, schedule), export_dir, args, summary, num_images=len(images), steps_done=step)
+        if args.arch == "dncnn":
+            export_denoiser(DenoiserPrior(ema.module, schedule), export_dir, args, summary, num_images=len(images),
+                            steps_done=step, origin=origin)
+        else:
+            export(Prior(ema.module, schedule), export_dir, args, summary, num_images=len(images), steps_done=step)
         accelerator.print(f"exported EMA weights after {step} steps to {export_dir}")
     accelerator.wait_for_everyone()
     return 0
@@ -246,7 +349,7 @@ def export(prior: Any, directory: Path, args: argparse.Namespace, summary: RunSu
     from ..priors.evaluate import evaluate_denoising
     from ..priors.unet import count_parameters
 
-    denoising = evaluate_denoising(prior, _evaluation_images(args.eval_data)) if args.eval_data else None
+    denoising = evaluate_denoising(prior, _evaluation_images(args.eval_data, args)) if args.eval_data else None
     training = {
         "data": str(args.data), "num_images": num_images, "patch": args.patch, "steps": steps_done,
         "planned_steps": args.steps,
@@ -288,6 +391,58 @@ def export(prior: Any, directory: Path, args: argparse.Namespace, summary: RunSu
     # drawn from the stored (e.g. fp16) weights, so the card's `idm sample` command redraws exactly this grid
     _write_samples(load_prior(saved), saved / "samples.png", args)
     return saved
+
+
+def export_denoiser(prior: Any, directory: Path, args: argparse.Namespace, summary: RunSummary, *, num_images: int,
+                    steps_done: int, origin: str) -> Path:
+    """``--arch dncnn``: write the EMA denoiser as a ``dncnn`` checkpoint directory with a model card."""
+    from ..priors.evaluate import evaluate_denoising
+    from ..priors.unet import count_parameters
+
+    denoising = None
+    if args.eval_data:
+        denoising = evaluate_denoising(prior, _evaluation_images(args.eval_data, args))
+    training = {
+        "data": str(args.data), "num_images": num_images, "patch": args.patch, "steps": steps_done,
+        "planned_steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
+        "ema_decay": args.ema_decay, "init": args.init, "sigma_max": args.sigma_max,
+        "random_phase": args.random_phase, "mixed_precision": args.mixed_precision, "seed": args.seed,
+        **summary.fields(), "weights": "EMA", "storage_dtype": args.export_dtype,
+    }
+    prior.extra = {**prior.extra, "training": training, **({"denoising": denoising} if denoising else {})}
+    cfg = prior.denoiser.config
+    what = ("the real and imaginary parts, mapped to [0, 1] as (v + 1)/2, of patches times a random linear "
+            "phase (for complex MRI images: `pnp` and the IDM network denoise Re and Im this way)"
+            if args.random_phase else "image patches on [0, 1]")
+    lines = [
+        "# idm denoiser prior (DnCNN, σ input)",
+        "",
+        f"Gaussian denoiser D(z, σ) {origin}, trained on {what} with noise std σ uniform in "
+        f"[0, {args.sigma_max:g}]; {count_parameters(prior.denoiser) / 1e6:.2f} M parameters, EMA weights "
+        f"(decay {args.ema_decay}) stored as {args.export_dtype}. A prior like any other: "
+        "`idm.priors.load_prior(path)` (`pnp`, `ddnm`, `dps`, `idm finetune --prior`).",
+        "",
+        "| | |", "|---|---|",
+        f"| architecture | DnCNN, {cfg.depth} layers, {cfg.features} ch, σ as input channel |",
+        f"| initialisation | {origin} |",
+        data_row(args, num_images),
+        f"| steps x batch | {steps_done} x {args.batch}{' (x 2 parts)' if args.random_phase else ''}"
+        + (f" (stopped by the time budget; {args.steps} planned)" if steps_done < args.steps else "") + " |",
+        f"| optimizer | AdamW lr {args.lr:g}, warm-up {args.warmup}, cosine to 10 %, grad clip {args.grad_clip:g} |",
+        *summary.card_rows(),
+        *summary.command_lines(),
+    ]
+    if denoising:
+        on = ("the real and imaginary parts (random linear phase, seed "
+              f"{args.seed}) of the images of `{args.eval_data}`" if args.random_phase else f"`{args.eval_data}`")
+        lines += ["", f"Denoising PSNR on {on} (white noise of std σ/255 on [0, 1], "
+                  "through the prior interface: x̂₀ at the matching diffusion step):", "",
+                  "| σ (of 255) | input PSNR | denoised PSNR |", "|---|---|---|"]
+        lines += [f"| {k[5:]} | {v['input_psnr']:.2f} | {v['psnr']:.2f} |" for k, v in denoising.items()]
+        lines += ["", "Reproduce this table (loads the stored weights):", "", "```bash",
+                  f"idm pretrain --evaluate {directory} --data {args.eval_data}"
+                  + (f" --random-phase --seed {args.seed}" if args.random_phase else ""), "```"]
+    return prior.save(directory, "\n".join(lines) + "\n", dtype=EXPORT_DTYPES[args.export_dtype])
 
 
 if __name__ == "__main__":
