@@ -18,6 +18,13 @@ SCHEDULE_INITS = ("paper", "prior", "sigma")
 STARTS = ("adjoint", "tv", "pnp", "fbp")
 
 
+def check_passes(passes: object, what: str = "passes") -> int:
+    """``passes`` (:attr:`IDMConfig.passes`) if it is a positive integer, else a one-line :class:`IDMError`."""
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise IDMError(f"{what} must be a positive integer, got {passes!r}")
+    return passes
+
+
 @dataclass(frozen=True)
 class IDMConfig:
     """Architecture of :class:`~idm.network.idm.IDMNet`.
@@ -137,8 +144,7 @@ class IDMConfig:
             if not pairs or any(not (0 < r <= 1 and f > 0) for r, f in pairs) or len({r for r, _ in pairs}) != len(pairs):
                 raise IDMError(f"sigma_scale must be distinct (ratio in (0, 1], factor > 0) pairs, got {self.sigma_scale!r}")
             object.__setattr__(self, "sigma_scale", pairs)
-        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
-            raise IDMError(f"passes must be a positive integer, got {self.passes!r}")
+        check_passes(self.passes)
         if not isinstance(self.complex, bool):
             raise IDMError(f"complex must be true or false, got {self.complex!r}")
         object.__setattr__(self, "steps", int(self.steps))

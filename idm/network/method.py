@@ -17,6 +17,7 @@ from ..errors import IDMError, check_ratio
 from ..io.checkpoint import check_trained_operator, shipped_checkpoint
 from ..physics.base import LinearOperator
 from ..registry import register_method
+from .config import check_passes
 from .idm import load_idm
 
 #: the shipped checkpoint of each operator kind without a sampling ratio
@@ -43,8 +44,8 @@ def build(
     """
     if options:
         raise IDMError(f"method 'idm' has no option(s) {', '.join(sorted(options))}")
-    if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 1):
-        raise IDMError(f"idm option passes must be a positive integer, got {passes!r}")
+    if passes is not None:
+        check_passes(passes, "idm option passes")
     if ratio is not None:
         ratio = check_ratio(ratio)
     loaded: dict[str, Any] = {}

@@ -155,7 +155,7 @@ def _evaluation_images(folder: str, args: argparse.Namespace) -> list[torch.Tens
 
     folder_images = ImageFolder(folder)
     images = [folder_images[i][1] for i in range(len(folder_images))]
-    if getattr(args, "random_phase", False):
+    if args.random_phase:
         generator = torch.Generator().manual_seed(args.seed)
         images = [part for im in images for part in random_phase_parts(im[None].float(), generator)]
     return images
@@ -342,6 +342,18 @@ def _write_samples(prior: Any, path: Path, args: argparse.Namespace) -> None:
     write_grid(images, path)
 
 
+def _record_training(prior: Any, args: argparse.Namespace, summary: RunSummary, num_images: int, steps_done: int,
+                     denoising: dict[str, Any] | None, **extra: Any) -> None:
+    """Put the run's training record (and the denoising table, if any) into the checkpoint config."""
+    training = {
+        "data": str(args.data), "num_images": num_images, "patch": args.patch, "steps": steps_done,
+        "planned_steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
+        "ema_decay": args.ema_decay, **extra, "mixed_precision": args.mixed_precision, "seed": args.seed,
+        **summary.fields(), "weights": "EMA", "storage_dtype": args.export_dtype,
+    }
+    prior.extra = {**prior.extra, "training": training, **({"denoising": denoising} if denoising else {})}
+
+
 def export(prior: Any, directory: Path, args: argparse.Namespace, summary: RunSummary, *, num_images: int,
            steps_done: int) -> Path:
     """Write the EMA prior as a checkpoint directory with a model card."""
@@ -350,14 +362,7 @@ def export(prior: Any, directory: Path, args: argparse.Namespace, summary: RunSu
     from ..priors.unet import count_parameters
 
     denoising = evaluate_denoising(prior, _evaluation_images(args.eval_data, args)) if args.eval_data else None
-    training = {
-        "data": str(args.data), "num_images": num_images, "patch": args.patch, "steps": steps_done,
-        "planned_steps": args.steps,
-        "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema_decay,
-        "mixed_precision": args.mixed_precision, "seed": args.seed, **summary.fields(),
-        "weights": "EMA", "storage_dtype": args.export_dtype,
-    }
-    prior.extra = {**prior.extra, "training": training, **({"denoising": denoising} if denoising else {})}
+    _record_training(prior, args, summary, num_images, steps_done, denoising)
     cfg = prior.unet.config
     lines = [
         "# idm diffusion prior (ε-prediction U-Net)",
@@ -399,17 +404,9 @@ def export_denoiser(prior: Any, directory: Path, args: argparse.Namespace, summa
     from ..priors.evaluate import evaluate_denoising
     from ..priors.unet import count_parameters
 
-    denoising = None
-    if args.eval_data:
-        denoising = evaluate_denoising(prior, _evaluation_images(args.eval_data, args))
-    training = {
-        "data": str(args.data), "num_images": num_images, "patch": args.patch, "steps": steps_done,
-        "planned_steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
-        "ema_decay": args.ema_decay, "init": args.init, "sigma_max": args.sigma_max,
-        "random_phase": args.random_phase, "mixed_precision": args.mixed_precision, "seed": args.seed,
-        **summary.fields(), "weights": "EMA", "storage_dtype": args.export_dtype,
-    }
-    prior.extra = {**prior.extra, "training": training, **({"denoising": denoising} if denoising else {})}
+    denoising = evaluate_denoising(prior, _evaluation_images(args.eval_data, args)) if args.eval_data else None
+    _record_training(prior, args, summary, num_images, steps_done, denoising,
+                     init=args.init, sigma_max=args.sigma_max, random_phase=args.random_phase)
     cfg = prior.denoiser.config
     what = ("the real and imaginary parts, mapped to [0, 1] as (v + 1)/2, of patches times a random linear "
             "phase (for complex MRI images: `pnp` and the IDM network denoise Re and Im this way)"

@@ -284,8 +284,8 @@ def build(
     settings = pnp_options(options)
     if checkpoint is not None:
         return _reconstructor(checkpoint, settings, device, progress)
-    _reconstructor(DEFAULT_DENOISER, settings, device, progress)  # check the options against it now
-    loaded: dict[str, PnPReconstructor] = {}
+    # loaded now, so that options beyond its trained σ range fail before any work; the others on first use
+    loaded = {DEFAULT_DENOISER: _reconstructor(DEFAULT_DENOISER, settings, device, progress)}
 
     def reconstruct(y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         name = OPERATOR_DENOISERS.get(op.kind, DEFAULT_DENOISER)
