@@ -172,3 +172,15 @@ def test_images_of_different_sizes_in_one_file(image_dir, tmp_path, capsys):
     out = tmp_path / "y.safetensors"
     _expect_error(capsys, ["measure", image_dir / "camera.png", image_dir / "odd.png", "--ratio", 0.1, "-o", out],
                   "differ in size", out)
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_and_can_be_turned_off(monkeypatch) -> None:
+    import platform
+    import sys
+
+    from idm.runtime import keep_freed_memory
+
+    monkeypatch.setenv("IDM_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("IDM_KEEP_FREED_MEMORY")
+    assert keep_freed_memory() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")

@@ -448,5 +448,6 @@ def test_demo_medical_skips_idm_without_checkpoint(shared_data, tmp_path, capsys
                             "-o", tmp_path / "demo")
     assert code == 0, err
     assert "note: skipping idm" in stdout and "idm-ct" in stdout
+    assert "note: skipping pnp" in stdout and "prior-ct" in stdout
     runs = json.loads((tmp_path / "demo" / "results.json").read_text())["cases"][0]["runs"]
     assert [r["method"] for r in runs] == ["fbp", "tv"] and runs[1]["mean"]["psnr"] > runs[0]["mean"]["psnr"] + 3

@@ -17,7 +17,7 @@ from idm.network import IDMNet, load_idm
 from idm.physics import BlockCS
 from idm.priors import NoiseSchedule, load_prior
 from idm.priors.denoiser import DenoiserPrior
-from idm.priors.dncnn import DnCNN, DnCNNConfig
+from idm.priors.dncnn import CircularConv2d, DnCNN, DnCNNConfig, circular_pad
 from idm.registry import get_method
 
 msgpack = pytest.importorskip("msgpack")
@@ -173,6 +173,23 @@ def assert_levels_give_plain_gradients(net: IDMNet, y, x, op) -> None:
         assert loss == pytest.approx(loss_plain, rel=1e-10)
         for name, grad in plain.items():
             assert float((grads[name] - grad).norm()) <= 1e-8 * max(float(grad.norm()), 1e-3), name
+
+
+def test_circular_conv_is_torchs_circular_conv_in_channels_last_layout() -> None:
+    """DnCNN's convolution pads into a channels-last buffer: the same values and gradients as
+    ``nn.Conv2d(padding_mode="circular")``, and the output keeps the layout."""
+    conv = CircularConv2d(3, 4, bias=True).double()
+    ref = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular").double()
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 3, 7, 5, dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref(x))
+    g_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, conv.weight, conv.bias), g_out)
+    for got, want in zip(grads, torch.autograd.grad(ref(x), (x, ref.weight, ref.bias), g_out)):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(circular_pad(x.detach(), 2), F.pad(x.detach(), (2,) * 4, mode="circular"))
 
 
 def test_dncnn_backbone_gradients_equal_plain_autograd_and_invert() -> None:

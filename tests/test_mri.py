@@ -429,3 +429,27 @@ def test_cuda_matches_cpu(op):
     x, y = images(op), measurements(op)
     assert torch.allclose(op.A(x.cuda()).cpu(), op.A(x), atol=1e-5)
     assert torch.allclose(op.A_adjoint(y.cuda()).cpu(), op.A_adjoint(y), atol=1e-5)
+
+
+def test_complex_parts_operator_is_linear_adjoint_and_shifts_the_measurements() -> None:
+    """ComplexParts: A_u(u) = A(channels_to_complex(u)) with its adjoint, and measurements of v are
+    A_u's measurements (y + A_u(1))/2 of u = (parts + 1)/2."""
+    from idm.physics.mri import ComplexParts, complex_to_channels
+
+    g = torch.Generator().manual_seed(0)
+    op = MRI((12, 10), acceleration=2, center_fraction=0.2, seed=3)
+    parts = ComplexParts(op)
+    v = torch.complex(torch.rand(2, 1, 12, 10, generator=g, dtype=torch.float64) * 2 - 1,
+                      torch.rand(2, 1, 12, 10, generator=g, dtype=torch.float64) * 2 - 1)
+    u = (complex_to_channels(v) + 1) / 2
+    y = op.A(v)
+    torch.testing.assert_close(parts.A(u), parts.measurements(y))
+    torch.testing.assert_close(parts.image(u), v)
+    w = torch.randn(u.shape, generator=g, dtype=torch.float64)
+    k = op.A(torch.complex(torch.randn(2, 1, 12, 10, generator=g, dtype=torch.float64),
+                           torch.randn(2, 1, 12, 10, generator=g, dtype=torch.float64)))
+    lhs = torch.vdot(parts.A(w).flatten(), k.flatten()).real
+    assert abs(float(lhs - torch.dot(w.flatten(), parts.A_adjoint(k).flatten()))) < 1e-10 * float(lhs.abs() + 1)
+    fitted = parts.project(torch.rand(u.shape, generator=g, dtype=torch.float64), parts.measurements(y))
+    torch.testing.assert_close(op.A(parts.image(fitted)), y)
+    assert parts.measurement_shape(2, 2) == op.measurement_shape(2, 1)

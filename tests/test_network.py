@@ -312,6 +312,12 @@ def test_idm_method_errors(prior: Prior, tmp_path, monkeypatch) -> None:
         build(ratio=0.25, steps=5)
     with pytest.raises(IDMError, match="passes must be a positive integer"):
         build(ratio=0.25, passes=0)
+    with pytest.raises(IDMError, match="dc_iterations must be a positive integer"):
+        build(ratio=0.25, dc_iterations=1.5)
+    ct = ParallelBeamCT((32, 32), views=8)
+    with torch.no_grad():  # more CG steps per data-consistency solve fit the sinogram more closely
+        fits = [float((ct.A(build(dc_iterations=k)(ct.A(images(1)), ct)) - ct.A(images(1))).norm()) for k in (2, 30)]
+    assert fits[1] < fits[0]
     reconstruct = build(checkpoint=str(tmp_path / "idm-cs25"))
     op = BlockCS((32, 32), 0.1, block_size=8)
     with pytest.raises(IDMError, match="trained for ratio 0.25"):
@@ -323,3 +329,31 @@ def test_idm_method_errors(prior: Prior, tmp_path, monkeypatch) -> None:
     prior.save(tmp_path / "prior", "# prior")
     with pytest.raises(IDMError, match="not an IDM checkpoint"):
         build(checkpoint=str(tmp_path / "prior"))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_grouped_injector_is_the_documented_map_and_keeps_the_layout(layout) -> None:
+    """Injector(group=2) on features (2·B, ch, H, W) (item i·B + b = block i of image b) equals the
+    module doc's formula on the regrouped (B, 2·ch, H, W) features, in either memory layout."""
+    from idm.network.injector import Injector
+    from idm.physics.mri import merge_groups, split_groups
+    from idm.network.measurement import MeasurementContext
+    from idm.physics import MRI
+
+    g = torch.Generator().manual_seed(0)
+    inj = Injector(features=3, scale=1, channels=2, steps=2, group=2).double()
+    with torch.no_grad():
+        for p in inj.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    op = MRI((8, 8), acceleration=2, center_fraction=0.25, seed=0)
+    x = torch.complex(torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64),
+                      torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64))
+    meas = MeasurementContext.build(op, op.A(x), 1, None)
+    h = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64).contiguous(memory_format=layout)
+    out = inj(h, {"meas": meas, "step": 1})
+    assert out.shape == h.shape and out.is_contiguous(memory_format=layout)
+    feats = merge_groups(h, 2)  # (B, 2·ch, H, W)
+    z = inj.to_image[1](feats)
+    m = torch.cat([z, meas.AtA(z), meas.aty.expand(2, -1, -1, -1)], dim=1)
+    torch.testing.assert_close(out, split_groups(feats + inj.to_features[1](m), 2))
+    torch.testing.assert_close(merge_groups(split_groups(feats, 2), 2), feats)

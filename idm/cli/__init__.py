@@ -17,6 +17,7 @@ import importlib
 import sys
 
 from ..errors import IDMError
+from ..runtime import keep_freed_memory
 
 #: subcommand name → (module defining ``add_parser``, the one-line help ``idm --help`` shows; the
 #: one source of that text, handed to the module's ``add_parser``)
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except IDMError as exc:

@@ -7,20 +7,21 @@ Cases (the names ``--cases`` takes):
   ``mri/fastmri_knee_scoremri/real/retrospective/00{1,2,3}.npy`` and the complex image
   ``mri/fastmri_knee_scoremri/single-coil/001.npy`` (the ground truth stays complex), each divided by
   its max ``|x|``; single-coil Cartesian MRI, random 1D mask at 4× / 8× (image i: seed ``--seed`` + i,
-  as ``idm eval``). Methods ``pinv`` (zero-filled), ``tv``, ``idm``.
+  as ``idm eval``). Methods ``pinv`` (zero-filled), ``tv``, ``pnp``, ``idm``.
 * ``ct-23v``, ``ct-90deg``: the held-out axial slice z = 56 (101 × 122, 3 mm) of
   ``ct/totalsegmentator/example_ct.nii.gz``, HU windowed [−1000, 1000] → [0, 1]; parallel-beam CT
   with 23 views over [0°, 180°) (sparse view) or 60 views over [0°, 90°) (limited angle). Methods
-  ``fbp``, ``tv``, ``idm``. Figures show the slice flipped to the radiological view (anterior up).
+  ``fbp``, ``tv``, ``pnp``, ``idm``. Figures show the slice flipped to the radiological view (anterior up).
 * ``brain-8coil``: the real 8-coil brain k-space ``mri/kspace_loraks_espirit/ESPIRiT_data/brain_alias_8ch.mat``
   (320 × 256) with the operator of ``idm reconstruct --kspace`` (the file's own mask, ESPIRiT
   sensitivities), the k-space divided by the CG-SENSE image's max magnitude (results on [0, 1]). No
-  ground truth: seconds only. Methods ``pinv`` (CG-SENSE), ``tv``, ``idm``.
+  ground truth: seconds only. Methods ``pinv`` (CG-SENSE), ``tv``, ``pnp``, ``idm``.
 
 ``--methods`` replaces every case's methods; one that does not apply to a case's operator (``fbp``:
-CT only) is skipped there with a note. ``idm`` uses the shipped ``idm-mri`` / ``idm-ct`` checkpoint
-(searched as :func:`idm.io.checkpoint.resolve_checkpoint` does, ``$IDM_CHECKPOINT_DIR`` first); a
-missing one skips ``idm`` with a note unless ``--methods`` names it.
+CT only) is skipped there with a note. ``idm`` uses the shipped ``idm-mri`` / ``idm-ct`` checkpoint,
+``pnp`` the shipped denoiser ``prior-mri`` / ``prior-ct`` (:data:`SHIPPED`; searched as
+:func:`idm.io.checkpoint.resolve_checkpoint` does, ``$IDM_CHECKPOINT_DIR`` first); a missing one
+skips the method with a note unless ``--methods`` names it.
 
 Scores as :mod:`idm.evaluation`: MRI on magnitudes divided by the ground truth's maximum (fastMRI),
 CT on the [0, 1] windowed images, PSNR peak 1, SSIM of scikit-image. Output ``-o``: the table on
@@ -44,6 +45,7 @@ from ..errors import IDMError
 from ..evaluation import Evaluation, ImageScore, evaluate, operator_factory
 from ..io.atomic import atomic_write
 from ..network.method import OPERATOR_CHECKPOINTS
+from ..zeroshot.pnp import OPERATOR_DENOISERS
 from ..registry import METHODS
 from .common import write_json
 
@@ -54,6 +56,8 @@ CT_FILE, CT_SLICE = "ct/totalsegmentator/example_ct.nii.gz", 56
 BRAIN_FILE = "mri/kspace_loraks_espirit/ESPIRiT_data/brain_alias_8ch.mat"
 #: methods that apply to some operator kinds only (the others are run on every case)
 ONLY_FOR = {"fbp": ("ct",)}
+#: method → the shipped checkpoint it uses for each operator kind
+SHIPPED = {"idm": OPERATOR_CHECKPOINTS, "pnp": OPERATOR_DENOISERS}
 
 
 @dataclass(frozen=True)
@@ -72,15 +76,15 @@ class Case:
 
 
 CASES = {c.name: c for c in (
-    Case("knee-4x", "knee MRI, single coil, 4×, random mask", "mri", KNEE_FILES, ("pinv", "tv", "idm"),
+    Case("knee-4x", "knee MRI, single coil, 4×, random mask", "mri", KNEE_FILES, ("pinv", "tv", "pnp", "idm"),
          {"acceleration": 4.0, "mask_type": "random"}),
-    Case("knee-8x", "knee MRI, single coil, 8×, random mask", "mri", KNEE_FILES, ("pinv", "tv", "idm"),
+    Case("knee-8x", "knee MRI, single coil, 8×, random mask", "mri", KNEE_FILES, ("pinv", "tv", "pnp", "idm"),
          {"acceleration": 8.0, "mask_type": "random"}),
-    Case("ct-23v", f"CT slice z={CT_SLICE}, 23 views over 180°", "ct", (CT_FILE,), ("fbp", "tv", "idm"), {"views": 23}),
-    Case("ct-90deg", f"CT slice z={CT_SLICE}, 60 views over 90° (limited angle)", "ct", (CT_FILE,), ("fbp", "tv", "idm"),
+    Case("ct-23v", f"CT slice z={CT_SLICE}, 23 views over 180°", "ct", (CT_FILE,), ("fbp", "tv", "pnp", "idm"), {"views": 23}),
+    Case("ct-90deg", f"CT slice z={CT_SLICE}, 60 views over 90° (limited angle)", "ct", (CT_FILE,), ("fbp", "tv", "pnp", "idm"),
          {"views": 60, "angle_range": (0.0, 90.0)}),
     Case("brain-8coil", "real 8-coil brain k-space (its own mask, ESPIRiT maps), no ground truth", "mri",
-         (BRAIN_FILE,), ("pinv", "tv", "idm")),
+         (BRAIN_FILE,), ("pinv", "tv", "pnp", "idm")),
 )}
 
 
@@ -101,8 +105,8 @@ def run_medical(args: argparse.Namespace) -> int:
             if case.kind not in ONLY_FOR.get(name, (case.kind,)):
                 print(f"note: skipping {name} on {case.name}: it applies to {' / '.join(ONLY_FOR[name])} only")
                 continue
-            if (name, case.kind) not in built:  # idm: the shipped checkpoint of the operator kind, loaded now
-                checkpoint = OPERATOR_CHECKPOINTS[case.kind] if name == "idm" else None
+            if (name, case.kind) not in built:  # idm, pnp: the shipped checkpoint of the operator kind, loaded now
+                checkpoint = SHIPPED.get(name, {}).get(case.kind)
                 choice = MethodChoice(name, checkpoint=checkpoint, explicit=bool(explicit))
                 built[name, case.kind] = build_method(choice, device=args.device, seed=args.seed, ratio=None)
             if built[name, case.kind] is not None:

@@ -18,11 +18,11 @@ SCHEDULE_INITS = ("paper", "prior", "sigma")
 STARTS = ("adjoint", "tv", "pnp", "fbp")
 
 
-def check_passes(passes: object, what: str = "passes") -> int:
-    """``passes`` (:attr:`IDMConfig.passes`) if it is a positive integer, else a one-line :class:`IDMError`."""
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-        raise IDMError(f"{what} must be a positive integer, got {passes!r}")
-    return passes
+def check_count(value: object, what: str) -> int:
+    """``value`` (e.g. :attr:`IDMConfig.passes`) if it is a positive integer, else a one-line :class:`IDMError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise IDMError(f"{what} must be a positive integer, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -137,14 +137,14 @@ class IDMConfig:
             raise IDMError(f"unknown start {self.start!r}; use one of {', '.join(STARTS)}")
         if not 0.0 < float(self.coupling_v) < 1.0:
             raise IDMError(f"coupling_v must lie in (0, 1), got {self.coupling_v}")
-        if self.dc_iterations is not None and (isinstance(self.dc_iterations, bool) or int(self.dc_iterations) < 1):
-            raise IDMError(f"dc_iterations must be a positive integer or None, got {self.dc_iterations!r}")
+        if self.dc_iterations is not None:
+            check_count(self.dc_iterations, "dc_iterations")
         if self.sigma_scale is not None:
             pairs = tuple(sorted((float(r), float(f)) for r, f in self.sigma_scale))
             if not pairs or any(not (0 < r <= 1 and f > 0) for r, f in pairs) or len({r for r, _ in pairs}) != len(pairs):
                 raise IDMError(f"sigma_scale must be distinct (ratio in (0, 1], factor > 0) pairs, got {self.sigma_scale!r}")
             object.__setattr__(self, "sigma_scale", pairs)
-        check_passes(self.passes)
+        check_count(self.passes, "passes")
         if not isinstance(self.complex, bool):
             raise IDMError(f"complex must be true or false, got {self.complex!r}")
         object.__setattr__(self, "steps", int(self.steps))

@@ -44,6 +44,7 @@ from ..io.checkpoint import load_unique_state_dict, unique_state_dict
 from ..invertible import ReversibleSampler, ReversibleUNet, convert_unet, set_memory_mode, unet_layout
 from ..invertible.convert import InjectionSite
 from ..physics.base import LinearOperator
+from ..physics.mri import merge_groups, split_groups
 from ..invertible.layout import dncnn_layout
 from ..priors.denoiser import denoiser_eps
 from ..priors.dncnn import DnCNN, DnCNNConfig, network_input
@@ -77,16 +78,17 @@ class SamplingStep(nn.Module):
 
     def noise(self, x: torch.Tensor, meas: MeasurementContext, abar: torch.Tensor) -> torch.Tensor:
         """ε estimate for the canvas ``x`` (B, C, H, W) at ``abar`` (the step's ᾱ_t, a scalar tensor);
-        the backbone sees ``(fold·B, C/fold, H, W)`` (complex images: Re and Im as two items)."""
+        the backbone sees ``(fold·B, C/fold, H, W)`` (complex images: Re and Im as two items,
+        :func:`~idm.physics.mri.split_groups`)."""
         context = {"meas": meas, "step": self.t - 1}
-        h = x.reshape(x.shape[0] * self.fold, -1, *x.shape[2:]) if self.fold > 1 else x
+        h = split_groups(x, self.fold)
         if self.denoiser is not None:
             eps = denoiser_eps(lambda z, s: self.unet(network_input(self.denoiser, z, s), context), h, abar)
         else:
             u = self.unshuffle
             eps = self.unet(F.pixel_unshuffle(h, u) if u > 1 else h, context)
             eps = F.pixel_shuffle(eps, u) if u > 1 else eps
-        return eps.reshape(x.shape)
+        return merge_groups(eps, self.fold)
 
     def forward(self, x: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
         meas: MeasurementContext = context["meas"]

@@ -17,9 +17,12 @@ weights untied across the ``r²`` sub-pixel positions and works for any channel 
 that operators of any scale, e.g. CT's ‖A‖² ≈ 10³, feed the injectors maps of the image's scale.
 
 With ``group = g > 1`` the backbone sees the canvas' ``C`` channels as ``g`` batch items of ``C/g``
-channels (complex MRI: Re and Im through a 1-channel prior, :attr:`IDMConfig.complex`); the
-injector regroups the features ``(g·B, ch, …) → (B, g·ch, …)``, so ``z``, ``AᵀA z`` and ``Aᵀy`` are
-formed on whole ``C``-channel images, and splits its update back.
+channels (complex MRI: Re and Im through a 1-channel prior, :attr:`IDMConfig.complex`), item
+``i·B + b`` holding channel block ``i`` of image ``b`` (:func:`~idm.physics.mri.split_groups`); the injector treats
+the features as ``(B, g·ch, …)`` (block ``i`` = items ``i·B … i·B + B − 1``), so ``z``, ``AᵀA z`` and
+``Aᵀy`` are formed on whole ``C``-channel images, and splits its update back. It never copies the
+features into that shape: the 1×1 convs act on each block with the matching slice of their weights,
+so features keep their memory layout (channels-last on CPU, :func:`idm.priors.dncnn.circular_pad`).
 """
 
 from __future__ import annotations
@@ -59,11 +62,22 @@ class Injector(nn.Module):
             nn.init.zeros_(conv.bias)
 
     def forward(self, h: torch.Tensor, context: dict) -> torch.Tensor:
-        """``h`` (group·B, ch, H/r, W/r) → same shape."""
+        """``h`` (group·B, ch, H/r, W/r) → same shape (and memory layout)."""
         ctx: MeasurementContext = context["meas"]
         step: int = context["step"]
-        g = h.reshape(h.shape[0] // self.group, -1, *h.shape[2:])  # (B, group·ch, H/r, W/r)
-        z = F.pixel_shuffle(self.to_image[step](g), self.scale)
+        blocks = h.chunk(self.group, dim=0)  # block i: (B, ch, H/r, W/r), channels i·ch … of the image's features
+        to_image, to_features = self.to_image[step], self.to_features[step]
+        image = [F.conv2d(part, w) for part, w in zip(blocks, to_image.weight.chunk(self.group, dim=1))]
+        z = F.pixel_shuffle(torch.stack(image).sum(0) + to_image.bias.view(1, -1, 1, 1), self.scale)
         aty = ctx.aty.to(z.dtype)
         m = torch.cat([z, ctx.AtA(z), aty.expand(z.shape[0], *aty.shape[1:])], dim=1)
-        return h + self.to_features[step](F.pixel_unshuffle(m, self.scale)).reshape(h.shape)
+        m = F.pixel_unshuffle(m, self.scale).contiguous(memory_format=_layout(h))
+        update = [F.conv2d(m, w, b) for w, b in zip(to_features.weight.chunk(self.group, dim=0),
+                                                    to_features.bias.chunk(self.group, dim=0))]
+        return h + (torch.cat(update, dim=0) if self.group > 1 else update[0])
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    """channels-last for a 4D channels-last tensor with more than one channel, else contiguous."""
+    cl = t.ndim == 4 and t.shape[1] > 1 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format

@@ -17,7 +17,7 @@ from ..errors import IDMError, check_ratio
 from ..io.checkpoint import check_trained_operator, shipped_checkpoint
 from ..physics.base import LinearOperator
 from ..registry import register_method
-from .config import check_passes
+from .config import check_count
 from .idm import load_idm
 
 #: the shipped checkpoint of each operator kind without a sampling ratio
@@ -33,19 +33,22 @@ def build(
     progress: bool = False,
     ratio: float | None = None,
     passes: int | None = None,
+    dc_iterations: int | None = None,
     **options: Any,
 ):
     """``reconstruct(y, op)`` → IDM estimate ``(B, C, *op.domain_size)`` (not clipped).
 
     ``ratio`` (the measurements' sampling ratio) picks the shipped checkpoint when ``checkpoint``
     is None and is checked against the checkpoint's. ``passes`` overrides the checkpoint's number
-    of sampler passes (:attr:`IDMConfig.passes`; e.g. 1 for speed). The IDM network is
-    deterministic: ``seed`` is unused. No other options.
+    of sampler passes (:attr:`IDMConfig.passes`; e.g. 1 for speed), ``dc_iterations`` its CG steps
+    per data-consistency solve (:attr:`IDMConfig.dc_iterations`; CT, multi-coil MRI: more steps fit
+    the measurements more closely, e.g. ``idm-ct`` trained with 10 gains 0.4 dB with 40 at 23 views).
+    The IDM network is deterministic: ``seed`` is unused. No other options.
     """
     if options:
         raise IDMError(f"method 'idm' has no option(s) {', '.join(sorted(options))}")
-    if passes is not None:
-        check_passes(passes, "idm option passes")
+    changes = {"passes": passes, "dc_iterations": dc_iterations}
+    changes = {key: check_count(value, f"idm option {key}") for key, value in changes.items() if value is not None}
     if ratio is not None:
         ratio = check_ratio(ratio)
     loaded: dict[str, Any] = {}
@@ -60,8 +63,8 @@ def build(
                 name = shipped_checkpoint("idm", ratio if ratio is not None else measured_ratio, "idm finetune")
             loaded["name"] = name
             loaded["net"], loaded["config"] = load_idm(name, device=device, ratio=ratio)
-            if passes is not None:
-                loaded["net"].config = replace(loaded["net"].config, passes=passes)
+            if changes:
+                loaded["net"].config = replace(loaded["net"].config, **changes)
         return loaded["name"], loaded["net"], loaded["config"]
 
     if checkpoint is not None or ratio is not None:

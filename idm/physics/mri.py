@@ -77,6 +77,73 @@ def channels_to_complex(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(pairs.contiguous())
 
 
+def split_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``(B, g·c, H, W) → (g·B, c, H, W)``: item ``i·B + b`` is channel block ``i`` of image ``b``
+    (complex images as ``[Re, Im]`` channels through a ``c``-channel network: ``g = 2``)."""
+    return torch.cat(x.chunk(group, dim=1), dim=0) if group > 1 else x
+
+
+def merge_groups(h: torch.Tensor, group: int) -> torch.Tensor:
+    """The inverse of :func:`split_groups`: ``(g·B, c, H, W) → (B, g·c, H, W)``."""
+    return torch.cat(h.chunk(group, dim=0), dim=1) if group > 1 else h
+
+
+class ComplexParts(LinearOperator):
+    """A complex-image operator ``op`` seen by solvers of real [0, 1] images (zero-shot diffusion).
+
+    The real image ``u`` (B, 2C, H, W) holds the parts of the complex image ``v`` (B, C, H, W),
+    ``[Re v, Im v] = 2u − 1`` (parts on [−1, 1] ↔ u on [0, 1]: a solver's model range *is* the
+    parts, as :func:`idm.zeroshot.pnp.complex_denoiser` sees them). Then
+    ``op.A(v) = 2·A_u(u) − A_u(1)`` with the linear ``A_u(u) = op.A(channels_to_complex(u))``, so
+    measurements ``y`` of ``v`` are measurements :meth:`measurements` ``(y + A_u(1))/2`` of ``u``
+    (noise std halved); :meth:`image` maps a solution back to ``v``.
+    """
+
+    kind = "complex-parts"
+
+    def __init__(self, op: LinearOperator) -> None:
+        super().__init__(op.image_size, op.noise.sigma / 2)
+        self.op = op
+
+    @property
+    def domain_size(self) -> tuple[int, ...]:
+        return self.op.domain_size
+
+    def A(self, u: torch.Tensor) -> torch.Tensor:
+        return self.op.A(channels_to_complex(u))
+
+    def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return complex_to_channels(self.op.A_adjoint(y))
+
+    def A_dagger(self, y: torch.Tensor, iterations: int | None = None) -> torch.Tensor:
+        return complex_to_channels(self.op.A_dagger(y) if iterations is None else self.op.A_dagger(y, iterations=iterations))
+
+    def project(self, u: torch.Tensor, y: torch.Tensor, weight: float = 1.0,
+                iterations: int | None = None) -> torch.Tensor:
+        return complex_to_channels(self.op.project(channels_to_complex(u), y, weight, iterations)).to(u.dtype)
+
+    def exact_norm_squared(self) -> float | None:
+        return self.op.exact_norm_squared()
+
+    def measurement_shape(self, batch: int, channels: int) -> tuple[int, ...]:
+        return self.op.measurement_shape(batch, channels // 2)
+
+    def check_measurements(self, y: torch.Tensor) -> None:
+        self.op.check_measurements(y)
+
+    def measurements(self, y: torch.Tensor) -> torch.Tensor:
+        """Measurements ``y`` of complex images ``v`` → those of their parts image ``u``."""
+        ones = torch.ones((1, 2, *self.domain_size), dtype=y.real.dtype, device=y.device)
+        return (y + self.A(ones)) / 2
+
+    def image(self, u: torch.Tensor) -> torch.Tensor:
+        """A parts image ``u`` (B, 2C, *domain) on [0, 1] → the complex image ``v`` (B, C, *domain)."""
+        return channels_to_complex(2 * u - 1)
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "op": self.op.config()}
+
+
 def _as_complex(x: torch.Tensor, what: str) -> torch.Tensor:
     """``x`` as complex64/complex128 (real float32/float64 get a zero imaginary part)."""
     if not isinstance(x, torch.Tensor):

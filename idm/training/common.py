@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import IDMError
+from ..runtime import keep_freed_memory
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "log.jsonl"
@@ -57,6 +58,7 @@ def run_script(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespac
     """Parse ``argv`` and ``run`` it (after ``--threads``); an :class:`IDMError` prints one line and
     gives exit status 2."""
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         return with_threads(run)(args)
     except IDMError as exc:

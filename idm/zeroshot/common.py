@@ -89,9 +89,11 @@ def initial_state(
     y: torch.Tensor, op: LinearOperator, size_multiple: int, generator: torch.Generator | None
 ) -> tuple[Canvas, torch.Tensor]:
     """The canvas of ``op`` (padded to ``size_multiple``) and the initial state ``x_T ~ N(0, I)``
-    of shape ``(B, C, *canvas.size)`` (B, C those of ``y``), drawn from ``generator``, on ``y``'s device/dtype."""
+    of shape ``(B, C, *canvas.size)`` (B, C, device and dtype those of the image ``Aᵀy``, e.g.
+    2 channels for :class:`~idm.physics.mri.ComplexParts`), drawn from ``generator``."""
     canvas = operator_canvas(op, size_multiple)
-    return canvas, randn((*y.shape[:2], *canvas.size), generator, y)
+    image = op.A_adjoint(y)
+    return canvas, randn((*image.shape[:2], *canvas.size), generator, image)
 
 
 def data_consistency(
@@ -125,4 +127,11 @@ def check_inputs(y: torch.Tensor, op: LinearOperator, channels: int) -> None:
     if y.shape[1] != channels:
         raise IDMError(f"the prior has {channels} channel(s), the measurements have {y.shape[1]}")
     if not bool(torch.isfinite(y).all()):
+        raise IDMError("measurements contain NaN or infinite values")
+
+
+def check_complex_inputs(y: torch.Tensor, op: LinearOperator) -> None:
+    """Raise :class:`IDMError` unless ``y`` are finite complex measurements of ``op`` (MRI)."""
+    op.check_measurements(y)
+    if not bool(torch.isfinite(torch.view_as_real(y)).all()):
         raise IDMError("measurements contain NaN or infinite values")

@@ -22,7 +22,8 @@ from ..errors import IDMError
 from ..physics.base import LinearOperator
 from ..priors.prior import PriorLike, load_prior
 from ..registry import register_method
-from .common import check_inputs
+from ..physics.mri import ComplexParts, merge_groups, split_groups
+from .common import check_complex_inputs, check_inputs
 from .ddnm import sample_ddnm
 from .dps import sample_dps
 
@@ -107,14 +108,26 @@ class ZeroShotReconstructor:
         self.seed, self.progress = int(seed), bool(progress)
 
     def __call__(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
-        """Measurements ``y`` (``op.measurement_shape(B, C)``) → ``(B, C, *op.domain_size)`` on [0, 1], on y's device."""
+        """Measurements ``y`` (``op.measurement_shape(B, C)``) → ``(B, C, *op.domain_size)`` on [0, 1], on y's device.
+
+        Complex measurements (MRI) of complex images ``(B, C, …)``: the solver runs on the parts image
+        of :class:`~idm.physics.mri.ComplexParts` (``[Re, Im]`` on [−1, 1] as the model-range state,
+        each part through the ``C``-channel prior) and returns the complex image (not clipped)."""
+        if y.is_complex():
+            check_complex_inputs(y, op)
+            parts = ComplexParts(op)
+            y_dev = parts.measurements(y.to(device=self.prior.device, dtype=torch.complex64))
+            return parts.image(self._solve(parts, y_dev, fold_parts(self.prior))).to(y.device)
         check_inputs(y, op, self.prior.channels)
+        return self._solve(op, y.to(device=self.prior.device, dtype=torch.float32), self.prior).to(y.device)
+
+    def _solve(self, op: LinearOperator, y: torch.Tensor, model: Callable[..., torch.Tensor]) -> torch.Tensor:
         spec = SOLVERS[self.name]
         extra = {"sigma_y": op.noise.sigma} if spec.noise_aware else {}
         generator = torch.Generator().manual_seed(self.seed)
-        x = spec.sampler(
-            self.prior,
-            y.to(device=self.prior.device, dtype=torch.float32),
+        return spec.sampler(
+            model,
+            y,
             op,
             self.prior.schedule,
             size_multiple=self.prior.size_multiple,
@@ -123,10 +136,19 @@ class ZeroShotReconstructor:
             **self.settings,
             **extra,
         )
-        return x.to(y.device)
 
     def __repr__(self) -> str:
         return f"ZeroShotReconstructor({self.name!r}, {', '.join(f'{k}={v!r}' for k, v in self.settings.items())})"
+
+
+def fold_parts(model: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``ε`` model of parts images ``(B, 2C, H, W)`` from a ``C``-channel ``model(x, t)``: Re and Im
+    as two batch items each (:func:`~idm.physics.mri.split_groups`)."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return merge_groups(model(split_groups(x, 2), t.repeat(2)), 2)
+
+    return eps
 
 
 def build_solver(

@@ -57,7 +57,7 @@ from ..physics.canvas import Canvas
 from ..priors.prior import PriorLike, load_prior
 from ..priors.schedule import from_model_range, to_model_range, x0_from_eps
 from ..registry import register_method
-from .common import check_inputs
+from .common import check_complex_inputs, check_inputs
 from .method import _checked
 
 #: the denoiser used when no checkpoint is given
@@ -246,9 +246,7 @@ class PnPReconstructor:
     def __call__(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         """Measurements ``y`` (``op.measurement_shape(B, C)``) → ``(B, C, *op.domain_size)`` on [0, 1], on y's device."""
         if y.is_complex():  # MRI: complex k-space, possibly of several coils, of (B, 1, H, W) images
-            op.check_measurements(y)
-            if not bool(torch.isfinite(torch.view_as_real(y)).all()):
-                raise IDMError("measurements contain NaN or infinite values")
+            check_complex_inputs(y, op)
         else:
             check_inputs(y, op, self.prior.channels)
         if len(op.domain_size) != 2:
