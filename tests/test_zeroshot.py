@@ -20,7 +20,7 @@ from conftest import tiny_prior, tiny_unet_config
 #: size_multiple 4, so the odd test images below need the padded canvas
 TINY = tiny_unet_config(channel_mults=(1, 2, 2), attention_levels=(2,))
 SIZE = (19, 21)
-METHOD_NAMES = ("ddnm", "ddnm+", "dps")
+METHOD_NAMES = ("ddnm", "ddnm+", "dps", "diffuserecon")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,7 +183,7 @@ def test_every_method_on_every_operator_is_seeded(prior_dir: str, name: str, kin
     other = build(name, prior_dir, steps=3, seed=2)(y, op)
     assert first.shape == (2, 1, *op.domain_size) and bool(torch.isfinite(first).all())
     assert torch.equal(first, again)
-    if name == "ddnm" and kind == "denoising":  # A = I has no null space: DDNM returns y whatever the noise
+    if name in ("ddnm", "diffuserecon") and kind == "denoising":  # A = I has no null space: both return y
         torch.testing.assert_close(first, y, atol=1e-5, rtol=0)
     else:
         assert not torch.allclose(first, other)
@@ -244,3 +244,67 @@ def test_complex_mri_measurements_give_complex_images(prior_dir: str, name: str)
         torch.testing.assert_close(op.A(out), y, atol=1e-4, rtol=0)
     with pytest.raises(IDMError, match="NaN"):
         build(name, prior_dir, steps=2)(torch.full_like(y, float("nan")), op)
+
+
+# --- DiffuseRecon ----------------------------------------------------------------------------------
+def test_diffuserecon_fits_the_measured_kspace_and_gives_an_uncertainty(prior_dir: str) -> None:
+    """The final output equals the measurement on the sampled k-space locations; the std is the
+    magnitude's across K samples (0 for K = 1); a seed fixes everything."""
+    op = MRI(SIZE, acceleration=2, center_fraction=0.2, seed=0)
+    x = torch.complex(images(), 0.3 * images().flip(-1) - 0.1)
+    y = op.A(x)
+    method = build("diffuserecon", prior_dir, samples=3, steps=4, refine=2)
+    post = method.with_uncertainty(y, op)
+    assert post.x.dtype == torch.complex64 and post.x.shape == (2, 1, *SIZE) and post.std.shape == (2, 1, *SIZE)
+    assert float((op.A(post.x) - y).abs().max()) <= 1e-5 * float(y.abs().max())
+    assert float(post.std.min()) >= 0 and float(post.std.max()) > 0
+    torch.testing.assert_close(method(y, op), post.x)  # the plain call returns the reconstruction
+    again = build("diffuserecon", prior_dir, samples=3, steps=4, refine=2).with_uncertainty(y, op)
+    assert torch.equal(again.x, post.x) and torch.equal(again.std, post.std)
+    other = build("diffuserecon", prior_dir, samples=3, steps=4, refine=2, seed=5).with_uncertainty(y, op)
+    assert not torch.equal(other.x, post.x)
+    single = build("diffuserecon", prior_dir, samples=1, steps=4, refine=0).with_uncertainty(y, op)
+    assert not single.std.any()
+    with pytest.raises(IDMError, match="gives no uncertainty"):
+        build("ddnm", prior_dir, steps=2).with_uncertainty(y, op)
+    with pytest.raises(IDMError, match="samples must lie in"):
+        build("diffuserecon", prior_dir, samples=0)
+    with pytest.raises(IDMError, match="do not match"):  # k-space of another shape than the mask's
+        method.with_uncertainty(y[..., :-1], op)
+
+
+def test_diffuserecon_on_a_real_operator(prior_dir: str) -> None:
+    op = OPERATORS["inpainting"]()
+    y = measure(op, images())
+    for start_level in (0.0, 0.5):  # from pure noise, or from the diffused zero-filled image
+        post = build("diffuserecon", prior_dir, samples=2, steps=3, refine=1, start_level=start_level).with_uncertainty(y, op)
+        assert post.x.shape == post.std.shape == (2, 1, *op.domain_size)
+        torch.testing.assert_close(op.A(post.x), y, atol=1e-4, rtol=0)
+
+
+def test_reconstruct_cli_writes_the_uncertainty(prior_dir: str, tmp_path, capsys) -> None:
+    """`idm reconstruct --method diffuserecon --uncertainty FILE` writes the std beside the image
+    (raw in .npy / NIfTI); methods without one fail in one line and write nothing."""
+    pytest.importorskip("nibabel")
+    import nibabel
+    import numpy as np
+
+    from idm.cli import main
+    from idm.data import save_image
+
+    image = tmp_path / "x.png"
+    save_image(image, images(1, (16, 16))[0])
+    options = ["--operator", "mri", "--acceleration", "2", "--method", "diffuserecon", "--checkpoint", prior_dir,
+               "--option", "samples=3", "--option", "steps=3", "--option", "refine=1"]
+    code = main(["reconstruct", str(image), *options, "-o", str(tmp_path / "x.npy"), "--uncertainty", str(tmp_path / "std.nii.gz")])
+    assert code == 0, capsys.readouterr().err
+    x, std = np.load(tmp_path / "x.npy"), np.asarray(nibabel.load(tmp_path / "std.nii.gz").dataobj)
+    assert x.shape == std.shape == (16, 16) and np.iscomplexobj(x) and std.min() >= 0 and std.max() > 0
+    code = main(["reconstruct", str(image), *options, "-o", str(tmp_path / "y.png"), "--uncertainty", str(tmp_path / "std.png")])
+    assert code == 0 and (tmp_path / "std.png").exists()
+    capsys.readouterr()
+    code = main(["reconstruct", str(image), "--operator", "mri", "--acceleration", "2", "--method", "tv", "-o", str(tmp_path / "t.png"),
+                 "--uncertainty", str(tmp_path / "t-std.npy")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "gives no uncertainty" in err
+    assert not (tmp_path / "t.png").exists() and not (tmp_path / "t-std.npy").exists()

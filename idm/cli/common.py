@@ -278,6 +278,22 @@ def add_method_args(parser: argparse.ArgumentParser, default: str | None = "tv")
                         help="diffusion prior of the zero-shot methods (ddnm, ddnm+, dps): a prior checkpoint "
                              "folder or name, a local diffusers UNet2DModel folder, or hf:ORG/NAME[/SUBFOLDER]")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="option of the method's factory, e.g. iterations=20 (repeatable; VALUE is read as "
+                             "an int, a float, true/false or else a string)")
+
+
+def method_options(items: list[str]) -> dict:
+    """``["KEY=VALUE", ...]`` → ``{KEY: parsed VALUE}`` (see :func:`idm.bench.methods.parse_value`)."""
+    from ..bench.methods import parse_value
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise IDMError(f"malformed --option {item!r} (expected KEY=VALUE)")
+        options[key.strip()] = parse_value(value)
+    return options
 
 
 def method_checkpoint(args: argparse.Namespace, method: MethodInfo) -> str | None:
@@ -360,19 +376,35 @@ def load_truth(path: str | Path, kind: str) -> "torch.Tensor":
     return check_image(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None], name=f"image {path}")
 
 
+#: output suffixes that keep the raw values (complex for MRI) instead of an 8-bit image
+RAW_SUFFIXES = (".npy", ".nii", ".nii.gz")
+
+
+def is_raw_output(path: Path) -> bool:
+    """Whether ``path`` is written with raw values (:data:`RAW_SUFFIXES`)."""
+    return path.name.lower().endswith(RAW_SUFFIXES)
+
+
 def write_result(path: Path, x: "torch.Tensor") -> None:
-    """Write one reconstruction ``(C, H, W)``: ``.npy`` keeps the raw values (complex for MRI),
-    image formats get :func:`image_of` clipped to [0, 1] (8 bits, :func:`idm.data.save_image`)."""
+    """Write one reconstruction ``(C, H, W)``: ``.npy`` and NIfTI (``.nii``, ``.nii.gz``; the extra
+    ``medical``) keep the raw values (complex for MRI; one channel as an (H, W) array), image formats
+    get :func:`image_of` clipped to [0, 1] (8 bits, :func:`idm.data.save_image`)."""
     import numpy as np
 
     from ..data import save_image
     from ..io.atomic import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    values = x.detach().cpu().squeeze(0).numpy() if is_raw_output(path) else None
     if path.suffix.lower() == ".npy":
         with atomic_path(path) as temp:
             with open(temp, "wb") as handle:
-                np.save(handle, x.detach().cpu().squeeze(0).numpy())
+                np.save(handle, values)
+        return
+    if values is not None:
+        from ..io.medical import write_nifti
+
+        write_nifti(path, values)
         return
     save_image(path, image_of(x).clamp(0, 1))
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 
 
-from ..bench.methods import parse_value
 from ..data import ImageFolder
 from ..data.images import IMAGE_SUFFIXES
-from ..errors import IDMError
 from ..evaluation import evaluate, operator_factory
 from ..registry import METHODS
-from .common import add_measurement_args, add_method_args, load_truth, method_checkpoint, operator_options, write_json
+from .common import (add_measurement_args, add_method_args, load_truth, method_checkpoint, method_options,
+                     operator_options, write_json)
 
 
 def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argparse.ArgumentParser:
@@ -28,9 +27,6 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
     parser.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
     parser.add_argument("--json", help="write the results as JSON to this file")
     add_method_args(parser)
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="option of the method's factory, e.g. iterations=20 (repeatable; VALUE is read as "
-                             "an int, a float, true/false or else a string)")
     add_measurement_args(parser)
     parser.set_defaults(func=run)
     return parser
@@ -91,14 +87,3 @@ class _TruthFolder(ImageFolder):
 def truth_folder(root: str, limit: int | None, kind: str) -> ImageFolder:
     """The ground truths of ``idm eval``: image files (and, for mri / ct, ``.npy`` arrays)."""
     return _TruthFolder(root, limit, kind) if kind in ("mri", "ct") else ImageFolder(root, limit=limit)
-
-
-def method_options(items: list[str]) -> dict:
-    """``["KEY=VALUE", ...]`` → ``{KEY: parsed VALUE}`` (see :func:`idm.bench.methods.parse_value`)."""
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise IDMError(f"malformed --option {item!r} (expected KEY=VALUE)")
-        options[key.strip()] = parse_value(value)
-    return options

@@ -19,7 +19,9 @@ Inputs (exactly one):
 Output: the image file(s) ``-o`` (PNG/TIFF/..., 8 bits): complex (MRI) results are written as
 their magnitude; results of simulated or measured images clipped to [0, 1] (their scale);
 results of raw data, which have no [0, 1] scale, as ``max(x, 0) / max x`` (MRI: ``|x| / max|x|``).
-``-o FILE.npy`` writes the unclipped result instead (complex for MRI).
+``-o FILE.npy`` or ``FILE.nii[.gz]`` writes the unclipped result instead (complex for MRI).
+``--uncertainty FILE`` (methods that give one: ``diffuserecon``) writes the per-pixel standard
+deviation beside it, raw in ``.npy`` / NIfTI, as ``std / max std`` in image formats.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from ..io.measurement import build_operator, load_measurement
 from ..metrics import psnr, ssim_skimage
 from ..registry import METHODS
 from .common import (OPERATOR_OPTIONS, add_measurement_args, add_method_args, check_file_settings,
-                     given_operator_options, image_of, load_sensitivities, load_truth, method_checkpoint,
+                     given_operator_options, image_of, is_raw_output, load_sensitivities, load_truth,
+                     method_checkpoint, method_options,
                      operator_factory_from_args, output_paths, write_result)
 
 #: largest side of the ESPIRiT calibration region taken from the fully sampled k-space centre
@@ -66,6 +69,8 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
     raw.add_argument("--rotation-center", metavar="C|auto|middle",
                      help="--sinogram: detector position (cells, from 0) of the rotation axis; auto (default): "
                           "estimated from two views 180° apart when the file has them, else the middle D // 2")
+    parser.add_argument("--uncertainty", metavar="FILE",
+                        help="also write the per-pixel std (diffuserecon): .npy / .nii[.gz] raw, image formats as std / max std")
     parser.add_argument("--list-methods", action="store_true", help="list the available methods and exit")
     parser.set_defaults(func=run)
     return parser
@@ -104,16 +109,26 @@ def run(args: argparse.Namespace) -> int:
         y = op.measure(truth, generator=torch.Generator().manual_seed(args.seed))
         names = [args.input]
     paths = output_paths(args.output, names)
+    std_paths = output_paths(args.uncertainty, names) if args.uncertainty else None
     ratio = op.config().get("ratio")
-    reconstruct = method.build(checkpoint=checkpoint, device=args.device, seed=args.seed, ratio=ratio)
+    reconstruct = method.build(checkpoint=checkpoint, device=args.device, seed=args.seed, ratio=ratio,
+                               **method_options(args.option))
+    if std_paths is not None and not hasattr(reconstruct, "with_uncertainty"):
+        raise IDMError(f"method {args.method!r} gives no uncertainty (--uncertainty); diffuserecon does")
     start = time.perf_counter()
     with torch.no_grad():
-        x = op.crop(reconstruct(y.to(args.device), op)).cpu()
+        if std_paths is not None:
+            posterior = reconstruct.with_uncertainty(y.to(args.device), op)
+            x, std = op.crop(posterior.x).cpu(), op.crop(posterior.std).cpu()
+        else:
+            x = op.crop(reconstruct(y.to(args.device), op)).cpu()
     seconds = time.perf_counter() - start
     if not bool(torch.isfinite(torch.view_as_real(x) if x.is_complex() else x).all()):
         raise IDMError(f"{args.method} produced NaN or inf values")
     for image, path in zip(x, paths):
-        write_result(path, normalised(image) if raw and path.suffix.lower() != ".npy" else image)
+        write_result(path, normalised(image) if raw and not is_raw_output(path) else image)
+    for image, path in zip(std if std_paths is not None else [], std_paths or []):
+        write_result(path, image if is_raw_output(path) else normalised(image))
     report = f"{args.method}: {len(paths)} image(s) in {seconds:.2f} s → {paths[0] if len(paths) == 1 else Path(args.output)}"
     if truth is not None:
         if x.is_complex() or truth.is_complex():

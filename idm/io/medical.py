@@ -29,6 +29,7 @@ key, missing optional dependency, wrong dimensionality, undecodable pixel data) 
 
 from __future__ import annotations
 
+import gzip
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import IDMError
+from .atomic import atomic_write
 
 __all__ = [
     "CT_WINDOW",
@@ -126,14 +128,14 @@ def _reason(error: BaseException) -> str:
     return type(error).__name__
 
 
-def _require(module: str, what: str):
+def _require(module: str, what: str, action: str = "reading"):
     """Import an optional dependency or raise an IDMError with the pip command."""
     try:
         return importlib.import_module(module)
     except ImportError:
         package = _PIP.get(module, module)
         raise IDMError(
-            f"reading {what} needs the optional package {package}: pip install {package} "
+            f"{action} {what} needs the optional package {package}: pip install {package} "
             f"(or pip install 'idm[medical]')"
         ) from None
 
@@ -292,6 +294,17 @@ def _complex_compound(array: np.ndarray) -> np.ndarray:
 
 
 # --- NIfTI --------------------------------------------------------------------------------------------
+def write_nifti(path: str | Path, array: np.ndarray) -> None:
+    """Write a 2-D or 3-D array (real or complex) as NIfTI-1 — ``.nii``, or gzip-compressed
+    ``.nii.gz`` — with an identity affine (1 mm voxels, array axes as x, y, z), atomically."""
+    nib = _require("nibabel", "NIfTI files", action="writing")
+    data = nib.Nifti1Image(np.asarray(array), np.eye(4)).to_bytes()
+    if str(path).lower().endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    with atomic_write(path) as handle:
+        handle.write(data)
+
+
 def _read_nifti(path: Path) -> MedicalImage:
     nib = _require("nibabel", "NIfTI files")
     try:

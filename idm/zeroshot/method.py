@@ -1,4 +1,4 @@
-"""The zero-shot solvers as registered reconstruction methods: ``ddnm``, ``ddnm+`` and ``dps``.
+"""The zero-shot solvers as registered reconstruction methods: ``ddnm``, ``ddnm+``, ``dps`` and ``diffuserecon``.
 
 Each factory loads a diffusion prior (``checkpoint``: a prior directory or shipped name, default
 ``"prior-gray"``, or a diffusers ``UNet2DModel`` folder / ``hf:ORG/NAME`` id, see
@@ -6,7 +6,8 @@ Each factory loads a diffusion prior (``checkpoint``: a prior directory or shipp
 ``x`` ``(B, C, *op.domain_size)`` on [0, 1] (not clipped). Each call draws its noise from a fresh
 CPU generator seeded with ``seed``, so a result depends only on ``(seed, y, op)``. Options (keyword
 arguments of ``build``) are those of :data:`SOLVERS`; ``ratio`` is accepted and ignored (the
-operator carries it), anything else raises :class:`IDMError`.
+operator carries it), anything else raises :class:`IDMError`. ``diffuserecon`` also gives a per-pixel
+uncertainty: :meth:`ZeroShotReconstructor.with_uncertainty`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..registry import register_method
 from ..physics.mri import ComplexParts, merge_groups, split_groups
 from .common import check_complex_inputs, check_inputs
 from .ddnm import sample_ddnm
+from .diffuserecon import Posterior, sample_diffuserecon
 from .dps import sample_dps
 
 #: the prior used when no checkpoint is given
@@ -63,6 +65,13 @@ SOLVERS: dict[str, SolverSpec] = {
         {"steps": 1000, "zeta": 1.0, "clip": True},
         description="DPS: diffusion posterior sampling, gradient of ‖y − A x̂₀‖ through the U-Net (1000 steps)",
         limits={"steps": _STEP_LIMIT, "zeta": (0.0, math.inf)},
+    ),
+    "diffuserecon": SolverSpec(
+        sample_diffuserecon,
+        {"samples": 4, "steps": 10, "refine": 3, "refine_level": 0.1, "start_level": 0.0, "clip": True},
+        description="DiffuseRecon: K measurement-guided samples, mean refined by DDIM, per-pixel std (uncertainty)",
+        limits={"samples": (1, 256), "steps": _STEP_LIMIT, "refine": (0, math.inf), "refine_level": (1e-3, 10.0),
+                "start_level": (0.0, 100.0)},
     ),
 }
 
@@ -113,17 +122,37 @@ class ZeroShotReconstructor:
         Complex measurements (MRI) of complex images ``(B, C, …)``: the solver runs on the parts image
         of :class:`~idm.physics.mri.ComplexParts` (``[Re, Im]`` on [−1, 1] as the model-range state,
         each part through the ``C``-channel prior) and returns the complex image (not clipped)."""
+        result = self._solve(y, op)
+        return result.x if isinstance(result, Posterior) else result
+
+    def with_uncertainty(self, y: torch.Tensor, op: LinearOperator) -> Posterior:
+        """``diffuserecon`` only: the reconstruction and its per-pixel std (``Posterior``; the std is
+        ``(B, C, *op.domain_size)`` on the image's [0, 1] scale, of the magnitude for complex images)."""
+        if self.name != "diffuserecon":
+            raise IDMError(f"method {self.name!r} gives no uncertainty; diffuserecon does")
+        return self._solve(y, op)
+
+    def _solve(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor | Posterior:
         if y.is_complex():
             check_complex_inputs(y, op)
             parts = ComplexParts(op)
             y_dev = parts.measurements(y.to(device=self.prior.device, dtype=torch.complex64))
-            return parts.image(self._solve(parts, y_dev, fold_parts(self.prior))).to(y.device)
+            result = self._sample(parts, y_dev, fold_parts(self.prior), magnitude=True)
+            if isinstance(result, Posterior):
+                return Posterior(parts.image(result.x).to(y.device), result.std.to(y.device))
+            return parts.image(result).to(y.device)
         check_inputs(y, op, self.prior.channels)
-        return self._solve(op, y.to(device=self.prior.device, dtype=torch.float32), self.prior).to(y.device)
+        result = self._sample(op, y.to(device=self.prior.device, dtype=torch.float32), self.prior)
+        if isinstance(result, Posterior):
+            return Posterior(result.x.to(y.device), result.std.to(y.device))
+        return result.to(y.device)
 
-    def _solve(self, op: LinearOperator, y: torch.Tensor, model: Callable[..., torch.Tensor]) -> torch.Tensor:
+    def _sample(self, op: LinearOperator, y: torch.Tensor, model: Callable[..., torch.Tensor],
+                magnitude: bool = False) -> torch.Tensor | Posterior:
         spec = SOLVERS[self.name]
         extra = {"sigma_y": op.noise.sigma} if spec.noise_aware else {}
+        if spec.sampler is sample_diffuserecon:
+            extra["magnitude"] = magnitude
         generator = torch.Generator().manual_seed(self.seed)
         return spec.sampler(
             model,
@@ -189,3 +218,4 @@ def _register(name: str) -> None:
 _register("ddnm")
 _register("ddnm+")
 _register("dps")
+_register("diffuserecon")
