@@ -119,7 +119,7 @@ def test_chunks_and_uncached_grids_give_the_same_result():
     chunked.chunk_elements, chunked.grid_cache_bytes = 3000, 0  # ~1 view per chunk, nothing cached
     for got, want in zip((chunked.A(x), chunked.A_adjoint(y), chunked.fbp(y)), expected):
         assert torch.allclose(got, want, atol=1e-12)
-    assert chunked._grids == {} and len(op._grids) == 3  # rays, pixels and the sparse Aᵀ, float64 on the CPU
+    assert chunked._grids == {} and len(op._grids) == 2  # pixels (FBP) and the sparse A / Aᵀ, float64 on the CPU
 
 
 @pytest.mark.parametrize("geometry", [
@@ -127,16 +127,16 @@ def test_chunks_and_uncached_grids_give_the_same_result():
     {"image_size": (17, 30), "views": 9, "angle_range": (10.0, 100.0)},
     {"image_size": (20, 20), "angles": [0.0, 33.3, 90.0, 145.0, 180.0], "detectors": 21},
 ])
-def test_sparse_adjoint_is_grid_samples_transpose(geometry):
-    """The CPU's sparse Aᵀ (in view chunks) equals grid_sample's input gradient to rounding."""
+def test_sparse_operator_is_grid_sample_and_its_transpose(geometry):
+    """The CPU's sparse A and Aᵀ (in view chunks) equal grid_sample and its input gradient to rounding."""
     op = ParallelBeamCT(**geometry)
     reference = ParallelBeamCT(**geometry)
     reference.grid_cache_bytes = 0  # no sparse matrix: grid_sample's gradient
     op.adjoint_chunk_entries = 1  # one view per part
-    y = rand(op.measurement_shape(2, 1), seed=3)
-    got, want = op.A_adjoint(y), reference.A_adjoint(y)
-    assert len(op._grids["adjoint", torch.float64, torch.device("cpu")]) == op.n_views
-    assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+    y, x = rand(op.measurement_shape(2, 1), seed=3), rand((2, 1, *op.domain_size), seed=4)
+    assert len(op._sparse_matrices(torch.float64, torch.device("cpu"))) == op.n_views
+    for got, want in ((op.A_adjoint(y), reference.A_adjoint(y)), (op.A(x), reference.A(x))):
+        assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
 
 
 # --- autograd ---------------------------------------------------------------------------
