@@ -94,3 +94,37 @@ def ssim_skimage(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         for image, reference in zip(images, refs)
     ]
     return torch.tensor(values, dtype=torch.float64)
+
+
+# --- uncertainty ---------------------------------------------------------------------------------
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of a 1-D tensor, ties sharing their average rank (float64)."""
+    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    return ((ends - counts + 1 + ends) / 2)[inverse]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two equally sized tensors (flattened; average ranks for ties,
+    as ``scipy.stats.spearmanr``); NaN when either is constant."""
+    if a.numel() != b.numel() or a.numel() < 2:
+        raise IDMError(f"spearman needs two tensors of the same size >= 2, got {a.numel()} and {b.numel()}")
+    ra, rb = average_ranks(a.flatten().double()), average_ranks(b.flatten().double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denominator if denominator > 0 else float("nan")
+
+
+def calibration_curve(std: torch.Tensor, error: torch.Tensor, bins: int = 10) -> list[dict[str, float]]:
+    """Pixels binned by predicted std (``bins`` quantile bins): per bin the mean std, the RMSE of
+    ``error`` and the pixel count — a calibrated uncertainty has RMSE ≈ std in every bin."""
+    s, e = std.flatten().double(), error.flatten().double()
+    if s.numel() != e.numel() or bins < 1:
+        raise IDMError(f"calibration needs equally sized std and error and bins >= 1, got {s.numel()}, {e.numel()}, {bins}")
+    order = torch.argsort(s)
+    rows = []
+    for chunk in torch.tensor_split(order, bins):
+        if chunk.numel():
+            rows.append({"std": float(s[chunk].mean()), "rmse": float(e[chunk].square().mean().sqrt()),
+                         "pixels": int(chunk.numel())})
+    return rows

@@ -308,3 +308,44 @@ def test_reconstruct_cli_writes_the_uncertainty(prior_dir: str, tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "gives no uncertainty" in err
     assert not (tmp_path / "t.png").exists() and not (tmp_path / "t-std.npy").exists()
+
+
+def test_bench_uncertainty_scores_the_std(prior_dir: str, tmp_path, capsys) -> None:
+    """`idm bench uncertainty`: per-image Spearman(std, |error|), a pooled calibration curve, JSON and
+    figure; a method without uncertainty fails in one line."""
+    import json
+
+    import numpy as np
+
+    from idm.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        np.save(data / f"s{i}.npy", images(1, (16, 16))[0, 0].numpy() / (1 + i))
+    base = ["bench", "uncertainty", "--data", str(data), "--operator", "mri", "--acceleration", "2",
+            "--checkpoint", prior_dir, "--option", "samples=3", "--option", "steps=3", "--option", "refine=1"]
+    assert main([*base, "--bins", "4", "--json", str(tmp_path / "u.json"), "--figure", str(tmp_path / "u.png")]) == 0
+    result = json.loads((tmp_path / "u.json").read_text())
+    assert [r["name"] for r in result["images"]] == ["s0", "s1"] and len(result["calibration"]) == 4
+    assert all(-1 <= r["spearman"] <= 1 for r in result["images"]) and -1 <= result["spearman_pooled"] <= 1
+    assert sum(r["pixels"] for r in result["calibration"]) == 2 * 16 * 16
+    assert (tmp_path / "u.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["bench", "uncertainty", "--data", str(data), "--operator", "mri", "--acceleration", "2",
+                 "--method", "tv", "--json", str(tmp_path / "never.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "gives no uncertainty" in err and not (tmp_path / "never.json").exists()
+
+
+def test_spearman_and_calibration_curve() -> None:
+    from idm.metrics import calibration_curve, spearman
+
+    a = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0])
+    assert spearman(a, a * 10) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
+    assert spearman(a, torch.tensor([1.0, 3.0, 2.0, 4.0, 5.0])) == pytest.approx(0.9746794344808963)  # scipy's, with ties
+    assert math.isnan(spearman(a, torch.ones(5)))
+    curve = calibration_curve(torch.arange(6.0), torch.tensor([0.0, 0.0, 3.0, 3.0, 4.0, 4.0]), bins=3)
+    assert [r["pixels"] for r in curve] == [2, 2, 2] and [r["rmse"] for r in curve] == [0.0, 3.0, 4.0]
+    with pytest.raises(IDMError, match="same size"):
+        spearman(a, a[:3])
