@@ -132,5 +132,5 @@ def write_figure(path: Path, result: dict, first: tuple) -> None:
         ax.axis("off")
     fig.tight_layout()
     with atomic_write(path) as handle:
-        fig.savefig(handle, format="png", dpi=100)
+        fig.savefig(handle, format="png", dpi=64)
     plt.close(fig)
