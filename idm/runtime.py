@@ -22,8 +22,9 @@ import sys
 
 #: glibc ``mallopt`` parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-#: blocks up to this size come from the heap (1 GiB) ...
-MMAP_THRESHOLD = 1 << 30
+#: blocks up to this size come from the heap (1 GiB; glibc before 2.26 accepts at most 32 MiB,
+#: the fallback) ...
+MMAP_THRESHOLDS = (1 << 30, 1 << 25)
 #: ... and the heap keeps up to this much freed memory (the largest C int)
 TRIM_THRESHOLD = (1 << 31) - 1
 
@@ -38,4 +39,6 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mmap = any(mallopt(M_MMAP_THRESHOLD, value) for value in MMAP_THRESHOLDS)
+    trim = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return mmap and trim

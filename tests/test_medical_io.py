@@ -638,3 +638,14 @@ def test_real_tooth_sinogram(shared_data):
     assert bool(torch.isfinite(sinogram.data).all()) and sinogram.meta["clipped"] == 0
     assert -0.5 < float(sinogram.data.min()) and float(sinogram.data.max()) < 5  # measured −0.10 … 1.95
     assert float(sinogram.data.mean()) > 0.05  # the tooth attenuates
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_write_nifti_reads_back_the_same_array(tmp_path, suffix):
+    """What `idm reconstruct -o x.nii.gz` / `--uncertainty std.nii.gz` write reads back unchanged."""
+    pytest.importorskip("nibabel")
+    from idm.io.medical import read_volume, write_nifti
+
+    image = np.arange(6, dtype=np.float32).reshape(2, 3)
+    write_nifti(tmp_path / f"x{suffix}", image)
+    np.testing.assert_array_equal(np.asarray(read_volume(tmp_path / f"x{suffix}").data).squeeze(), image)

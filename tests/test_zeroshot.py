@@ -308,6 +308,12 @@ def test_reconstruct_cli_writes_the_uncertainty(prior_dir: str, tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "gives no uncertainty" in err
     assert not (tmp_path / "t.png").exists() and not (tmp_path / "t-std.npy").exists()
+    for extra, message in ((["-o", str(tmp_path / "s.npy"), "--uncertainty", str(tmp_path / "s.npy")], "would overwrite"),
+                           (["-o", str(tmp_path / "s.npy"), "--option", "seed=3"], "--option seed is set by the command")):
+        code = main(["reconstruct", str(image), *options, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "s.npy").exists()
 
 
 def test_bench_uncertainty_scores_the_std(prior_dir: str, tmp_path, capsys) -> None:
@@ -349,3 +355,30 @@ def test_spearman_and_calibration_curve() -> None:
     assert [r["pixels"] for r in curve] == [2, 2, 2] and [r["rmse"] for r in curve] == [0.0, 3.0, 4.0]
     with pytest.raises(IDMError, match="same size"):
         spearman(a, a[:3])
+
+
+def test_complex_parts_fold_keeps_real_and_imaginary_parts_apart() -> None:
+    """Two-channel complex images through a two-channel model: the model sees [Re₁, Re₂] and
+    [Im₁, Im₂] (not [Re₁, Im₁]), and its output goes back to the interleaved layout."""
+    from idm.zeroshot.method import fold_parts
+
+    x = torch.tensor([1.0, 10.0, 2.0, 20.0]).view(1, 4, 1, 1)  # [Re₁, Im₁, Re₂, Im₂]
+    seen = []
+
+    def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(z.flatten(1).tolist())
+        return z * torch.tensor([1.0, 3.0]).view(1, 2, 1, 1)  # channel 2 of each part × 3
+
+    out = fold_parts(model)(x, torch.zeros(1, dtype=torch.long))
+    assert seen == [[[1.0, 2.0], [10.0, 20.0]]]
+    assert out.flatten().tolist() == [1.0, 10.0, 6.0, 60.0]
+
+
+def test_diffuserecon_starts_a_denoiser_prior_at_its_largest_sigma() -> None:
+    """A Gaussian-denoiser prior cannot start from pure noise: start_level 0 means its sigma_max."""
+    op = MRI((16, 16), acceleration=2, center_fraction=0.25, seed=0)
+    y = op.A(torch.complex(images(1, (16, 16)), torch.zeros(1, 1, 16, 16)))
+    options = {"samples": 2, "steps": 2, "refine": 0}
+    default = build("diffuserecon", "dncnn-6", **options).with_uncertainty(y, op)
+    explicit = build("diffuserecon", "dncnn-6", start_level=0.4, **options).with_uncertainty(y, op)  # 2 × σ_max 0.2
+    assert torch.equal(default.x, explicit.x) and torch.equal(default.std, explicit.std)

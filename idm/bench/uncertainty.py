@@ -17,6 +17,7 @@ in ``--bins`` equal-count bins of std, each bin's mean std against its RMSE (cal
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -78,31 +79,41 @@ def run_cli(args: argparse.Namespace) -> int:
             value, ssim_value, magnitude = psnr(clipped, truth), ssim_skimage(clipped, truth), clipped
             error = (clipped - truth).abs()
         images.append({"name": name, "psnr": float(value[0]), "ssim": float(ssim_value[0]),
-                       "spearman": spearman(std, error), "seconds": seconds})
+                       "spearman": _defined(spearman(std, error)), "seconds": seconds})
         stds.append(std.flatten())
         errors.append(error.flatten())
         if first is None:
             first = (name, truth.abs() / truth.abs().amax() if truth.is_complex() else truth, magnitude, error, std)
-        print(f"{name}: PSNR {images[-1]['psnr']:.2f} dB, Spearman(std, |error|) {images[-1]['spearman']:.3f}, "
+        print(f"{name}: PSNR {images[-1]['psnr']:.2f} dB, Spearman(std, |error|) {_text(images[-1]['spearman'])}, "
               f"{seconds:.1f} s", flush=True)
     if not images:
         raise IDMError(f"no images in {args.data}")
     std_all, error_all = torch.cat(stds), torch.cat(errors)
+    mean = {key: sum(r[key] for r in images) / len(images) for key in ("psnr", "ssim", "seconds")}
+    correlations = [r["spearman"] for r in images if r["spearman"] is not None]
+    mean["spearman"] = sum(correlations) / len(correlations) if correlations else None
     result: dict[str, Any] = {
         "method": args.method, "operator": {"kind": kind, **settings}, "options": options, "images": images,
-        "mean": {key: sum(r[key] for r in images) / len(images) for key in ("psnr", "ssim", "spearman", "seconds")},
-        "spearman_pooled": spearman(std_all, error_all),
+        "mean": mean, "spearman_pooled": _defined(spearman(std_all, error_all)),
         "calibration": calibration_curve(std_all, error_all, args.bins),
     }
-    m = result["mean"]
-    print(f"mean: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, Spearman {m['spearman']:.3f} "
-          f"(pooled {result['spearman_pooled']:.3f}), {m['seconds']:.1f} s per image")
+    print(f"mean: PSNR {mean['psnr']:.2f} dB, SSIM {mean['ssim']:.4f}, Spearman {_text(mean['spearman'])} "
+          f"(pooled {_text(result['spearman_pooled'])}), {mean['seconds']:.1f} s per image")
     print("calibration (std bin → RMSE): " + ", ".join(f"{row['std']:.4f}→{row['rmse']:.4f}" for row in result["calibration"]))
     if args.json:
         write_json(args.json, result)
     if args.figure:
         write_figure(Path(args.figure), result, first)
     return 0
+
+
+def _defined(value: float) -> float | None:
+    """None for NaN (a constant std — e.g. one sample — has no rank correlation; JSON has no NaN)."""
+    return None if math.isnan(value) else value
+
+
+def _text(value: float | None) -> str:
+    return "undefined (constant std)" if value is None else f"{value:.3f}"
 
 
 def write_figure(path: Path, result: dict, first: tuple) -> None:
@@ -120,7 +131,7 @@ def write_figure(path: Path, result: dict, first: tuple) -> None:
     axes[0].plot([r["std"] for r in curve], [r["rmse"] for r in curve], "o-", label=result["method"])
     axes[0].plot([0, top], [0, top], "k--", lw=1, label="calibrated")
     axes[0].set(xlabel="predicted std (bin mean)", ylabel="RMSE of the error", xlim=(0, top), ylim=(0, top),
-                title=f"calibration, Spearman {result['spearman_pooled']:.2f}")
+                title=f"calibration, Spearman {_text(result['spearman_pooled'])}")
     axes[0].legend()
     scale = float(max(error.max(), std.max()))
     for ax, image, title, style in ((axes[1], truth, f"{name}: truth", {"cmap": "gray", "vmin": 0, "vmax": 1}),

@@ -292,8 +292,14 @@ def method_options(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise IDMError(f"malformed --option {item!r} (expected KEY=VALUE)")
+        if key.strip() in RESERVED_OPTIONS:
+            raise IDMError(f"--option {key.strip()} is set by the command itself (--{key.strip()} or the measurement)")
         options[key.strip()] = parse_value(value)
     return options
+
+
+#: factory arguments the commands set themselves, not ``--option``
+RESERVED_OPTIONS = ("seed", "ratio", "checkpoint", "device", "progress")
 
 
 def method_checkpoint(args: argparse.Namespace, method: MethodInfo) -> str | None:

@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         names = [args.input]
     paths = output_paths(args.output, names)
     std_paths = output_paths(args.uncertainty, names) if args.uncertainty else None
+    if std_paths is not None and {p.resolve() for p in std_paths} & {p.resolve() for p in paths}:
+        raise IDMError("--uncertainty would overwrite the reconstruction -o: give another file or folder")
     ratio = op.config().get("ratio")
     reconstruct = method.build(checkpoint=checkpoint, device=args.device, seed=args.seed, ratio=ratio,
                                **method_options(args.option))

@@ -296,9 +296,10 @@ def _complex_compound(array: np.ndarray) -> np.ndarray:
 # --- NIfTI --------------------------------------------------------------------------------------------
 def write_nifti(path: str | Path, array: np.ndarray) -> None:
     """Write a 2-D or 3-D array (real or complex) as NIfTI-1 — ``.nii``, or gzip-compressed
-    ``.nii.gz`` — with an identity affine (1 mm voxels, array axes as x, y, z), atomically."""
+    ``.nii.gz`` — with an identity affine (1 mm voxels), atomically; the axes are stored reversed
+    (an (H, W) image as x = column, y = row), so :func:`read_volume` gives the array back."""
     nib = _require("nibabel", "NIfTI files", action="writing")
-    data = nib.Nifti1Image(np.asarray(array), np.eye(4)).to_bytes()
+    data = nib.Nifti1Image(np.asarray(array).transpose(), np.eye(4)).to_bytes()
     if str(path).lower().endswith(".gz"):
         data = gzip.compress(data, mtime=0)
     with atomic_write(path) as handle:

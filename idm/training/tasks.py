@@ -175,11 +175,11 @@ class StepOperators:
         if args.operator == "mri":
             return MRI(size, acceleration=level, mask_type=args.mask, seed=seed)
         wedge = step_wedge(args, step)
-        if (level, wedge) not in self._cache:
-            if len(self._cache) > 256:  # wedges are drawn from a continuum: keep the cache bounded
-                self._cache.clear()
-            self._cache[level, wedge] = ParallelBeamCT(size, views=int(level), angle_range=(0.0, wedge))
-        return self._cache[level, wedge]
+        if wedge < 180.0:  # drawn from a continuum, never seen twice: not kept (each holds its sparse matrices)
+            return ParallelBeamCT(size, views=int(level), angle_range=(0.0, wedge))
+        if level not in self._cache:
+            self._cache[level] = ParallelBeamCT(size, views=int(level))
+        return self._cache[level]
 
 
 def describe(args: argparse.Namespace) -> str:

@@ -12,7 +12,10 @@ cropped away at the end.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from ..errors import IDMError
@@ -135,3 +138,10 @@ def check_complex_inputs(y: torch.Tensor, op: LinearOperator) -> None:
     op.check_measurements(y)
     if not bool(torch.isfinite(torch.view_as_real(y)).all()):
         raise IDMError("measurements contain NaN or infinite values")
+
+
+def denoiser_sigma_max(prior: Any) -> float:
+    """The largest σ the denoiser was trained for (DnCNN's ``sigma_max``; unbounded otherwise)."""
+    net = getattr(prior, "denoiser", None)
+    config = getattr(net, "config", None)
+    return float(getattr(config, "sigma_max", math.inf))

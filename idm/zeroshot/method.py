@@ -24,7 +24,7 @@ from ..physics.base import LinearOperator
 from ..priors.prior import PriorLike, load_prior
 from ..registry import register_method
 from ..physics.mri import ComplexParts, merge_groups, split_groups
-from .common import check_complex_inputs, check_inputs
+from .common import check_complex_inputs, check_inputs, denoiser_sigma_max
 from .ddnm import sample_ddnm
 from .diffuserecon import Posterior, sample_diffuserecon
 from .dps import sample_dps
@@ -135,6 +135,9 @@ class ZeroShotReconstructor:
     def _solve(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor | Posterior:
         if y.is_complex():
             check_complex_inputs(y, op)
+            channels = op.A_adjoint(y[:1]).shape[1]
+            if channels != self.prior.channels:
+                raise IDMError(f"the prior has {self.prior.channels} channel(s), the complex images have {channels}")
             parts = ComplexParts(op)
             y_dev = parts.measurements(y.to(device=self.prior.device, dtype=torch.complex64))
             result = self._sample(parts, y_dev, fold_parts(self.prior), magnitude=True)
@@ -151,8 +154,12 @@ class ZeroShotReconstructor:
                 magnitude: bool = False) -> torch.Tensor | Posterior:
         spec = SOLVERS[self.name]
         extra = {"sigma_y": op.noise.sigma} if spec.noise_aware else {}
+        settings = dict(self.settings)
         if spec.sampler is sample_diffuserecon:
             extra["magnitude"] = magnitude
+            limit = denoiser_sigma_max(self.prior)
+            if settings["start_level"] == 0.0 and math.isfinite(limit):
+                settings["start_level"] = 2.0 * limit  # a Gaussian denoiser cannot start from pure noise
         generator = torch.Generator().manual_seed(self.seed)
         return spec.sampler(
             model,
@@ -162,7 +169,7 @@ class ZeroShotReconstructor:
             size_multiple=self.prior.size_multiple,
             generator=generator,
             progress=self.progress,
-            **self.settings,
+            **settings,
             **extra,
         )
 
@@ -171,11 +178,14 @@ class ZeroShotReconstructor:
 
 
 def fold_parts(model: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``ε`` model of parts images ``(B, 2C, H, W)`` from a ``C``-channel ``model(x, t)``: Re and Im
-    as two batch items each (:func:`~idm.physics.mri.split_groups`)."""
+    """``ε`` model of parts images ``(B, 2C, H, W)`` (channels ``[Re₁, Im₁, Re₂, …]``,
+    :func:`~idm.physics.mri.complex_to_channels`) from a ``C``-channel ``model(x, t)``: the real parts
+    and the imaginary parts as two batch items (:func:`~idm.physics.mri.split_groups`)."""
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return merge_groups(model(split_groups(x, 2), t.repeat(2)), 2)
+        by_part = x.unflatten(1, (-1, 2)).transpose(1, 2).flatten(1, 2)  # [Re₁ … Re_C, Im₁ … Im_C]
+        out = merge_groups(model(split_groups(by_part, 2), t.repeat(2)), 2)
+        return out.unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)
 
     return eps
 

@@ -57,7 +57,7 @@ from ..physics.canvas import Canvas
 from ..priors.prior import PriorLike, load_prior
 from ..priors.schedule import from_model_range, to_model_range, x0_from_eps
 from ..registry import register_method
-from .common import check_complex_inputs, check_inputs
+from .common import check_complex_inputs, check_inputs, denoiser_sigma_max
 from .method import _checked
 
 #: the denoiser used when no checkpoint is given
@@ -190,13 +190,6 @@ def complex_denoiser(denoise: Denoise) -> Denoise:
         return torch.complex(re, im)
 
     return apply
-
-
-def denoiser_sigma_max(prior: PriorLike) -> float:
-    """The largest σ the denoiser was trained for (DnCNN's ``sigma_max``; unbounded otherwise)."""
-    net = getattr(prior, "denoiser", None)
-    config = getattr(net, "config", None)
-    return float(getattr(config, "sigma_max", math.inf))
 
 
 def sample_pnp(
