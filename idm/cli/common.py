@@ -275,7 +275,7 @@ def add_method_args(parser: argparse.ArgumentParser, default: str | None = "tv")
     parser.add_argument("--method", default=default, help=f"reconstruction method (default {default}); see --list-methods")
     parser.add_argument("--checkpoint", help="checkpoint folder or shipped name, for learned methods")
     parser.add_argument("--prior", metavar="PATH",
-                        help="diffusion prior of the zero-shot methods (ddnm, ddnm+, dps): a prior checkpoint "
+                        help="diffusion prior of the zero-shot methods (ddnm, ddnm+, dps, diffuserecon): a prior checkpoint "
                              "folder or name, a local diffusers UNet2DModel folder, or hf:ORG/NAME[/SUBFOLDER]")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
