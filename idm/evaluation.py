@@ -123,6 +123,18 @@ def magnitude_scores(estimate: torch.Tensor, truth: torch.Tensor) -> tuple[torch
     return 10.0 * torch.log10(1.0 / mse), ssim_skimage(est.float(), ref.float()), est.float()
 
 
+def image_scores(estimate: torch.Tensor, truth: torch.Tensor, op: LinearOperator
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(psnr, ssim, scored image)`` per image of a reconstruction ``(B, C, H, W)`` of ``truth`` measured
+    by ``op``: MRI and complex images by :func:`magnitude_scores` (the scored image is the magnitude
+    over the truth's maximum, unclipped), others clipped to [0, 1] (PSNR peak 255 on the 8-bit scale,
+    scikit-image SSIM)."""
+    if isinstance(op, MRI) or estimate.is_complex() or truth.is_complex():
+        return magnitude_scores(estimate, truth)
+    estimate = estimate.clamp(0, 1)
+    return psnr(estimate, truth), ssim_skimage(estimate, truth), estimate
+
+
 @dataclass
 class ImageScore:
     name: str
@@ -194,12 +206,8 @@ def evaluate(
         with torch.no_grad():
             estimate = op.crop(reconstruct(y, op))
         seconds = time.perf_counter() - start
-        if isinstance(op, MRI) or estimate.is_complex() or x.is_complex():
-            psnr_value, ssim_value, estimate = magnitude_scores(estimate, x)
-            estimate = estimate.clamp(0, 1)
-        else:
-            estimate = estimate.clamp(0, 1)
-            psnr_value, ssim_value = psnr(estimate, x), ssim_skimage(estimate, x)
+        psnr_value, ssim_value, estimate = image_scores(estimate, x, op)
+        estimate = estimate.clamp(0, 1)
         result.images.append(ImageScore(name, float(psnr_value[0]), float(ssim_value[0]), seconds))
         if keep_outputs:
             result.outputs[name] = estimate[0].cpu()

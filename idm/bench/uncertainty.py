@@ -27,9 +27,9 @@ import torch
 from ..cli.common import (add_measurement_args, add_method_args, method_checkpoint, method_options,
                           operator_options, write_json)
 from ..errors import IDMError
-from ..evaluation import magnitude_scores, operator_factory
+from ..evaluation import image_scores, operator_factory
 from ..io.atomic import atomic_write
-from ..metrics import calibration_curve, psnr, spearman, ssim_skimage
+from ..metrics import calibration_curve, spearman
 from ..registry import METHODS
 
 
@@ -70,14 +70,12 @@ def run_cli(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         estimate, std = op.crop(posterior.x).cpu(), op.crop(posterior.std).cpu()
         truth = x.cpu()
-        if estimate.is_complex() or truth.is_complex() or kind == "mri":
-            value, ssim_value, magnitude = magnitude_scores(estimate, truth)
+        value, ssim_value, magnitude = image_scores(estimate, truth, op)
+        if estimate.is_complex() or truth.is_complex() or kind == "mri":  # scored on magnitude / truth's max
             peak = truth.abs().amax()
             error, std = (magnitude - truth.abs() / peak).abs(), std / peak
         else:
-            clipped = estimate.clamp(0, 1)
-            value, ssim_value, magnitude = psnr(clipped, truth), ssim_skimage(clipped, truth), clipped
-            error = (clipped - truth).abs()
+            error = (magnitude - truth).abs()
         images.append({"name": name, "psnr": float(value[0]), "ssim": float(ssim_value[0]),
                        "spearman": _defined(spearman(std, error)), "seconds": seconds})
         stds.append(std.flatten())

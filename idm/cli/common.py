@@ -283,6 +283,10 @@ def add_method_args(parser: argparse.ArgumentParser, default: str | None = "tv")
                              "an int, a float, true/false or else a string)")
 
 
+#: factory arguments the commands set themselves, not ``--option``
+RESERVED_OPTIONS = ("seed", "ratio", "checkpoint", "device", "progress")
+
+
 def method_options(items: list[str]) -> dict:
     """``["KEY=VALUE", ...]`` → ``{KEY: parsed VALUE}`` (see :func:`idm.bench.methods.parse_value`)."""
     from ..bench.methods import parse_value
@@ -297,9 +301,6 @@ def method_options(items: list[str]) -> dict:
         options[key.strip()] = parse_value(value)
     return options
 
-
-#: factory arguments the commands set themselves, not ``--option``
-RESERVED_OPTIONS = ("seed", "ratio", "checkpoint", "device", "progress")
 
 
 def method_checkpoint(args: argparse.Namespace, method: MethodInfo) -> str | None:

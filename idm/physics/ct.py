@@ -64,13 +64,18 @@ def fourier_filter(size: int, name: str | None = "ramp") -> torch.Tensor:
     return response
 
 
-def _transposed(matrix: torch.Tensor) -> torch.Tensor:
-    """The transpose of a CSR matrix, as a CSR matrix (its CSC arrays, read the other way)."""
+def _csr(rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A sparse CSR matrix from valid arrays (row pointers, sorted columns per row), without PyTorch's
+    invariant checks and its "beta" warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-        csc = matrix.to_sparse_csc()
-        return torch.sparse_csr_tensor(csc.ccol_indices(), csc.row_indices(), csc.values(),
-                                       (matrix.shape[1], matrix.shape[0]), check_invariants=False)
+        return torch.sparse_csr_tensor(rows, columns, values, shape, check_invariants=False)
+
+
+def _transposed(matrix: torch.Tensor) -> torch.Tensor:
+    """The transpose of a CSR matrix, as a CSR matrix (its CSC arrays, read the other way)."""
+    csc = matrix.to_sparse_csc()
+    return _csr(csc.ccol_indices(), csc.row_indices(), csc.values(), (matrix.shape[1], matrix.shape[0]))
 
 
 class _Radon(torch.autograd.Function):
@@ -376,10 +381,8 @@ class ParallelBeamCT(LinearOperator):
         columns = torch.arange(start, stop).view(1, 1, -1, 1) * self.detectors + detector
         rows = torch.zeros(height * width + 1, dtype=torch.int64)
         rows[1:] = keep.reshape(height * width, -1).sum(1).cumsum(0)
-        with warnings.catch_warnings():  # rows sorted by pixel, columns by view and detector: a valid CSR
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-            return torch.sparse_csr_tensor(rows, columns[keep], weight[keep], (height * width, self.n_views * self.detectors),
-                                           check_invariants=False)
+        # rows sorted by pixel, columns by view and detector: a valid CSR
+        return _csr(rows, columns[keep], weight[keep], (height * width, self.n_views * self.detectors))
 
     def A_dagger(self, y: torch.Tensor, iterations: int | None = None, damping: float = 0.0) -> torch.Tensor:
         """Least-squares solution of ``(AᵀA + damping·I) x = Aᵀ y`` by conjugate gradients from x = 0.

@@ -57,14 +57,17 @@ def jump_indices(n: int, travel_length: int = 1, travel_repeat: int = 1) -> list
 
 
 def timestep_pairs(
-    schedule: NoiseSchedule, steps: int, travel_length: int = 1, travel_repeat: int = 1
+    schedule: NoiseSchedule, steps: int, travel_length: int = 1, travel_repeat: int = 1, t_max: int | None = None
 ) -> list[tuple[int, int]]:
-    """Consecutive ``(t, t_next)`` timesteps of a sampling run over ``schedule.respaced(steps)``.
+    """Consecutive ``(t, t_next)`` timesteps of a sampling run over ``schedule.respaced(steps, t_max)``
+    (``t_max``: the first step, default the schedule's last; ``steps`` is capped at ``t_max + 1``).
 
     ``t_next < t`` is a denoising step (``t_next = -1``: the last one, to the clean image);
     ``t_next > t`` is a time-travel jump back to a noisier timestep.
     """
-    timesteps = schedule.respaced(steps)
+    if t_max is not None:
+        steps = min(steps, int(t_max) + 1)
+    timesteps = schedule.respaced(steps, t_max)
     order = [timesteps[k] if k >= 0 else FINAL for k in jump_indices(len(timesteps), travel_length, travel_repeat)]
     return list(zip(order[:-1], order[1:]))
 

@@ -24,7 +24,7 @@ Coarse-to-fine: the K samples (``steps`` respaced steps) are averaged; the avera
 refinement step (``refine_level``: its noise std σ = sqrt((1 − ᾱ)/ᾱ) on the [-1, 1] scale) with one
 seeded noise draw and denoised by ``refine`` deterministic DDIM steps with the same guidance — the
 reconstruction. The uncertainty is the per-pixel standard deviation of the K samples (of their
-magnitude for complex images; 0 for K = 1), on the image's [0, 1] scale.
+magnitude on :class:`~idm.physics.mri.ComplexParts`; 0 for K = 1), on the image's [0, 1] scale.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..physics.base import LinearOperator
 from ..physics.canvas import Canvas
+from ..physics.mri import ComplexParts
 from ..priors.schedule import NoiseSchedule, ddim_step, ddpm_posterior, from_model_range, x0_from_eps
 from .common import EpsModel, abar_at, data_consistency, initial_state, randn, timestep_pairs
 
@@ -49,16 +50,13 @@ class Posterior:
     std: torch.Tensor
 
 
-def guided_step(x: torch.Tensor, eps: torch.Tensor, y: torch.Tensor, op: LinearOperator, canvas: Canvas,
-                abar_next: float) -> torch.Tensor:
+def guided_step(x: torch.Tensor, eps: torch.Tensor, y: torch.Tensor, a_one: torch.Tensor, op: LinearOperator,
+                canvas: Canvas, abar_next: float) -> torch.Tensor:
     """``x − A†(A x − y_t')`` with ``y_t' = sqrt(ᾱ') y₋ + sqrt(1 − ᾱ') A ε`` (module docstring), done by
     :func:`~idm.zeroshot.common.data_consistency` on the [0, 1] measurements ``(y_t' + A(1))/2``
-    (``y`` are the [0, 1] image's measurements, so ``y₋ = 2y − A(1)``)."""
+    (``y`` are the [0, 1] image's measurements, so ``y₋ = 2y − A(1)``; ``a_one`` is ``A(1)``)."""
     a, s = math.sqrt(abar_next), math.sqrt(1.0 - abar_next)
-    ones = torch.ones_like(canvas.crop(x[:1]))
-    a_one = op.A(ones)
-    y_model = 2 * y - a_one
-    target = a * y_model + (s * op.A(canvas.crop(eps)) if s > 0 else 0)
+    target = a * (2 * y - a_one) + (s * op.A(canvas.crop(eps)) if s > 0 else 0)
     return data_consistency(x, (target + a_one) / 2, op, canvas)[0]
 
 
@@ -76,7 +74,6 @@ def sample_diffuserecon(
     size_multiple: int = 1,
     generator: torch.Generator | None = None,
     progress: bool = False,
-    magnitude: bool = False,
     start_level: float = 0.0,
 ) -> Posterior:
     """DiffuseRecon of measurements ``y`` (B, …) of ``op`` → :class:`Posterior` (module docstring).
@@ -87,8 +84,6 @@ def sample_diffuserecon(
         steps: respaced steps of each sample (coarse stage).
         refine: deterministic DDIM steps of the refinement from the K-sample mean (0: the mean itself).
         refine_level: noise std σ (on [-1, 1]) the mean is diffused to before refining.
-        magnitude: the std is taken over the samples' magnitude ``|Re + i·Im|`` of the channel pairs
-            (complex images as parts), one channel per pair.
         generator: CPU generator of every noise draw (the result depends only on it, y and op).
         start_level: noise std σ₀ (on [-1, 1]) to start from the diffused zero-filled image (0: from
             pure noise at the schedule's last step).
@@ -96,36 +91,32 @@ def sample_diffuserecon(
     batch = y.shape[0]
     y_k = y.repeat(samples, *([1] * (y.ndim - 1)))
     canvas, x = initial_state(y_k, op, size_multiple, generator)
-    pairs = timestep_pairs(schedule, steps)
+    a_one = op.A(torch.ones_like(canvas.crop(x[:1])))  # A(1), for the measurements on [-1, 1]
+    start = None
     if start_level > 0:
         start = schedule.timestep_for_noise(start_level)
         abar = abar_at(schedule, start)
         grey = data_consistency(torch.zeros_like(x), y_k, op, canvas)[0]
         x = math.sqrt(abar) * grey + math.sqrt(1.0 - abar) * x
-        pairs = _descent(start, steps)
+    pairs = timestep_pairs(schedule, steps, t_max=start)
     for t, t_next in tqdm(pairs, disable=not progress, desc="diffuserecon", leave=False):
-        x = _step(model, x, y_k, op, canvas, schedule, t, t_next, clip, generator, stochastic=True)
-    images = from_model_range(canvas.crop(x)).unflatten(0, (samples, batch))  # (K, B, C, *domain)
-    values = _magnitude(images) if magnitude else images
+        x = _step(model, x, y_k, a_one, op, canvas, schedule, t, t_next, clip, generator, stochastic=True)
+    values = from_model_range(canvas.crop(x))  # (K·B, C, *domain)
+    if isinstance(op, ComplexParts):  # the spread of the magnitude |Re + i·Im|, one channel per pair
+        values = op.image(values).abs()
+    values = values.unflatten(0, (samples, batch))
     std = values.std(0, correction=0) if samples > 1 else torch.zeros_like(values[0])
     mean = x.unflatten(0, (samples, batch)).mean(0)
     if refine > 0:
         start = schedule.timestep_for_noise(refine_level)
         abar = abar_at(schedule, start)
         mean = math.sqrt(abar) * mean + math.sqrt(1.0 - abar) * randn(mean.shape, generator, mean)
-        for t, t_next in _descent(start, refine):
-            mean = _step(model, mean, y, op, canvas, schedule, t, t_next, clip, generator, stochastic=False)
+        for t, t_next in timestep_pairs(schedule, refine, t_max=start):
+            mean = _step(model, mean, y, a_one, op, canvas, schedule, t, t_next, clip, generator, stochastic=False)
     return Posterior(from_model_range(canvas.crop(mean)), std)
 
 
-def _descent(start: int, steps: int) -> list[tuple[int, int]]:
-    """``steps`` evenly spaced timesteps from ``start`` down to the clean image, as (t, t_next) pairs."""
-    points = torch.linspace(start, 0, steps).round().long().tolist()
-    points = list(dict.fromkeys(points)) + [-1]
-    return list(zip(points[:-1], points[1:]))
-
-
-def _step(model: EpsModel, x: torch.Tensor, y: torch.Tensor, op: LinearOperator, canvas: Canvas,
+def _step(model: EpsModel, x: torch.Tensor, y: torch.Tensor, a_one: torch.Tensor, op: LinearOperator, canvas: Canvas,
           schedule: NoiseSchedule, t: int, t_next: int, clip: bool, generator: torch.Generator | None,
           stochastic: bool) -> torch.Tensor:
     """One guided step ``t → t_next``: DDPM posterior sample (``stochastic``) or DDIM (η = 0), then
@@ -140,10 +131,5 @@ def _step(model: EpsModel, x: torch.Tensor, y: torch.Tensor, op: LinearOperator,
         x = mean + math.sqrt(variance) * randn(x.shape, generator, x) if variance > 0.0 else mean
     else:
         x = ddim_step(x0, eps, abar_next)
-    return guided_step(x, eps, y, op, canvas, abar_next)
+    return guided_step(x, eps, y, a_one, op, canvas, abar_next)
 
-
-def _magnitude(images: torch.Tensor) -> torch.Tensor:
-    """``(…, 2C, H, W)`` parts images on [0, 1] (parts = 2u − 1) → magnitudes ``(…, C, H, W)``."""
-    parts = 2 * images - 1
-    return parts.unflatten(-3, (-1, 2)).square().sum(-3).sqrt()

@@ -133,30 +133,30 @@ class ZeroShotReconstructor:
         return self._solve(y, op)
 
     def _solve(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor | Posterior:
+        """The sampler's result on y's device: complex measurements are solved on the parts image
+        (:class:`~idm.physics.mri.ComplexParts`) and the reconstruction mapped back to complex."""
+        device, finish = y.device, None
         if y.is_complex():
             check_complex_inputs(y, op)
             channels = op.A_adjoint(y[:1]).shape[1]
             if channels != self.prior.channels:
                 raise IDMError(f"the prior has {self.prior.channels} channel(s), the complex images have {channels}")
-            parts = ComplexParts(op)
-            y_dev = parts.measurements(y.to(device=self.prior.device, dtype=torch.complex64))
-            result = self._sample(parts, y_dev, fold_parts(self.prior), magnitude=True)
-            if isinstance(result, Posterior):
-                return Posterior(parts.image(result.x).to(y.device), result.std.to(y.device))
-            return parts.image(result).to(y.device)
-        check_inputs(y, op, self.prior.channels)
-        result = self._sample(op, y.to(device=self.prior.device, dtype=torch.float32), self.prior)
-        if isinstance(result, Posterior):
-            return Posterior(result.x.to(y.device), result.std.to(y.device))
-        return result.to(y.device)
+            op = ComplexParts(op)
+            result = self._sample(op, op.measurements(y.to(device=self.prior.device, dtype=torch.complex64)),
+                                  fold_parts(self.prior))
+            finish = op.image
+        else:
+            check_inputs(y, op, self.prior.channels)
+            result = self._sample(op, y.to(device=self.prior.device, dtype=torch.float32), self.prior)
+        x = result.x if isinstance(result, Posterior) else result
+        x = (x if finish is None else finish(x)).to(device)
+        return Posterior(x, result.std.to(device)) if isinstance(result, Posterior) else x
 
-    def _sample(self, op: LinearOperator, y: torch.Tensor, model: Callable[..., torch.Tensor],
-                magnitude: bool = False) -> torch.Tensor | Posterior:
+    def _sample(self, op: LinearOperator, y: torch.Tensor, model: Callable[..., torch.Tensor]) -> torch.Tensor | Posterior:
         spec = SOLVERS[self.name]
         extra = {"sigma_y": op.noise.sigma} if spec.noise_aware else {}
         settings = dict(self.settings)
         if spec.sampler is sample_diffuserecon:
-            extra["magnitude"] = magnitude
             limit = denoiser_sigma_max(self.prior)
             if settings["start_level"] == 0.0 and math.isfinite(limit):
                 settings["start_level"] = 2.0 * limit  # a Gaussian denoiser cannot start from pure noise
