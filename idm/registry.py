@@ -16,8 +16,9 @@ diffusers folder or ``hf:`` id — the zero-shot methods), ``"idm"``, ``"unrolle
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import torch
 
@@ -32,6 +33,42 @@ class Reconstruct(Protocol):
 
 
 Builder = Callable[..., Reconstruct]
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """What the methods with an uncertainty (``with_uncertainty(y, op)``: ``diffuserecon``, ``mcddpm``)
+    return: a reconstruction ``x`` (B, C, *domain) and its per-pixel ``std`` (B, 1 or C, *domain), the
+    spread of the method's samples on the image's scale (of the magnitude for complex images)."""
+
+    x: torch.Tensor
+    std: torch.Tensor
+
+
+def checked_options(method: str, defaults: Mapping[str, Any], options: Mapping[str, Any],
+                    limits: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+    """A method's ``defaults`` updated with ``options`` (``ratio`` dropped), each of the default's type
+    (bool, int or float) and within ``limits[key]`` (inclusive) where given; unknown names, wrong types
+    and out-of-range values raise :class:`IDMError`."""
+    given = {key: value for key, value in options.items() if key != "ratio"}
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise IDMError(f"method {method!r} has no option(s) {', '.join(unknown)}; options: {', '.join(sorted(defaults))}")
+    settings = dict(defaults)
+    for key, value in given.items():
+        kind, bounds = type(defaults[key]), (limits or {}).get(key)
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok:
+            raise IDMError(f"method {method!r}: option {key} must be of type {kind.__name__}, got {value!r}")
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            raise IDMError(f"method {method!r}: option {key} must lie in [{bounds[0]:g}, {bounds[1]:g}], got {value!r}")
+        settings[key] = kind(value)
+    return settings
 
 
 @dataclass(frozen=True)
@@ -83,6 +120,6 @@ class MethodRegistry:
         return self._methods[name]
 
 
-METHODS = MethodRegistry(builtin_modules=("idm.baselines", "idm.network.method", "idm.zeroshot"))
+METHODS = MethodRegistry(builtin_modules=("idm.baselines", "idm.network.method", "idm.zeroshot", "idm.medical"))
 register_method = METHODS.register
 get_method = METHODS.get

@@ -25,6 +25,8 @@ from ..registry import METHODS, Reconstruct
 
 #: methods compared by default (those registered in this installation)
 DEFAULT_METHODS: tuple[str, ...] = ("pinv", "tv", "unrolled", "ddnm", "dps", "idm")
+#: methods compared by default on MRI (``idm bench quality --operator mri``; pinv = zero-filled)
+MRI_METHODS: tuple[str, ...] = ("pinv", "tv", "ddnm", "diffuserecon", "mcddpm", "idm")
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,11 @@ def _split(text: str, separator: str, what: str) -> tuple[str, str]:
     return head, tail
 
 
-def choose_methods(args: argparse.Namespace) -> list[MethodChoice]:
-    """The methods selected by the arguments of :func:`add_method_arguments`, in order."""
+def choose_methods(args: argparse.Namespace, defaults: tuple[str, ...] = DEFAULT_METHODS) -> list[MethodChoice]:
+    """The methods selected by the arguments of :func:`add_method_arguments`, in order (without
+    ``--methods``: the registered ones among ``defaults``)."""
     explicit = list(dict.fromkeys(args.methods or []))
-    names = explicit or [name for name in DEFAULT_METHODS if name in METHODS.names()]
+    names = explicit or [name for name in defaults if name in METHODS.names()]
     for name in names:
         METHODS.get(name)  # unknown method → IDMError listing the available ones
     checkpoints: dict[str, str] = {}

@@ -9,6 +9,17 @@ SSIM). Rows are means over the images per method × ratio::
 
 ``--figure`` shows the same centre crop of the first image for every method, one row per ratio.
 Methods and their checkpoints/options are chosen as in :mod:`idm.bench.methods`.
+
+``--operator mri``: single-coil 1D Cartesian MRI at each of ``--accelerations`` (random masks seeded
+``seed + index``; ground truths as ``idm eval --operator mri``: magnitude images or complex ``.npy``),
+scored on magnitudes by the fastMRI convention; default methods :data:`~idm.bench.methods.MRI_METHODS`
+(``pinv`` is the zero-filled image). Methods that give an uncertainty (``diffuserecon``, ``mcddpm``,
+``idm``) are run through ``with_uncertainty`` (their seconds include it), and their rows gain the mean
+per-image Spearman correlation of std and |error| (as ``idm bench uncertainty``)::
+
+    {"operator": "mri", "rows": [{"method", "acceleration", "psnr", "ssim", "seconds", "spearman"}]}
+
+Its ``--figure`` shows, per acceleration, the first image's reconstruction, |error| and std per method.
 """
 
 from __future__ import annotations
@@ -18,18 +29,30 @@ from pathlib import Path
 
 import torch
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 from ..cli.common import write_json
 from ..data import ImageFolder
 from ..errors import IDMError, check_ratio
-from ..evaluation import Evaluation, blockcs_factory, evaluate
+from ..evaluation import Evaluation, blockcs_factory, evaluate, operator_factory
 from ..io.atomic import atomic_write
-from .methods import MethodChoice, add_method_arguments, build_method, choose_methods, skippable
+from ..metrics import spearman
+from ..physics.base import LinearOperator
+from ..registry import Reconstruct
+from .methods import MRI_METHODS, MethodChoice, add_method_arguments, build_method, choose_methods, skippable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="folder of test images (e.g. BSD68)")
+    parser.add_argument("--operator", choices=("blockcs", "mri"), default="blockcs",
+                        help="blockcs (default): scrambled block CS at --ratios; mri: single-coil 1D Cartesian MRI at "
+                             "--accelerations (ground truths: images or .npy)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5], metavar="R",
-                        help="sampling ratios (default 0.1 0.3 0.5)")
+                        help="blockcs: sampling ratios (default 0.1 0.3 0.5)")
+    parser.add_argument("--accelerations", type=float, nargs="+", default=[4.0, 8.0], metavar="A",
+                        help="mri: accelerations (default 4 8)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")
     parser.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
                         help="std of Gaussian measurement noise on the [0, 1] scale (default 0)")
@@ -40,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-image", action="store_true", help="also print every image's scores")
     parser.add_argument("--json", metavar="FILE", help="write the mean rows as JSON")
     parser.add_argument("--figure", metavar="FILE.png", help="write a crop of the first image from every method")
-    parser.add_argument("--crop", type=int, default=96, metavar="PX", help="side of the figure's centre crop (default 96)")
+    parser.add_argument("--crop", type=int, metavar="PX",
+                        help="side of the figure's centre crop (default 96 for blockcs, the whole image for mri)")
 
 
 def run_quality(
@@ -148,24 +172,193 @@ def write_figure(path: str | Path, truth: tuple[str, torch.Tensor], results: lis
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if args.crop is not None and args.crop < 1:
+        raise IDMError("--crop must be positive")
+    if args.operator == "mri":
+        return run_mri_cli(args)
+    args.crop = 96 if args.crop is None else args.crop
     ratios = [check_ratio(r) for r in args.ratios]
-    if args.block_size < 1 or args.crop < 1:
-        raise IDMError("--block-size and --crop must be positive")
+    if args.block_size < 1:
+        raise IDMError("--block-size must be positive")
     methods = choose_methods(args)
     images = list(ImageFolder(args.data, limit=args.limit))
     results = run_quality(images, ratios, methods, device=args.device, seed=args.seed, noise=args.noise,
                           block_size=args.block_size, matrix_seed=args.matrix_seed)
-    if not results:
+    return report(args, [(f"{r.method} at ratio {r.ratio:g}", r) for r in results], lambda: table(results),
+                  lambda: {"rows": rows(results)}, lambda path: write_figure(path, images[0], results, crop=args.crop))
+
+
+def report(args: argparse.Namespace, evaluations: list[tuple[str, Evaluation]], text: Callable[[], str],
+           payload: Callable[[], dict], draw: Callable[[str], None]) -> int:
+    """Print the per-image tables (``--per-image``) and the summary ``text``, write ``--json`` and ``--figure``."""
+    if not evaluations:
         raise IDMError("no method could be evaluated (all were skipped)")
     if args.per_image:
-        for r in results:
-            print(f"\n{r.method} at ratio {r.ratio:g}\n{r.table()}")
+        for title, evaluation in evaluations:
+            print(f"\n{title}\n{evaluation.table()}")
         print()
-    print(table(results))
+    print(text())
     if args.json:
-        write_json(args.json, {"rows": rows(results)})
+        write_json(args.json, payload())
         print(f"results written to {args.json}")
     if args.figure:
-        write_figure(args.figure, images[0], results, crop=args.crop)
+        draw(args.figure)
         print(f"figure written to {args.figure}")
     return 0
+
+# --- MRI: reconstruction, error and std side by side -----------------------------------------------
+@dataclass
+class MRIQuality:
+    """One method at one acceleration: its :class:`Evaluation` (outputs: every image's scored
+    magnitude), the per-image std on the same scale (methods with an uncertainty) and Spearman's ρ."""
+
+    evaluation: Evaluation
+    acceleration: float
+    stds: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    spearman: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def mean_spearman(self) -> float | None:
+        values = [v for v in self.spearman.values() if v is not None]
+        return sum(values) / len(values) if values else None
+
+
+class _KeepStd:
+    """``reconstruct(y, op)`` through ``method.with_uncertainty``, keeping each image's std (cropped, CPU)."""
+
+    def __init__(self, method: Reconstruct) -> None:
+        self.method, self.stds = method, []
+
+    def __call__(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+        posterior = self.method.with_uncertainty(y, op)
+        self.stds.append(op.crop(posterior.std).cpu())
+        return posterior.x
+
+
+def run_mri_quality(images: list[tuple[str, torch.Tensor]], accelerations: list[float], methods: list[MethodChoice], *,
+                    device: str = "cpu", seed: int = 0, noise: float = 0.0) -> list[MRIQuality]:
+    """Evaluate every method at every acceleration on MRI ground truths ``(name, (1, H, W))`` (real
+    magnitudes or complex); methods with ``with_uncertainty`` also give their std (module docstring)."""
+    results: list[MRIQuality] = []
+    for acceleration in accelerations:
+        factory = operator_factory("mri", seed=seed, noise_sigma=noise, acceleration=acceleration)
+        for choice in methods:
+            reconstruct = build_method(choice, device=device, seed=seed, ratio=None)
+            if reconstruct is None:
+                continue
+            keeper = _KeepStd(reconstruct) if hasattr(reconstruct, "with_uncertainty") else None
+            try:
+                evaluation = evaluate(choice.name, images, factory, ratio=None, device=device, seed=seed,
+                                      keep_outputs=True, progress=True, total=len(images),
+                                      reconstruct=keeper or reconstruct)
+            except IDMError as error:
+                if not skippable(choice):
+                    raise
+                print(f"note: skipping {choice.name} at {acceleration:g}x: {error}")
+                continue
+            result = MRIQuality(evaluation, acceleration)
+            if keeper is not None:
+                for (name, truth), std in zip(images, keeper.stds):
+                    peak = truth.abs().amax()
+                    result.stds[name] = std[0] / peak
+                    error = (evaluation.outputs[name] - truth.abs() / peak).abs()
+                    value = spearman(result.stds[name], error)
+                    result.spearman[name] = None if math.isnan(value) else value
+            results.append(result)
+    return results
+
+
+def mri_rows(results: list[MRIQuality]) -> list[dict]:
+    """The JSON rows: mean PSNR, SSIM, seconds (and Spearman) per method × acceleration."""
+    return [
+        {"method": r.evaluation.method, "acceleration": r.acceleration, "psnr": float(r.evaluation.mean["psnr"]),
+         "ssim": float(r.evaluation.mean["ssim"]), "seconds": float(r.evaluation.mean["seconds"]),
+         "spearman": r.mean_spearman}
+        for r in results
+    ]
+
+
+def mri_table(results: list[MRIQuality]) -> str:
+    width = max([len("method"), *(len(r.evaluation.method) for r in results)])
+    lines = [f"{'accel':>5}  {'method':<{width}}  {'PSNR':>7}  {'SSIM':>6}  {'s/image':>8}  {'Spearman':>8}"]
+    for row in mri_rows(results):
+        rho = "" if row["spearman"] is None else f"{row['spearman']:8.3f}"
+        lines.append(f"{row['acceleration']:4g}x  {row['method']:<{width}}  {row['psnr']:7.2f}  {row['ssim']:6.4f}  "
+                     f"{row['seconds']:8.2f}  {rho:>8}")
+    return "\n".join(lines)
+
+
+def write_mri_figure(path: str | Path, truth: tuple[str, torch.Tensor], results: list[MRIQuality],
+                     crop: int | None = None) -> None:
+    """Per acceleration three rows — reconstruction, |error|, std (blank without one) — and one column per
+    method after the ground truth; the error and std maps of an acceleration share one colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results:
+        raise IDMError("no method was evaluated, nothing to draw")
+    name, image = truth
+    reference = (image.abs() / image.abs().amax())[0]
+    side = max(reference.shape) if crop is None else crop
+    accelerations = list(dict.fromkeys(r.acceleration for r in results))
+    methods = list(dict.fromkeys(r.evaluation.method for r in results))
+    cols, rows = 1 + len(methods), 3 * len(accelerations)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows), squeeze=False)
+    for block, acceleration in enumerate(accelerations):
+        here = {r.evaluation.method: r for r in results if r.acceleration == acceleration}
+        errors = {m: (r.evaluation.outputs[name][0] - reference).abs() for m, r in here.items()}
+        scale = max(float(torch.quantile(e.flatten(), 0.995)) for e in errors.values()) or 1.0
+        for kind in range(3):
+            ax = axes[3 * block + kind][0]
+            if kind == 0:
+                ax.imshow(centre_crop(reference, side).numpy(), cmap="gray", vmin=0, vmax=1)
+                ax.set_title("ground truth" if block == 0 else "", fontsize=9)
+            ax.set_ylabel(f"{acceleration:g}x: " + ("reconstruction", "|error|", "std")[kind], fontsize=8)
+            ax.set_xticks([]), ax.set_yticks([])
+            if kind:
+                ax.set_frame_on(False)  # keeps the row label
+        for col, method in enumerate(methods, start=1):
+            r = here.get(method)
+            panels = [None, None, None] if r is None else [
+                (r.evaluation.outputs[name][0], "gray", 1.0), (errors[method], "inferno", scale),
+                (r.stds[name][0], "inferno", scale) if name in r.stds else None]
+            for kind, panel in enumerate(panels):
+                ax = axes[3 * block + kind][col]
+                ax.set_xticks([]), ax.set_yticks([])
+                if panel is None:
+                    ax.axis("off")
+                    continue
+                data, cmap, top = panel
+                ax.imshow(centre_crop(data, side).numpy(), cmap=cmap, vmin=0, vmax=top)
+                if kind == 0:
+                    score = next(s for s in r.evaluation.images if s.name == name)
+                    ax.set_title(method if block == 0 else "", fontsize=9)
+                    ax.set_xlabel(f"{score.psnr:.2f} dB / {score.ssim:.3f}", fontsize=8)
+                elif kind == 2 and r.spearman.get(name) is not None:
+                    ax.set_xlabel(f"Spearman {r.spearman[name]:.2f}", fontsize=8)
+    fig.suptitle(f"{name}: single-coil MRI, magnitudes over the truth's maximum (error / std share a scale "
+                 "per acceleration)", fontsize=9)
+    fig.tight_layout()
+    with atomic_write(path) as handle:
+        fig.savefig(handle, format="png", dpi=80)
+    plt.close(fig)
+
+
+def run_mri_cli(args: argparse.Namespace) -> int:
+    from ..cli.evaluate import truth_folder
+
+    for acceleration in args.accelerations:
+        if not (math.isfinite(acceleration) and acceleration >= 1):
+            raise IDMError(f"--accelerations must be numbers >= 1, got {acceleration:g}")
+    methods = choose_methods(args, MRI_METHODS)
+    folder = truth_folder(args.data, args.limit, "mri")
+    images = [folder[i] for i in range(len(folder))]
+    if not images:
+        raise IDMError(f"no images in {args.data}")
+    results = run_mri_quality(images, list(args.accelerations), methods, device=args.device, seed=args.seed,
+                              noise=args.noise)
+    return report(args, [(f"{r.evaluation.method} at {r.acceleration:g}x", r.evaluation) for r in results],
+                  lambda: mri_table(results), lambda: {"operator": "mri", "rows": mri_rows(results)},
+                  lambda path: write_mri_figure(path, images[0], results, crop=args.crop))

@@ -55,7 +55,7 @@ def run_cli(args: argparse.Namespace) -> int:
     reconstruct = method.build(checkpoint=method_checkpoint(args, method), device=args.device, seed=args.seed,
                                ratio=settings.get("ratio"), **options)
     if not hasattr(reconstruct, "with_uncertainty"):
-        raise IDMError(f"method {args.method!r} gives no uncertainty; diffuserecon does")
+        raise IDMError(f"method {args.method!r} gives no uncertainty; diffuserecon and mcddpm do")
     folder = truth_folder(args.data, args.limit, kind)
     generator = torch.Generator().manual_seed(args.seed)
     images, stds, errors, first = [], [], [], None

@@ -16,7 +16,7 @@ import torch
 from ..errors import IDMError, check_ratio
 from ..io.checkpoint import check_trained_operator, shipped_checkpoint
 from ..physics.base import LinearOperator
-from ..registry import register_method
+from ..registry import Posterior, Reconstruct, checked_options, register_method
 from .config import check_count
 from .idm import load_idm
 
@@ -34,19 +34,26 @@ def build(
     ratio: float | None = None,
     passes: int | None = None,
     dc_iterations: int | None = None,
+    samples: int = 8,
+    keep: float = 0.8,
     **options: Any,
-):
-    """``reconstruct(y, op)`` → IDM estimate ``(B, C, *op.domain_size)`` (not clipped).
+) -> "IDMReconstructor":
+    """``reconstruct(y, op)`` → IDM estimate ``(B, C, *op.domain_size)`` (not clipped);
+    ``reconstruct.with_uncertainty(y, op)`` (1D Cartesian MRI) adds a per-pixel std: see
+    :class:`IDMReconstructor` (options ``samples`` K and ``keep``).
 
     ``ratio`` (the measurements' sampling ratio) picks the shipped checkpoint when ``checkpoint``
     is None and is checked against the checkpoint's. ``passes`` overrides the checkpoint's number
     of sampler passes (:attr:`IDMConfig.passes`; e.g. 1 for speed), ``dc_iterations`` its CG steps
     per data-consistency solve (:attr:`IDMConfig.dc_iterations`; CT, multi-coil MRI: more steps fit
     the measurements more closely, e.g. ``idm-ct`` trained with 10 gains 0.4 dB with 40 at 23 views).
-    The IDM network is deterministic: ``seed`` is unused. No other options.
+    The IDM network is deterministic: ``seed`` draws only the withheld lines of ``with_uncertainty``.
+    No other options.
     """
     if options:
         raise IDMError(f"method 'idm' has no option(s) {', '.join(sorted(options))}")
+    spread = checked_options("idm", {"samples": 8, "keep": 0.8}, {"samples": samples, "keep": keep},
+                             {"samples": (2, 1024), "keep": (1e-3, 1.0)})
     changes = {"passes": passes, "dc_iterations": dc_iterations}
     changes = {key: check_count(value, f"idm option {key}") for key, value in changes.items() if value is not None}
     if ratio is not None:
@@ -79,4 +86,38 @@ def build(
             x = net(y.to(device=device, dtype=torch.complex64 if y.is_complex() else torch.float32), op)
         return x.to(y.device)
 
-    return reconstruct
+    return IDMReconstructor(reconstruct, spread["samples"], spread["keep"], seed)
+
+
+class IDMReconstructor:
+    """The ``idm`` method: ``reconstruct(y, op)``, and for 1D Cartesian MRI ``with_uncertainty(y, op)``.
+
+    IDM is deterministic, so its uncertainty is a resampling one (honestly: not a posterior): K more
+    reconstructions, each from the measurements with every sampled k-space line outside the fully
+    sampled centre withheld with probability ``1 − keep`` (:func:`~idm.physics.mri.withhold_lines`;
+    the withheld lines are zeroed in ``y`` and dropped from the operator's mask). The std is the
+    per-pixel standard deviation of their magnitudes: how much the estimate at a pixel depends on which
+    lines were acquired — large where the network fills in structure that few lines support. The
+    reconstruction itself is the ordinary one from all the lines.
+    """
+
+    def __init__(self, reconstruct: Reconstruct, samples: int, keep: float, seed: int) -> None:
+        self.reconstruct, self.samples, self.keep, self.seed = reconstruct, samples, keep, seed
+
+    def __call__(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+        return self.reconstruct(y, op)
+
+    def with_uncertainty(self, y: torch.Tensor, op: LinearOperator) -> Posterior:
+        """The reconstruction ``(B, C, *domain)`` and the std of the magnitudes of K line-withholding
+        reconstructions ``(B, C, *domain)`` on the image's scale (class docstring)."""
+        from ..physics.mri import MRI, withhold_lines
+
+        if not isinstance(op, MRI):
+            raise IDMError(f"idm's uncertainty withholds measured MRI k-space lines; operator {op.kind!r} has none")
+        x = self.reconstruct(y, op)
+        generator = torch.Generator().manual_seed(self.seed)
+        draws = []
+        for _ in range(self.samples):
+            sub = op.with_mask(withhold_lines(op.mask, self.keep, generator))
+            draws.append(self.reconstruct(y * sub.mask.to(y.device, y.real.dtype), sub).abs())
+        return Posterior(x, torch.stack(draws).std(0, correction=0))

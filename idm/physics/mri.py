@@ -272,6 +272,29 @@ def poisson_mask(
     return mask
 
 
+def withhold_lines(mask: torch.Tensor, keep: float, generator: torch.Generator) -> torch.Tensor:
+    """A copy of a 1D Cartesian ``mask`` (bool (H, W), the same columns in every row) in which each
+    sampled column outside the contiguous sampled run through the centre column ``W // 2`` is kept
+    with probability ``keep`` (drawn from ``generator``); the centre run is always kept."""
+    mask = torch.as_tensor(mask).bool()
+    if mask.ndim != 2 or not bool((mask == mask[:1]).all()):
+        raise IDMError("withholding lines needs a 1D Cartesian mask (the same sampled columns in every row)")
+    if not 0.0 < keep <= 1.0:
+        raise IDMError(f"the kept fraction of lines must lie in (0, 1], got {keep!r}")
+    columns = mask[0].clone()
+    width, centre = columns.numel(), columns.numel() // 2
+    low, high = centre, centre
+    while low > 0 and columns[low - 1]:
+        low -= 1
+    while high < width - 1 and columns[high + 1]:
+        high += 1
+    draw = torch.rand(width, generator=generator, dtype=torch.float64) < keep
+    outer = torch.ones(width, dtype=torch.bool)
+    outer[low : high + 1] = False
+    columns[outer] &= draw[outer]
+    return _broadcast_columns(columns, tuple(mask.shape))
+
+
 def make_mask(
     mask_type: str, shape: tuple[int, ...], acceleration: float, center_fraction: float | None = None, seed: int = 0
 ) -> torch.Tensor:
@@ -500,6 +523,12 @@ class MRI(LinearOperator):
         if self._sens is not None:
             tensors["sensitivities"] = self._sens.clone()
         return tensors
+
+    def with_mask(self, mask: Any) -> "MRI":
+        """The same operator (sensitivities, noise, CG settings) with another explicit ``mask``."""
+        args = {key: value for key, value in self.config_args().items()
+                if key in ("image_size", "noise_sigma", "cg_iterations", "cg_tol")}
+        return MRI(**args, mask=mask, sensitivities=self._sens)
 
     def with_image_size(self, image_size: tuple[int, ...]) -> "MRI":
         tensors = self.tensors()

@@ -61,12 +61,22 @@ from .common import warmup_cosine as lr_factor  # the LR schedule of pre-trainin
 TRAJECTORY_OPTIONS = (
     "data", "steps", "batch", "patch", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay",
     "base_channels", "channel_mults", "res_blocks", "attn", "dropout", "schedule", "mixed_precision", "seed",
-    "arch", "init", "depth", "features", "sigma_max", "random_phase",
+    "arch", "init", "depth", "features", "sigma_max", "random_phase", "conditional", "accelerations",
 )
 #: trajectory options added after the first runs, with the value those runs used (for --resume)
-ADDED_OPTIONS = {"arch": "unet", "init": None, "depth": 17, "features": 64, "sigma_max": 0.2, "random_phase": False}
+ADDED_OPTIONS = {"arch": "unet", "init": None, "depth": 17, "features": 64, "sigma_max": 0.2, "random_phase": False,
+                 "conditional": None, "accelerations": (4.0, 8.0)}
 #: prior architectures ``--arch`` trains
 ARCHITECTURES = ("unet", "dncnn")
+#: measurement-conditioned models ``--conditional`` trains (``mri``: MC-DDPM, :mod:`idm.medical.mcddpm`)
+CONDITIONAL = ("mri",)
+
+
+def _float_tuple(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -108,7 +118,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="dncnn: largest noise std trained for, on [0, 1] (default 0.2)")
     arch.add_argument("--random-phase", action="store_true",
                       help="dncnn: train on the real / imaginary parts of patches with a random linear phase "
-                           "(MRI: complex images; with --evaluate, evaluate on such parts)")
+                           "(MRI: complex images; with --evaluate, evaluate on such parts); --conditional mri: "
+                           "train on complex patches with a random linear phase")
+    arch.add_argument("--conditional", choices=CONDITIONAL,
+                      help="mri: MC-DDPM, a U-Net diffusing the unsampled k-space of single-coil MRI, conditioned "
+                           "on the zero-filled image (random 1D Cartesian masks per patch; idm.medical.mcddpm)")
+    arch.add_argument("--accelerations", type=_float_tuple, default=(4.0, 8.0), metavar="A,B",
+                      help="--conditional mri: accelerations of the random masks, one drawn per patch (default 4,8)")
 
     net = parser.add_argument_group("U-Net size (--arch unet)")
     net.add_argument("--base-channels", type=int, default=32, help="channels at full resolution (default 32)")
@@ -137,9 +153,11 @@ def run(args: argparse.Namespace) -> int:
 
 # --- helpers ---------------------------------------------------------------------------------
 def unet_config_from_args(args: argparse.Namespace):
+    from ..medical.mcddpm import unet_config
     from ..priors import UNetConfig
 
-    return UNetConfig(
+    build = unet_config if args.conditional else UNetConfig
+    return build(
         base_channels=args.base_channels,
         channel_mults=tuple(args.channel_mults),
         num_res_blocks=args.res_blocks,
@@ -176,10 +194,12 @@ def _evaluate_only(args: argparse.Namespace) -> int:
 def _own_options(args: argparse.Namespace) -> tuple[str, ...]:
     """The trajectory options that apply to ``--arch`` (for the command quoted in the card)."""
     unet = ("base_channels", "channel_mults", "res_blocks", "attn", "dropout")
+    conditional = ("conditional", "accelerations") if args.conditional is None else ()
     if args.arch == "unet":
-        skip = ("arch", "init", "depth", "features", "sigma_max", "random_phase")
+        skip = ("arch", "init", "depth", "features", "sigma_max") + (("random_phase",) if not args.conditional else ())
     else:
         skip = unet + (("depth", "features") if args.init is not None else ())
+    skip += conditional
     return tuple(name for name in TRAJECTORY_OPTIONS if name not in skip)
 
 
@@ -187,8 +207,12 @@ def _validate(args: argparse.Namespace, world: int) -> None:
     check_training_args(args, world)
     if not 0.0 <= args.ema_decay < 1.0:
         raise IDMError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
-    if args.arch == "unet" and (args.init is not None or args.random_phase):
-        raise IDMError("--init and --random-phase apply to --arch dncnn")
+    if args.arch == "unet" and (args.init is not None or (args.random_phase and not args.conditional)):
+        raise IDMError("--init and --random-phase apply to --arch dncnn (--random-phase also to --conditional mri)")
+    if args.conditional and args.arch != "unet":
+        raise IDMError("--conditional trains a U-Net: drop --arch dncnn")
+    if args.conditional and (not args.accelerations or min(args.accelerations) <= 1.0):
+        raise IDMError(f"--accelerations must be numbers > 1, got {args.accelerations}")
     if args.arch == "dncnn" and not 0.0 < args.sigma_max <= 1.0:
         raise IDMError(f"--sigma-max must lie in (0, 1], got {args.sigma_max}")
 
@@ -213,16 +237,38 @@ def build_denoiser(args: argparse.Namespace):
     return net, f"fine-tuned from `{args.init}`"
 
 
-def random_phase_parts(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``x`` (B, 1, H, W) on [0, 1] → (2B, 1, H, W): the real and imaginary parts of x·e^{iφ}, mapped
-    to [0, 1] as (v + 1)/2, with φ = c + a·u + b·v (u, v ∈ [-1, 1] the pixel coordinates; c uniform in
-    [−π, π), a, b uniform in [−π/2, π/2] per patch)."""
+def random_phase(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``x`` (B, 1, H, W) real → the complex x·e^{iφ}, φ = c + a·u + b·v (u, v ∈ [-1, 1] the pixel
+    coordinates; c uniform in [−π, π), a, b uniform in [−π/2, π/2] per patch)."""
     b, _, h, w = x.shape
     coeff = torch.rand(3, b, 1, 1, 1, generator=generator, device=x.device, dtype=x.dtype)
     u = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
     v = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)[:, None]
     phase = math.pi * (2 * coeff[0] - 1) + 0.5 * math.pi * ((2 * coeff[1] - 1) * u + (2 * coeff[2] - 1) * v)
-    return torch.cat((x * torch.cos(phase), x * torch.sin(phase))).add(1.0).mul(0.5)
+    return torch.polar(x, phase)
+
+
+def random_phase_parts(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``x`` (B, 1, H, W) on [0, 1] → (2B, 1, H, W): the real and imaginary parts of :func:`random_phase`
+    ``(x)``, mapped to [0, 1] as (v + 1)/2."""
+    z = random_phase(x, generator)
+    return torch.cat((z.real, z.imag)).add(1.0).mul(0.5)
+
+
+def conditional_mri_loss(model: torch.nn.Module, x: torch.Tensor, generator: torch.Generator,
+                         args: argparse.Namespace, schedule: Any, size_multiple: int) -> torch.Tensor:
+    """``--conditional mri``: :func:`idm.medical.mcddpm.diffusion_loss` of the patches ``x`` (B, 1, p, p)
+    (complex with a random linear phase under ``--random-phase``), each measured with a fastMRI random
+    1D mask of an acceleration drawn from ``--accelerations`` (default centre fraction)."""
+    from ..medical.mcddpm import diffusion_loss
+    from ..physics.mri import random_mask
+
+    z = random_phase(x, generator) if args.random_phase else x.to(torch.complex64)
+    picks = torch.randint(0, len(args.accelerations), (x.shape[0],), generator=generator, device=x.device).tolist()
+    seeds = torch.randint(0, 2**31 - 1, (x.shape[0],), generator=generator, device=x.device).tolist()
+    masks = torch.stack([random_mask(tuple(x.shape[-2:]), args.accelerations[i], seed=seed)
+                         for i, seed in zip(picks, seeds)])[:, None].to(x.device)
+    return diffusion_loss(model, z, masks, schedule, generator, size_multiple)
 
 
 def denoiser_loss(model: torch.nn.Module, x: torch.Tensor, generator: torch.Generator,
@@ -242,6 +288,7 @@ def train(args: argparse.Namespace) -> int:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from ..data import ImageFolder
+    from ..medical.mcddpm import MCDDPM
     from ..priors import NoiseSchedule, Prior, UNet, to_model_range
     from ..priors.denoiser import DenoiserPrior
 
@@ -291,6 +338,8 @@ def train(args: argparse.Namespace) -> int:
             noise_gen.manual_seed((args.seed * 1_000_003 + step) * world + rank)
             if args.arch == "dncnn":
                 loss = denoiser_loss(model, batch, noise_gen, args)
+            elif args.conditional:
+                loss = conditional_mri_loss(model, batch, noise_gen, args, schedule, unet_config.size_multiple)
             else:
                 x0 = to_model_range(batch)
                 t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=noise_gen, device=device)
@@ -310,7 +359,7 @@ def train(args: argparse.Namespace) -> int:
                                     args=trajectory_args(args, TRAJECTORY_OPTIONS), optimizer=optimizer,
                                     scheduler=scheduler, model=accelerator.unwrap_model(model).state_dict(),
                                     ema=ema.state_dict())
-            if args.arch == "unet" and args.sample_every and step % args.sample_every == 0 and accelerator.is_main_process:
+            if args.arch == "unet" and not args.conditional and args.sample_every and step % args.sample_every == 0 and accelerator.is_main_process:
                 _write_samples(Prior(ema.module, schedule), run_dir / "samples" / f"step_{step:07d}.png", args)
             if out_of_time:
                 break
@@ -326,6 +375,9 @@ def train(args: argparse.Namespace) -> int:
         if args.arch == "dncnn":
             export_denoiser(DenoiserPrior(ema.module, schedule), export_dir, args, summary, num_images=len(images),
                             steps_done=step, origin=origin)
+        elif args.conditional:
+            export_conditional(MCDDPM(ema.module, schedule), export_dir, args, summary, num_images=len(images),
+                               steps_done=step)
         else:
             export(Prior(ema.module, schedule), export_dir, args, summary, num_images=len(images), steps_done=step)
         accelerator.print(f"exported EMA weights after {step} steps to {export_dir}")
@@ -440,6 +492,79 @@ def export_denoiser(prior: Any, directory: Path, args: argparse.Namespace, summa
                   f"idm pretrain --evaluate {directory} --data {args.eval_data}"
                   + (f" --random-phase --seed {args.seed}" if args.random_phase else ""), "```"]
     return prior.save(directory, "\n".join(lines) + "\n", dtype=EXPORT_DTYPES[args.export_dtype])
+
+
+#: sampler settings of the validation table in an MC-DDPM card (``idm eval --method mcddpm --option …``)
+CARD_SAMPLING = {"samples": 4, "steps": 10}
+
+
+def conditional_validation(directory: Path, folder: str, accelerations: tuple[float, ...], seed: int) -> list[dict]:
+    """Mean PSNR / SSIM of the stored MC-DDPM (:data:`CARD_SAMPLING`) and of the zero-filled image
+    (``pinv``) on the MRI slices of ``folder``, per acceleration (masks seeded as ``idm eval --seed``)."""
+    from ..cli.evaluate import truth_folder
+    from ..evaluation import evaluate, operator_factory
+
+    truths = truth_folder(folder, None, "mri")
+    images = [truths[i] for i in range(len(truths))]
+    rows = []
+    for acceleration in accelerations:
+        factory = operator_factory("mri", seed=seed, acceleration=acceleration)
+        scores = {name: evaluate(name, images, factory, ratio=None, seed=seed, checkpoint=checkpoint, options=options).mean
+                  for name, checkpoint, options in (("mcddpm", str(directory), CARD_SAMPLING), ("pinv", None, None))}
+        rows.append({"acceleration": acceleration, "images": len(images), **{
+            f"{name}_{key}": value for name, mean in scores.items() for key, value in mean.items()}})
+    return rows
+
+
+def export_conditional(model: Any, directory: Path, args: argparse.Namespace, summary: RunSummary, *,
+                       num_images: int, steps_done: int) -> Path:
+    """``--conditional mri``: write the EMA MC-DDPM as an ``mcddpm`` checkpoint with a model card (and,
+    with ``--eval-data``, its validation table measured from the stored weights)."""
+    from ..priors.unet import count_parameters
+
+    _record_training(model, args, summary, num_images, steps_done, None, random_phase=args.random_phase)
+    model.extra["accelerations"] = list(args.accelerations)
+    cfg = model.unet.config
+    patches = ("complex patches with a random linear phase" if args.random_phase else "real image patches")
+    lines = [
+        "# idm MC-DDPM (measurement-conditioned k-space diffusion, single-coil MRI)",
+        "",
+        f"A DDPM over the unsampled k-space (Xie & Li, MICCAI 2022), conditioned on the zero-filled image, trained "
+        f"on {patches} measured with random 1D Cartesian masks at {', '.join(f'{a:g}×' for a in args.accelerations)}. "
+        f"{count_parameters(model.unet) / 1e6:.2f} M parameters, EMA weights (decay {args.ema_decay}) stored as "
+        f"{args.export_dtype}. Use: `idm reconstruct --method mcddpm --checkpoint DIR --uncertainty std.npy ...`, "
+        "`idm.medical.load_mcddpm(path)`.",
+        "",
+        "| | |", "|---|---|",
+        f"| architecture | U-Net, [Re, Im] of state and zero-filled image in, [Re, Im] of ε out: base "
+        f"{cfg.base_channels} ch, mults {list(cfg.channel_mults)}, {cfg.num_res_blocks} ResBlocks/level, attention at "
+        f"levels {list(cfg.attention_levels)} (and the middle) |",
+        f"| noise schedule | {model.schedule.kind}, {model.schedule.num_steps} steps |",
+        data_row(args, num_images),
+        f"| steps x batch | {steps_done} x {args.batch}"
+        + (f" (stopped by the time budget; {args.steps} planned)" if steps_done < args.steps else "") + " |",
+        f"| optimizer | AdamW lr {args.lr:g}, warm-up {args.warmup}, cosine to 10 %, grad clip {args.grad_clip:g} |",
+        *summary.card_rows(),
+        *summary.command_lines(),
+    ]
+    saved = model.save(directory, "\n".join(lines) + "\n", dtype=EXPORT_DTYPES[args.export_dtype])
+    if args.eval_data:
+        from ..io.checkpoint import load_checkpoint, save_checkpoint
+
+        rows = conditional_validation(saved, args.eval_data, tuple(args.accelerations), args.seed)
+        options = " ".join(f"--option {k}={v}" for k, v in CARD_SAMPLING.items())
+        lines += ["", f"Validation on `{args.eval_data}` (mean over the slices, from the stored weights; K = "
+                  f"{CARD_SAMPLING['samples']} samples of {CARD_SAMPLING['steps']} steps, masks seeded {args.seed}):", "",
+                  "| acceleration | MC-DDPM PSNR / SSIM | zero-filled PSNR / SSIM | s per slice |", "|---|---|---|---|"]
+        lines += [f"| {r['acceleration']:g}× | {r['mcddpm_psnr']:.2f} / {r['mcddpm_ssim']:.4f} | {r['pinv_psnr']:.2f} / "
+                  f"{r['pinv_ssim']:.4f} | {r['mcddpm_seconds']:.1f} |" for r in rows]
+        lines += ["", "```bash", *(f"idm eval --data {args.eval_data} --operator mri --acceleration {r['acceleration']:g} "
+                                   f"--method mcddpm --checkpoint {directory} {options} --seed {args.seed}" for r in rows),
+                  "```"]
+        tensors, config = load_checkpoint(saved, device="cpu")  # fp16 / bf16 → fp32 → the same stored values
+        save_checkpoint(saved, tensors, {**config, "validation": rows}, "\n".join(lines) + "\n",
+                        dtype=EXPORT_DTYPES[args.export_dtype])
+    return saved
 
 
 if __name__ == "__main__":

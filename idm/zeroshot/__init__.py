@@ -14,7 +14,8 @@ package registers the methods ``ddnm``, ``ddnm+`` and ``dps`` (:mod:`idm.zerosho
 
 from .common import data_consistency, jump_indices, misfit, operator_canvas, timestep_pairs
 from .ddnm import noise_aware_weights, sample_ddnm
-from .diffuserecon import Posterior, sample_diffuserecon
+from ..registry import Posterior
+from .diffuserecon import sample_diffuserecon
 from .dps import sample_dps
 from .method import DEFAULT_PRIOR, SOLVERS, ZeroShotReconstructor, build_solver, solver_options
 from .pnp import PnPReconstructor, sample_pnp

@@ -30,7 +30,6 @@ magnitude on :class:`~idm.physics.mri.ComplexParts`; 0 for K = 1), on the image'
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -39,15 +38,8 @@ from ..physics.base import LinearOperator
 from ..physics.canvas import Canvas
 from ..physics.mri import ComplexParts
 from ..priors.schedule import NoiseSchedule, ddim_step, ddpm_posterior, from_model_range, x0_from_eps
+from ..registry import Posterior
 from .common import EpsModel, abar_at, data_consistency, initial_state, randn, timestep_pairs
-
-
-@dataclass(frozen=True)
-class Posterior:
-    """A reconstruction ``x`` (B, C, *domain) on [0, 1] and its per-pixel ``std`` (B, 1 or C, *domain)."""
-
-    x: torch.Tensor
-    std: torch.Tensor
 
 
 def guided_step(x: torch.Tensor, eps: torch.Tensor, y: torch.Tensor, a_one: torch.Tensor, op: LinearOperator,

@@ -22,11 +22,11 @@ import torch
 from ..errors import IDMError
 from ..physics.base import LinearOperator
 from ..priors.prior import PriorLike, load_prior
-from ..registry import register_method
+from ..registry import Posterior, checked_options, register_method
 from ..physics.mri import ComplexParts, merge_groups, split_groups
 from .common import check_complex_inputs, check_inputs, denoiser_sigma_max
 from .ddnm import sample_ddnm
-from .diffuserecon import Posterior, sample_diffuserecon
+from .diffuserecon import sample_diffuserecon
 from .dps import sample_dps
 
 #: the prior used when no checkpoint is given
@@ -77,36 +77,10 @@ SOLVERS: dict[str, SolverSpec] = {
 
 
 def solver_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The defaults of method ``name`` updated with ``options``, type- and range-checked.
-
-    ``ratio`` is dropped; unknown names, wrong types and out-of-range values raise :class:`IDMError`.
-    """
+    """The defaults of method ``name`` updated with ``options``, type- and range-checked
+    (:func:`~idm.registry.checked_options`)."""
     spec = SOLVERS[name]
-    given = {key: value for key, value in options.items() if key != "ratio"}
-    unknown = sorted(set(given) - set(spec.defaults))
-    if unknown:
-        raise IDMError(
-            f"method {name!r} has no option(s) {', '.join(unknown)}; options: {', '.join(sorted(spec.defaults))}"
-        )
-    settings = dict(spec.defaults)
-    for key, value in given.items():
-        settings[key] = _checked(name, key, value, spec.defaults[key], spec.limits.get(key))
-    return settings
-
-
-def _checked(method: str, key: str, value: Any, default: Any, limits: tuple[float, float] | None) -> Any:
-    kind = type(default)
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok:
-        raise IDMError(f"method {method!r}: option {key} must be of type {kind.__name__}, got {value!r}")
-    if limits is not None and not limits[0] <= value <= limits[1]:
-        raise IDMError(f"method {method!r}: option {key} must lie in [{limits[0]:g}, {limits[1]:g}], got {value!r}")
-    return kind(value)
+    return checked_options(name, spec.defaults, options, spec.limits)
 
 
 class ZeroShotReconstructor:
@@ -129,7 +103,7 @@ class ZeroShotReconstructor:
         """``diffuserecon`` only: the reconstruction and its per-pixel std (``Posterior``; the std is
         ``(B, C, *op.domain_size)`` on the image's [0, 1] scale, of the magnitude for complex images)."""
         if self.name != "diffuserecon":
-            raise IDMError(f"method {self.name!r} gives no uncertainty; diffuserecon does")
+            raise IDMError(f"method {self.name!r} gives no uncertainty; diffuserecon and mcddpm do")
         return self._solve(y, op)
 
     def _solve(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor | Posterior:

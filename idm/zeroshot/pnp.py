@@ -56,9 +56,8 @@ from ..physics.base import LinearOperator
 from ..physics.canvas import Canvas
 from ..priors.prior import PriorLike, load_prior
 from ..priors.schedule import from_model_range, to_model_range, x0_from_eps
-from ..registry import register_method
+from ..registry import checked_options, register_method
 from .common import check_complex_inputs, check_inputs, denoiser_sigma_max
-from .method import _checked
 
 #: the denoiser used when no checkpoint is given
 DEFAULT_DENOISER = "dncnn-17"
@@ -95,19 +94,15 @@ def pnp_options(options: Mapping[str, Any]) -> dict[str, Any]:
     :func:`default_sigmas` of the operator (:func:`resolve_sigmas`).
     """
     given = {key: value for key, value in options.items() if key != "ratio"}
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise IDMError(f"method 'pnp' has no option(s) {', '.join(unknown)}; options: {', '.join(sorted(DEFAULTS))}")
-    settings = dict(DEFAULTS)
-    for key, value in given.items():
+    special = {key: given.pop(key) for key in ("start", "sigma_max", "sigma_min") if key in given}
+    settings = checked_options("pnp", DEFAULTS, given, LIMITS)
+    for key, value in special.items():
         if key == "start":
             if value not in STARTS:
                 raise IDMError(f"method 'pnp': option start must be one of {', '.join(STARTS)}, got {value!r}")
             settings[key] = value
-        elif key in ("sigma_max", "sigma_min"):
-            settings[key] = None if value is None else _checked("pnp", key, value, 0.0, LIMITS[key])
-        else:
-            settings[key] = _checked("pnp", key, value, DEFAULTS[key], LIMITS[key])
+        else:  # a float, or None: the operator's default
+            settings[key] = None if value is None else checked_options("pnp", {key: 0.0}, {key: value}, LIMITS)[key]
     if settings["sigma_min"] is not None and settings["sigma_max"] is not None:
         if settings["sigma_min"] > settings["sigma_max"]:
             raise IDMError(

@@ -1,0 +1,9 @@
+"""Medical diffusion methods beyond the shared operators and zero-shot solvers.
+
+Importing the package registers the method ``mcddpm`` (:mod:`idm.medical.mcddpm`: MC-DDPM, a
+conditional diffusion over the unsampled MRI k-space with a per-pixel uncertainty).
+"""
+
+from .mcddpm import MCDDPM, load_mcddpm, sample_mcddpm
+
+__all__ = ["MCDDPM", "load_mcddpm", "sample_mcddpm"]

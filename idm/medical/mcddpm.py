@@ -1,0 +1,235 @@
+"""MC-DDPM (Xie & Li, "Measurement-conditioned denoising diffusion probabilistic model for
+under-sampled medical image reconstruction", MICCAI 2022): a DDPM over the *unsampled* k-space
+only, conditioned on the measurement; K samples give a reconstruction and a per-pixel std.
+
+Single-coil Cartesian MRI (:class:`~idm.physics.MRI`, one coil), mask ``M`` (H, W), centred
+orthonormal DFT ``F`` (:func:`~idm.physics.mri.fft2c`). Complex images ``(B, 1, H, W)`` are scaled
+by ``s = max |F⁻¹ y|`` (the zero-filled image's largest magnitude, per image; the network sees
+magnitudes of about 1 whatever the scanner's units)::
+
+    k₀  = (1 − M) ⊙ F x₀ / s                           the unknown k-space: the diffused variable
+    k_t = √ᾱ_t k₀ + √(1 − ᾱ_t) (1 − M) ⊙ ε              ε complex, Re and Im ~ N(0, 1)
+    ε̂   = (1 − M) ⊙ F U([F⁻¹ k_t, F⁻¹ y / s], t)        U: image-domain U-Net, [Re, Im] channels, 4 in → 2 out
+
+Loss (``idm pretrain --conditional mri``, :func:`diffusion_loss`): ``‖ε̂ − (1 − M) ε‖²`` per unsampled
+real coordinate (1 at the zero-initialised start). Sampling (:func:`sample_mcddpm`): ``k_T = (1 − M) ε``,
+DDPM ancestral steps over a respaced schedule (:func:`~idm.priors.schedule.ddpm_posterior`, fresh noise
+only on the unsampled locations) to ``k̂₀``; the sample ``s F⁻¹(y / s + k̂₀)`` equals ``y`` on ``M``
+exactly. K samples run as one batch; the reconstruction is their (complex) mean, the uncertainty the
+per-pixel standard deviation of their magnitudes, on the image's scale (0 for K = 1).
+
+Checkpoint (:mod:`idm.io.checkpoint`): ``config.json`` ``{"architecture": "mcddpm", "unet":
+UNetConfig.to_dict(), "schedule": NoiseSchedule.to_dict(), "accelerations": [...], ...}`` and the U-Net
+weights; shipped: ``mcddpm-mri``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import IDMError
+from ..physics.canvas import Canvas
+from ..physics.mri import MRI, channels_to_complex, complex_to_channels, fft2c, ifft2c
+from ..priors.schedule import NoiseSchedule, ddpm_posterior, x0_from_eps
+from ..priors.unet import UNet, UNetConfig
+from ..registry import Posterior, checked_options, register_method
+from ..zeroshot.common import abar_at, timestep_pairs
+
+ARCHITECTURE = "mcddpm"
+#: the shipped checkpoint
+DEFAULT_CHECKPOINT = "mcddpm-mri"
+#: U-Net input / output channels: [Re, Im] of the state and of the zero-filled image → [Re, Im] of ε̂
+IN_CHANNELS, OUT_CHANNELS = 4, 2
+
+Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def unet_config(**sizes: Any) -> UNetConfig:
+    """The U-Net of an MC-DDPM (4 channels in, 2 out) with the given sizes (:class:`UNetConfig` fields)."""
+    return UNetConfig(in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, **sizes)
+
+
+def network_eps(net: Network, state: torch.Tensor, condition: torch.Tensor, t: torch.Tensor,
+                size_multiple: int) -> torch.Tensor:
+    """The image-domain noise estimate, complex ``(N, 1, H, W)``, of ``net(h, t)`` (a U-Net with 4
+    input and 2 output channels) for the state image ``F⁻¹ k_t`` and the scaled zero-filled image
+    ``F⁻¹ y / s`` (both complex ``(N, 1, H, W)``); ``t`` (N,) timesteps. The input is zero-padded at the
+    bottom / right to a multiple of ``size_multiple`` and the output cropped back."""
+    h = torch.cat((complex_to_channels(state), complex_to_channels(condition)), dim=1)
+    canvas = Canvas.to_multiple(h.shape[-2:], size_multiple)
+    return channels_to_complex(canvas.crop(net(canvas.pad(h), t)))
+
+
+def complex_noise(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """Complex noise with Re, Im ~ N(0, 1), drawn on the CPU from ``generator`` (device-independent)."""
+    parts = torch.randn((2, *shape), generator=generator, dtype=torch.float32)
+    return torch.complex(parts[0], parts[1]).to(device=like.device, dtype=like.dtype)
+
+
+def zero_filled_scale(zero_filled: torch.Tensor) -> torch.Tensor:
+    """``s = max |F⁻¹ y|`` per image, ``(N, 1, 1, 1)`` real, of complex zero-filled images ``(N, 1, H, W)``."""
+    return zero_filled.abs().amax(dim=(1, 2, 3), keepdim=True)
+
+
+def diffusion_loss(net: Network, x0: torch.Tensor, mask: torch.Tensor, schedule: NoiseSchedule,
+                   generator: torch.Generator, size_multiple: int) -> torch.Tensor:
+    """The training loss (module docstring) of complex images ``x0`` (B, 1, H, W) measured on the bool
+    masks ``mask`` (B, 1, H, W) (or one (H, W) mask), t uniform over the schedule; noise and t from
+    ``generator`` (on x0's device)."""
+    keep = (~mask.bool()).to(x0.real.dtype)
+    y = mask.to(x0.real.dtype) * fft2c(x0)
+    condition = ifft2c(y)
+    scale = zero_filled_scale(condition).clamp_min(1e-6)
+    k0 = keep * fft2c(x0) / scale
+    t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=generator, device=x0.device)
+    abar = schedule.abar(t, x0.real)
+    parts = torch.randn((2, *x0.shape), generator=generator, device=x0.device, dtype=x0.real.dtype)
+    eps = keep * torch.complex(parts[0], parts[1])
+    k_t = abar.sqrt() * k0 + (1 - abar).sqrt() * eps
+    predicted = keep * fft2c(network_eps(net, ifft2c(k_t), condition / scale, t, size_multiple))
+    unsampled = keep.expand(x0.shape).sum().clamp_min(1.0)
+    return (predicted - eps).abs().square().sum() / (2 * unsampled)
+
+
+@dataclass
+class MCDDPM:
+    """A trained MC-DDPM: the image-domain U-Net (4 → 2 channels), its noise schedule and the
+    checkpoint's other config entries (``extra``: training record, accelerations)."""
+
+    unet: UNet
+    schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def eps(self, state: torch.Tensor, condition: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """See :func:`network_eps`."""
+        return network_eps(self.unet, state, condition, t, self.unet.config.size_multiple)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def module(self) -> nn.Module:
+        return self.unet
+
+    def to(self, device: str | torch.device) -> "MCDDPM":
+        self.unet.to(device)
+        return self
+
+    def config(self) -> dict[str, Any]:
+        return {**self.extra, "architecture": ARCHITECTURE, "unet": self.unet.config.to_dict(),
+                "schedule": self.schedule.to_dict()}
+
+    def save(self, directory: str | Path, card: str, *, dtype: torch.dtype | None = torch.float16) -> Path:
+        """Write the checkpoint directory (weights stored as ``dtype``; None keeps fp32)."""
+        from ..io.checkpoint import save_checkpoint
+
+        return save_checkpoint(directory, self.unet.state_dict(), self.config(), card, dtype=dtype)
+
+
+def load_mcddpm(name_or_path: str | Path = DEFAULT_CHECKPOINT, device: str | torch.device = "cpu") -> MCDDPM:
+    """An :class:`MCDDPM` checkpoint (a directory or a shipped name), in eval mode, on ``device``."""
+    from ..io.checkpoint import load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(name_or_path)
+    tensors, config = load_checkpoint(path, expect={"architecture": ARCHITECTURE}, device="cpu", dtype=torch.float32)
+    try:
+        unet = UNet(UNetConfig.from_dict(config["unet"]))
+        schedule = NoiseSchedule.from_dict(config["schedule"])
+    except (KeyError, TypeError) as exc:
+        raise IDMError(f"MC-DDPM checkpoint config is incomplete or malformed: {exc}") from None
+    if (unet.config.in_channels, unet.config.out_channels) != (IN_CHANNELS, OUT_CHANNELS):
+        raise IDMError(f"checkpoint {path}: an MC-DDPM U-Net maps {IN_CHANNELS} channels to {OUT_CHANNELS}")
+    try:
+        unet.load_state_dict(tensors)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise IDMError(f"checkpoint {path} does not match its U-Net config: {first}") from None
+    reserved = {"architecture", "unet", "schedule", "format"}
+    return MCDDPM(unet.eval(), schedule, {k: v for k, v in config.items() if k not in reserved}).to(device)
+
+
+def sample_mcddpm(model: MCDDPM, y: torch.Tensor, mask: torch.Tensor, *, samples: int = 8, steps: int = 20,
+                  generator: torch.Generator | None = None, progress: bool = False) -> Posterior:
+    """MC-DDPM reconstruction of single-coil k-space ``y`` (B, 1, H, W) complex, zero off the bool
+    ``mask`` (H, W) → :class:`~idm.registry.Posterior` (complex mean image and magnitude std, both
+    (B, 1, H, W); module docstring). ``samples`` K run as one batch of K·B; ``steps`` respaced DDPM
+    steps; every noise draw comes from the CPU ``generator``."""
+    batch = y.shape[0]
+    keep = (~mask.bool()).to(device=y.device, dtype=y.real.dtype)
+    zero_filled = ifft2c(y)
+    scale = zero_filled_scale(zero_filled)
+    if bool((scale <= 0).any()):
+        raise IDMError("the measured k-space is all zero: nothing to condition on")
+    measured = (y / scale).repeat(samples, 1, 1, 1)
+    condition = ifft2c(measured)
+    k = keep * complex_noise(tuple(measured.shape), generator, measured)
+    for t, t_next in tqdm(timestep_pairs(model.schedule, steps), disable=not progress, desc="mcddpm", leave=False):
+        abar, abar_next = abar_at(model.schedule, t), abar_at(model.schedule, t_next)
+        timesteps = torch.full((k.shape[0],), t, dtype=torch.long, device=k.device)
+        eps = keep * fft2c(model.eps(ifft2c(k), condition, timesteps))
+        mean, variance = ddpm_posterior(k, x0_from_eps(k, eps, abar), abar, abar_next)
+        k = mean + math.sqrt(variance) * keep * complex_noise(tuple(k.shape), generator, k) if variance > 0 else mean
+    images = (ifft2c(measured + k) * scale.repeat(samples, 1, 1, 1)).unflatten(0, (samples, batch))
+    std = images.abs().std(0, correction=0) if samples > 1 else torch.zeros(images.shape[1:], device=y.device)
+    return Posterior(images.mean(0), std)
+
+
+#: options of the method ``mcddpm`` and their defaults (ranges in :data:`LIMITS`)
+DEFAULTS: dict[str, int] = {"samples": 8, "steps": 20}
+LIMITS = {"samples": (1, 1024), "steps": (1, 1000)}
+
+
+class MCDDPMReconstructor:
+    """``reconstruct(y, op) -> x``: MC-DDPM bound to a loaded model (``with_uncertainty`` adds the std)."""
+
+    name = "mcddpm"
+
+    def __init__(self, model: MCDDPM, settings: Mapping[str, int], *, seed: int, progress: bool) -> None:
+        self.model, self.settings, self.seed, self.progress = model, dict(settings), int(seed), bool(progress)
+
+    def __call__(self, y: torch.Tensor, op: MRI) -> torch.Tensor:
+        """Single-coil k-space ``y`` (B, 1, H, W) of ``op`` → the complex reconstruction (B, 1, H, W)."""
+        return self.with_uncertainty(y, op).x
+
+    def with_uncertainty(self, y: torch.Tensor, op: MRI) -> Posterior:
+        """The reconstruction and its per-pixel std (:func:`sample_mcddpm`), on y's device."""
+        if not isinstance(op, MRI) or op.coils != 1:
+            what = type(op).__name__ if not isinstance(op, MRI) else f"MRI with {op.coils} coils"
+            raise IDMError(f"mcddpm reconstructs single-coil Cartesian MRI k-space, not {what}")
+        op.check_measurements(y)
+        if not y.is_complex() or y.shape[1] != 1:
+            raise IDMError(f"mcddpm expects complex k-space of one image channel (B, 1, H, W), got {tuple(y.shape)} "
+                           f"{y.dtype}")
+        device = self.model.device
+        generator = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            posterior = sample_mcddpm(self.model, y.to(device=device, dtype=torch.complex64), op.mask.to(device),
+                                      generator=generator, progress=self.progress, **self.settings)
+        return Posterior(posterior.x.to(y.device), posterior.std.to(y.device))
+
+    def __repr__(self) -> str:
+        return f"MCDDPMReconstructor({', '.join(f'{k}={v!r}' for k, v in self.settings.items())})"
+
+
+@register_method("mcddpm", "MC-DDPM: conditional diffusion over the unsampled k-space (single-coil MRI, "
+                           "mean and std of K samples)", checkpoint_kind="mcddpm")
+def build(*, checkpoint: Any = None, device: str | torch.device = "cpu", seed: int = 0, progress: bool = False,
+          **options: Any) -> MCDDPMReconstructor:
+    """``mcddpm``: options ``samples`` (K, default 8) and ``steps`` (respaced DDPM steps, default 20);
+    ``checkpoint``: an MC-DDPM checkpoint (default ``mcddpm-mri``)."""
+    settings = checked_options("mcddpm", DEFAULTS, options, LIMITS)
+    model = load_mcddpm(DEFAULT_CHECKPOINT if checkpoint is None else checkpoint, device=device)
+    model.unet.requires_grad_(False)
+    if settings["steps"] > model.schedule.num_steps:
+        raise IDMError(f"method 'mcddpm': {settings['steps']} steps exceed the model's "
+                       f"{model.schedule.num_steps}-step schedule")
+    return MCDDPMReconstructor(model, settings, seed=seed, progress=progress)
