@@ -38,8 +38,10 @@ def knee_like(size: int = 24, dtype: torch.dtype = torch.complex64) -> torch.Ten
     return torch.polar(magnitude.abs(), 0.5 * xx + 0.2)[None, None].to(dtype)
 
 
-def test_samples_agree_with_the_measurement_on_the_sampled_locations() -> None:
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+def test_samples_agree_with_the_measurement_on_the_sampled_locations(prediction: str) -> None:
     model = tiny_model(dtype=torch.float64)
+    model.prediction = prediction
     x = knee_like(dtype=torch.complex128)
     op = MRI((24, 24), acceleration=4, seed=3)
     y = op.A(x)
@@ -71,7 +73,8 @@ def test_one_sample_has_zero_std_and_a_seed_fixes_the_result() -> None:
     assert not torch.equal(first[0], other[0])
 
 
-def test_loss_falls_on_a_tiny_set() -> None:
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+def test_loss_falls_on_a_tiny_set(prediction: str) -> None:
     torch.manual_seed(0)
     unet = UNet(unet_config(**TINY))
     x = torch.cat([knee_like(16), knee_like(16) * 0.5j])
@@ -79,26 +82,27 @@ def test_loss_falls_on_a_tiny_set() -> None:
     optimizer = torch.optim.Adam(unet.parameters(), lr=3e-3)
 
     def loss() -> torch.Tensor:  # the same t and noise every time: the loss of one fixed batch
-        return diffusion_loss(unet, x, masks, MCDDPM(unet).schedule, torch.Generator().manual_seed(0), 2)
+        return diffusion_loss(unet, x, masks, MCDDPM(unet).schedule, torch.Generator().manual_seed(0), 2, prediction)
 
     start = float(loss().detach())
     for _ in range(40):
         optimizer.zero_grad()
         loss().backward()
         optimizer.step()
-    assert 0.9 < start < 1.1  # zero-initialised output: ε̂ = 0, loss = E|ε|² per real coordinate
+    if prediction == "eps":
+        assert 0.9 < start < 1.1  # zero-initialised output: ε̂ = 0, loss = E|ε|² per real coordinate
     assert float(loss().detach()) < 0.5 * start
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     model = tiny_model()
-    model.extra = {"accelerations": [4.0, 8.0]}
+    model.extra, model.prediction = {"accelerations": [4.0, 8.0]}, "x0"
     model.save(tmp_path / "ckpt", "# tiny\n", dtype=None)
     loaded = load_mcddpm(tmp_path / "ckpt")
     state, condition = knee_like(16), knee_like(16) * 0.3
     t = torch.tensor([7])
-    torch.testing.assert_close(loaded.eps(state, condition, t), model.eps(state, condition, t))
-    assert loaded.extra["accelerations"] == [4.0, 8.0]
+    torch.testing.assert_close(loaded.output(state, condition, t), model.output(state, condition, t))
+    assert loaded.extra["accelerations"] == [4.0, 8.0] and loaded.prediction == "x0"
     with pytest.raises(IDMError, match="architecture"):
         load_mcddpm("prior-mri")
 
@@ -133,7 +137,7 @@ def slice_dir(tmp_path_factory) -> Path:
     return folder
 
 
-CONDITIONAL_ARGS = ["--conditional", "mri", "--random-phase", "--steps", "4", "--batch", "2", "--patch", "16",
+CONDITIONAL_ARGS = ["--conditional", "mri", "--random-phase", "--prediction", "x0", "--steps", "4", "--batch", "2", "--patch", "16",
                     "--base-channels", "8", "--channel-mults", "1,2", "--res-blocks", "1", "--attn", "",
                     "--warmup", "1", "--save-every", "2", "--threads", "1", "--no-progress"]
 
@@ -148,7 +152,7 @@ def test_pretrain_conditional_resumes_exactly_exports_and_reconstructs(slice_dir
         assert torch.equal(value, part["model"][key]), key
     checkpoint = tmp_path / "full" / "checkpoint"
     config = json.loads((checkpoint / "config.json").read_text())
-    assert config["architecture"] == "mcddpm" and config["accelerations"] == [4.0, 8.0]
+    assert config["architecture"] == "mcddpm" and config["accelerations"] == [4.0, 8.0] and config["prediction"] == "x0"
     assert config["unet"]["in_channels"] == 4 and "--conditional mri" in (checkpoint / "README.md").read_text()
     # the exported model reconstructs through the CLI, writing the std beside the image
     truth = tmp_path / "knee.npy"

@@ -12,7 +12,11 @@ magnitudes of about 1 whatever the scanner's units)::
     ε̂   = (1 − M) ⊙ F U([F⁻¹ k_t, F⁻¹ y / s], t)        U: image-domain U-Net, [Re, Im] channels, 4 in → 2 out
 
 Loss (``idm pretrain --conditional mri``, :func:`diffusion_loss`): ``‖ε̂ − (1 − M) ε‖²`` per unsampled
-real coordinate (1 at the zero-initialised start). Sampling (:func:`sample_mcddpm`): ``k_T = (1 − M) ε``,
+real coordinate (1 at the zero-initialised start). With ``prediction = "x0"`` the network's output is
+read as the clean unknown k-space instead, ``k̂₀ = (1 − M) ⊙ F U(…)``, and the loss is ``‖k̂₀ − k₀‖²``
+(x₀-parametrisation, Ramesh et al. 2022 / Karras et al. 2022: at high noise the network regresses the
+conditional mean, which a network trained for minutes does far better than a noise estimate that
+x̂₀ = (k_t − √(1 − ᾱ) ε̂)/√ᾱ amplifies by 1/√ᾱ). Sampling (:func:`sample_mcddpm`): ``k_T = (1 − M) ε``,
 DDPM ancestral steps over a respaced schedule (:func:`~idm.priors.schedule.ddpm_posterior`, fresh noise
 only on the unsampled locations) to ``k̂₀``; the sample ``s F⁻¹(y / s + k̂₀)`` equals ``y`` on ``M``
 exactly. K samples run as one batch; the reconstruction is their (complex) mean, the uncertainty the
@@ -46,8 +50,10 @@ from ..zeroshot.common import abar_at, timestep_pairs
 ARCHITECTURE = "mcddpm"
 #: the shipped checkpoint
 DEFAULT_CHECKPOINT = "mcddpm-mri"
-#: U-Net input / output channels: [Re, Im] of the state and of the zero-filled image → [Re, Im] of ε̂
+#: U-Net input / output channels: [Re, Im] of the state and of the zero-filled image → [Re, Im] of ε̂ (or x̂₀)
 IN_CHANNELS, OUT_CHANNELS = 4, 2
+#: what the network's output is: the noise ε or the clean unknown k-space k₀ (module docstring)
+PREDICTIONS = ("eps", "x0")
 
 Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -57,10 +63,10 @@ def unet_config(**sizes: Any) -> UNetConfig:
     return UNetConfig(in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, **sizes)
 
 
-def network_eps(net: Network, state: torch.Tensor, condition: torch.Tensor, t: torch.Tensor,
-                size_multiple: int) -> torch.Tensor:
-    """The image-domain noise estimate, complex ``(N, 1, H, W)``, of ``net(h, t)`` (a U-Net with 4
-    input and 2 output channels) for the state image ``F⁻¹ k_t`` and the scaled zero-filled image
+def network_output(net: Network, state: torch.Tensor, condition: torch.Tensor, t: torch.Tensor,
+                   size_multiple: int) -> torch.Tensor:
+    """The image-domain prediction (of ε or x₀), complex ``(N, 1, H, W)``, of ``net(h, t)`` (a U-Net with
+    4 input and 2 output channels) for the state image ``F⁻¹ k_t`` and the scaled zero-filled image
     ``F⁻¹ y / s`` (both complex ``(N, 1, H, W)``); ``t`` (N,) timesteps. The input is zero-padded at the
     bottom / right to a multiple of ``size_multiple`` and the output cropped back."""
     h = torch.cat((complex_to_channels(state), complex_to_channels(condition)), dim=1)
@@ -80,10 +86,11 @@ def zero_filled_scale(zero_filled: torch.Tensor) -> torch.Tensor:
 
 
 def diffusion_loss(net: Network, x0: torch.Tensor, mask: torch.Tensor, schedule: NoiseSchedule,
-                   generator: torch.Generator, size_multiple: int) -> torch.Tensor:
+                   generator: torch.Generator, size_multiple: int, prediction: str = "eps") -> torch.Tensor:
     """The training loss (module docstring) of complex images ``x0`` (B, 1, H, W) measured on the bool
     masks ``mask`` (B, 1, H, W) (or one (H, W) mask), t uniform over the schedule; noise and t from
-    ``generator`` (on x0's device)."""
+    ``generator`` (on x0's device); ``prediction``: one of :data:`PREDICTIONS`."""
+    check_prediction(prediction)
     keep = (~mask.bool()).to(x0.real.dtype)
     y = mask.to(x0.real.dtype) * fft2c(x0)
     condition = ifft2c(y)
@@ -94,23 +101,36 @@ def diffusion_loss(net: Network, x0: torch.Tensor, mask: torch.Tensor, schedule:
     parts = torch.randn((2, *x0.shape), generator=generator, device=x0.device, dtype=x0.real.dtype)
     eps = keep * torch.complex(parts[0], parts[1])
     k_t = abar.sqrt() * k0 + (1 - abar).sqrt() * eps
-    predicted = keep * fft2c(network_eps(net, ifft2c(k_t), condition / scale, t, size_multiple))
+    predicted = keep * fft2c(network_output(net, ifft2c(k_t), condition / scale, t, size_multiple))
     unsampled = keep.expand(x0.shape).sum().clamp_min(1.0)
-    return (predicted - eps).abs().square().sum() / (2 * unsampled)
+    return (predicted - (eps if prediction == "eps" else k0)).abs().square().sum() / (2 * unsampled)
+
+
+def check_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise IDMError(f"unknown MC-DDPM prediction {prediction!r}; available: {', '.join(PREDICTIONS)}")
+    return prediction
 
 
 @dataclass
 class MCDDPM:
-    """A trained MC-DDPM: the image-domain U-Net (4 → 2 channels), its noise schedule and the
-    checkpoint's other config entries (``extra``: training record, accelerations)."""
+    """A trained MC-DDPM: the image-domain U-Net (4 → 2 channels), its noise schedule, what it predicts
+    (:data:`PREDICTIONS`) and the checkpoint's other config entries (``extra``: training record, accelerations)."""
 
     unet: UNet
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
     extra: dict[str, Any] = field(default_factory=dict)
+    prediction: str = "eps"
 
-    def eps(self, state: torch.Tensor, condition: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """See :func:`network_eps`."""
-        return network_eps(self.unet, state, condition, t, self.unet.config.size_multiple)
+    def output(self, state: torch.Tensor, condition: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """See :func:`network_output`."""
+        return network_output(self.unet, state, condition, t, self.unet.config.size_multiple)
+
+    def clean_kspace(self, k: torch.Tensor, condition: torch.Tensor, t: int, keep: torch.Tensor) -> torch.Tensor:
+        """``k̂₀`` (N, 1, H, W), zero on the sampled locations, from the state ``k`` at timestep ``t``."""
+        timesteps = torch.full((k.shape[0],), t, dtype=torch.long, device=k.device)
+        out = keep * fft2c(self.output(ifft2c(k), condition, timesteps))
+        return x0_from_eps(k, out, abar_at(self.schedule, t)) if self.prediction == "eps" else out
 
     @property
     def device(self) -> torch.device:
@@ -126,7 +146,7 @@ class MCDDPM:
 
     def config(self) -> dict[str, Any]:
         return {**self.extra, "architecture": ARCHITECTURE, "unet": self.unet.config.to_dict(),
-                "schedule": self.schedule.to_dict()}
+                "schedule": self.schedule.to_dict(), "prediction": self.prediction}
 
     def save(self, directory: str | Path, card: str, *, dtype: torch.dtype | None = torch.float16) -> Path:
         """Write the checkpoint directory (weights stored as ``dtype``; None keeps fp32)."""
@@ -146,6 +166,7 @@ def load_mcddpm(name_or_path: str | Path = DEFAULT_CHECKPOINT, device: str | tor
         schedule = NoiseSchedule.from_dict(config["schedule"])
     except (KeyError, TypeError) as exc:
         raise IDMError(f"MC-DDPM checkpoint config is incomplete or malformed: {exc}") from None
+    prediction = check_prediction(config.get("prediction", "eps"))
     if (unet.config.in_channels, unet.config.out_channels) != (IN_CHANNELS, OUT_CHANNELS):
         raise IDMError(f"checkpoint {path}: an MC-DDPM U-Net maps {IN_CHANNELS} channels to {OUT_CHANNELS}")
     try:
@@ -153,8 +174,9 @@ def load_mcddpm(name_or_path: str | Path = DEFAULT_CHECKPOINT, device: str | tor
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
         raise IDMError(f"checkpoint {path} does not match its U-Net config: {first}") from None
-    reserved = {"architecture", "unet", "schedule", "format"}
-    return MCDDPM(unet.eval(), schedule, {k: v for k, v in config.items() if k not in reserved}).to(device)
+    reserved = {"architecture", "unet", "schedule", "format", "prediction"}
+    extra = {k: v for k, v in config.items() if k not in reserved}
+    return MCDDPM(unet.eval(), schedule, extra, prediction).to(device)
 
 
 def sample_mcddpm(model: MCDDPM, y: torch.Tensor, mask: torch.Tensor, *, samples: int = 8, steps: int = 20,
@@ -174,9 +196,7 @@ def sample_mcddpm(model: MCDDPM, y: torch.Tensor, mask: torch.Tensor, *, samples
     k = keep * complex_noise(tuple(measured.shape), generator, measured)
     for t, t_next in tqdm(timestep_pairs(model.schedule, steps), disable=not progress, desc="mcddpm", leave=False):
         abar, abar_next = abar_at(model.schedule, t), abar_at(model.schedule, t_next)
-        timesteps = torch.full((k.shape[0],), t, dtype=torch.long, device=k.device)
-        eps = keep * fft2c(model.eps(ifft2c(k), condition, timesteps))
-        mean, variance = ddpm_posterior(k, x0_from_eps(k, eps, abar), abar, abar_next)
+        mean, variance = ddpm_posterior(k, model.clean_kspace(k, condition, t, keep), abar, abar_next)
         k = mean + math.sqrt(variance) * keep * complex_noise(tuple(k.shape), generator, k) if variance > 0 else mean
     images = (ifft2c(measured + k) * scale.repeat(samples, 1, 1, 1)).unflatten(0, (samples, batch))
     std = images.abs().std(0, correction=0) if samples > 1 else torch.zeros(images.shape[1:], device=y.device)
