@@ -41,7 +41,7 @@ def knee_like(size: int = 24, dtype: torch.dtype = torch.complex64) -> torch.Ten
 @pytest.mark.parametrize("prediction", ["eps", "x0"])
 def test_samples_agree_with_the_measurement_on_the_sampled_locations(prediction: str) -> None:
     model = tiny_model(dtype=torch.float64)
-    model.prediction = prediction
+    model.prediction, model.data_scale = prediction, 0.1
     x = knee_like(dtype=torch.complex128)
     op = MRI((24, 24), acceleration=4, seed=3)
     y = op.A(x)
@@ -96,13 +96,13 @@ def test_loss_falls_on_a_tiny_set(prediction: str) -> None:
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     model = tiny_model()
-    model.extra, model.prediction = {"accelerations": [4.0, 8.0]}, "x0"
+    model.extra, model.prediction, model.data_scale = {"accelerations": [4.0, 8.0]}, "x0", 0.1
     model.save(tmp_path / "ckpt", "# tiny\n", dtype=None)
     loaded = load_mcddpm(tmp_path / "ckpt")
     state, condition = knee_like(16), knee_like(16) * 0.3
     t = torch.tensor([7])
     torch.testing.assert_close(loaded.output(state, condition, t), model.output(state, condition, t))
-    assert loaded.extra["accelerations"] == [4.0, 8.0] and loaded.prediction == "x0"
+    assert loaded.extra["accelerations"] == [4.0, 8.0] and loaded.prediction == "x0" and loaded.data_scale == 0.1
     with pytest.raises(IDMError, match="architecture"):
         load_mcddpm("prior-mri")
 
@@ -137,7 +137,7 @@ def slice_dir(tmp_path_factory) -> Path:
     return folder
 
 
-CONDITIONAL_ARGS = ["--conditional", "mri", "--random-phase", "--prediction", "x0", "--steps", "4", "--batch", "2", "--patch", "16",
+CONDITIONAL_ARGS = ["--conditional", "mri", "--random-phase", "--prediction", "x0", "--data-scale", "0.1", "--steps", "4", "--batch", "2", "--patch", "16",
                     "--base-channels", "8", "--channel-mults", "1,2", "--res-blocks", "1", "--attn", "",
                     "--warmup", "1", "--save-every", "2", "--threads", "1", "--no-progress"]
 
@@ -153,6 +153,7 @@ def test_pretrain_conditional_resumes_exactly_exports_and_reconstructs(slice_dir
     checkpoint = tmp_path / "full" / "checkpoint"
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["architecture"] == "mcddpm" and config["accelerations"] == [4.0, 8.0] and config["prediction"] == "x0"
+    assert config["data_scale"] == 0.1
     assert config["unet"]["in_channels"] == 4 and "--conditional mri" in (checkpoint / "README.md").read_text()
     # the exported model reconstructs through the CLI, writing the std beside the image
     truth = tmp_path / "knee.npy"

@@ -7,7 +7,7 @@ orthonormal DFT ``F`` (:func:`~idm.physics.mri.fft2c`). Complex images ``(B, 1, 
 by ``s = max |F⁻¹ y|`` (the zero-filled image's largest magnitude, per image; the network sees
 magnitudes of about 1 whatever the scanner's units)::
 
-    k₀  = (1 − M) ⊙ F x₀ / s                           the unknown k-space: the diffused variable
+    k₀  = (1 − M) ⊙ F x₀ / (s c)                       the unknown k-space: the diffused variable
     k_t = √ᾱ_t k₀ + √(1 − ᾱ_t) (1 − M) ⊙ ε              ε complex, Re and Im ~ N(0, 1)
     ε̂   = (1 − M) ⊙ F U([F⁻¹ k_t, F⁻¹ y / s], t)        U: image-domain U-Net, [Re, Im] channels, 4 in → 2 out
 
@@ -18,9 +18,15 @@ read as the clean unknown k-space instead, ``k̂₀ = (1 − M) ⊙ F U(…)``, 
 conditional mean, which a network trained for minutes does far better than a noise estimate that
 x̂₀ = (k_t − √(1 − ᾱ) ε̂)/√ᾱ amplifies by 1/√ᾱ). Sampling (:func:`sample_mcddpm`): ``k_T = (1 − M) ε``,
 DDPM ancestral steps over a respaced schedule (:func:`~idm.priors.schedule.ddpm_posterior`, fresh noise
-only on the unsampled locations) to ``k̂₀``; the sample ``s F⁻¹(y / s + k̂₀)`` equals ``y`` on ``M``
+only on the unsampled locations) to ``k̂₀``; the sample ``s F⁻¹(y / s + c k̂₀)`` equals ``y`` on ``M``
 exactly. K samples run as one batch; the reconstruction is their (complex) mean, the uncertainty the
 per-pixel standard deviation of their magnitudes, on the image's scale (0 for K = 1).
+
+The constant ``c`` (``data_scale``) brings the unknown k-space to about unit RMS per coordinate (it is
+≈ 0.08–0.1 of the zero-filled maximum for brain slices at 4×–8×): without it the unit-variance noise
+swamps the signal from ᾱ < 0.99 on (the first 3 % of a linear schedule) and the other 97 % of the
+steps would all be "pure noise" (the latent scale factor of Rombach et al., CVPR 2022, for the same
+reason).
 
 Checkpoint (:mod:`idm.io.checkpoint`): ``config.json`` ``{"architecture": "mcddpm", "unet":
 UNetConfig.to_dict(), "schedule": NoiseSchedule.to_dict(), "accelerations": [...], ...}`` and the U-Net
@@ -86,16 +92,17 @@ def zero_filled_scale(zero_filled: torch.Tensor) -> torch.Tensor:
 
 
 def diffusion_loss(net: Network, x0: torch.Tensor, mask: torch.Tensor, schedule: NoiseSchedule,
-                   generator: torch.Generator, size_multiple: int, prediction: str = "eps") -> torch.Tensor:
+                   generator: torch.Generator, size_multiple: int, prediction: str = "eps",
+                   data_scale: float = 1.0) -> torch.Tensor:
     """The training loss (module docstring) of complex images ``x0`` (B, 1, H, W) measured on the bool
     masks ``mask`` (B, 1, H, W) (or one (H, W) mask), t uniform over the schedule; noise and t from
-    ``generator`` (on x0's device); ``prediction``: one of :data:`PREDICTIONS`."""
+    ``generator`` (on x0's device); ``prediction``: one of :data:`PREDICTIONS`; ``data_scale``: c."""
     check_prediction(prediction)
     keep = (~mask.bool()).to(x0.real.dtype)
     y = mask.to(x0.real.dtype) * fft2c(x0)
     condition = ifft2c(y)
     scale = zero_filled_scale(condition).clamp_min(1e-6)
-    k0 = keep * fft2c(x0) / scale
+    k0 = keep * fft2c(x0) / (scale * data_scale)
     t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=generator, device=x0.device)
     abar = schedule.abar(t, x0.real)
     parts = torch.randn((2, *x0.shape), generator=generator, device=x0.device, dtype=x0.real.dtype)
@@ -115,12 +122,13 @@ def check_prediction(prediction: str) -> str:
 @dataclass
 class MCDDPM:
     """A trained MC-DDPM: the image-domain U-Net (4 → 2 channels), its noise schedule, what it predicts
-    (:data:`PREDICTIONS`) and the checkpoint's other config entries (``extra``: training record, accelerations)."""
+    (:data:`PREDICTIONS`), the scale c of the diffused k-space (``data_scale``) and the checkpoint's other config entries (``extra``: training record, accelerations)."""
 
     unet: UNet
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
     extra: dict[str, Any] = field(default_factory=dict)
     prediction: str = "eps"
+    data_scale: float = 1.0
 
     def output(self, state: torch.Tensor, condition: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """See :func:`network_output`."""
@@ -146,7 +154,7 @@ class MCDDPM:
 
     def config(self) -> dict[str, Any]:
         return {**self.extra, "architecture": ARCHITECTURE, "unet": self.unet.config.to_dict(),
-                "schedule": self.schedule.to_dict(), "prediction": self.prediction}
+                "schedule": self.schedule.to_dict(), "prediction": self.prediction, "data_scale": self.data_scale}
 
     def save(self, directory: str | Path, card: str, *, dtype: torch.dtype | None = torch.float16) -> Path:
         """Write the checkpoint directory (weights stored as ``dtype``; None keeps fp32)."""
@@ -167,6 +175,9 @@ def load_mcddpm(name_or_path: str | Path = DEFAULT_CHECKPOINT, device: str | tor
     except (KeyError, TypeError) as exc:
         raise IDMError(f"MC-DDPM checkpoint config is incomplete or malformed: {exc}") from None
     prediction = check_prediction(config.get("prediction", "eps"))
+    data_scale = config.get("data_scale", 1.0)
+    if not isinstance(data_scale, (int, float)) or not data_scale > 0:
+        raise IDMError(f"checkpoint {path}: data_scale must be a positive number, got {data_scale!r}")
     if (unet.config.in_channels, unet.config.out_channels) != (IN_CHANNELS, OUT_CHANNELS):
         raise IDMError(f"checkpoint {path}: an MC-DDPM U-Net maps {IN_CHANNELS} channels to {OUT_CHANNELS}")
     try:
@@ -174,9 +185,9 @@ def load_mcddpm(name_or_path: str | Path = DEFAULT_CHECKPOINT, device: str | tor
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
         raise IDMError(f"checkpoint {path} does not match its U-Net config: {first}") from None
-    reserved = {"architecture", "unet", "schedule", "format", "prediction"}
+    reserved = {"architecture", "unet", "schedule", "format", "prediction", "data_scale"}
     extra = {k: v for k, v in config.items() if k not in reserved}
-    return MCDDPM(unet.eval(), schedule, extra, prediction).to(device)
+    return MCDDPM(unet.eval(), schedule, extra, prediction, float(data_scale)).to(device)
 
 
 def sample_mcddpm(model: MCDDPM, y: torch.Tensor, mask: torch.Tensor, *, samples: int = 8, steps: int = 20,
@@ -198,7 +209,7 @@ def sample_mcddpm(model: MCDDPM, y: torch.Tensor, mask: torch.Tensor, *, samples
         abar, abar_next = abar_at(model.schedule, t), abar_at(model.schedule, t_next)
         mean, variance = ddpm_posterior(k, model.clean_kspace(k, condition, t, keep), abar, abar_next)
         k = mean + math.sqrt(variance) * keep * complex_noise(tuple(k.shape), generator, k) if variance > 0 else mean
-    images = (ifft2c(measured + k) * scale.repeat(samples, 1, 1, 1)).unflatten(0, (samples, batch))
+    images = (ifft2c(measured + model.data_scale * k) * scale.repeat(samples, 1, 1, 1)).unflatten(0, (samples, batch))
     std = images.abs().std(0, correction=0) if samples > 1 else torch.zeros(images.shape[1:], device=y.device)
     return Posterior(images.mean(0), std)
 

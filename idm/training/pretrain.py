@@ -62,11 +62,12 @@ TRAJECTORY_OPTIONS = (
     "data", "steps", "batch", "patch", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay",
     "base_channels", "channel_mults", "res_blocks", "attn", "dropout", "schedule", "mixed_precision", "seed",
     "arch", "init", "depth", "features", "sigma_max", "random_phase", "conditional", "accelerations",
-    "prediction",
+    "prediction", "data_scale",
 )
 #: trajectory options added after the first runs, with the value those runs used (for --resume)
 ADDED_OPTIONS = {"arch": "unet", "init": None, "depth": 17, "features": 64, "sigma_max": 0.2, "random_phase": False,
-                 "conditional": None, "accelerations": (4.0, 8.0), "prediction": "eps"}
+                 "conditional": None, "accelerations": (4.0, 8.0), "prediction": "eps",
+                 "data_scale": 1.0}
 #: prior architectures ``--arch`` trains
 ARCHITECTURES = ("unet", "dncnn")
 #: measurement-conditioned models ``--conditional`` trains (``mri``: MC-DDPM, :mod:`idm.medical.mcddpm`)
@@ -129,6 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     arch.add_argument("--prediction", choices=("eps", "x0"), default="eps",
                       help="--conditional mri: the network predicts the noise (eps, default) or the clean unknown "
                            "k-space (x0; idm.medical.mcddpm)")
+    arch.add_argument("--data-scale", type=float, default=1.0, metavar="C",
+                      help="--conditional mri: the diffused unknown k-space is divided by C (about its RMS per "
+                           "coordinate, e.g. 0.1; default 1)")
 
     net = parser.add_argument_group("U-Net size (--arch unet)")
     net.add_argument("--base-channels", type=int, default=32, help="channels at full resolution (default 32)")
@@ -198,7 +202,7 @@ def _evaluate_only(args: argparse.Namespace) -> int:
 def _own_options(args: argparse.Namespace) -> tuple[str, ...]:
     """The trajectory options that apply to ``--arch`` (for the command quoted in the card)."""
     unet = ("base_channels", "channel_mults", "res_blocks", "attn", "dropout")
-    conditional = ("conditional", "accelerations", "prediction") if args.conditional is None else ()
+    conditional = ("conditional", "accelerations", "prediction", "data_scale") if args.conditional is None else ()
     if args.arch == "unet":
         skip = ("arch", "init", "depth", "features", "sigma_max") + (("random_phase",) if not args.conditional else ())
     else:
@@ -213,8 +217,10 @@ def _validate(args: argparse.Namespace, world: int) -> None:
         raise IDMError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
     if args.arch == "unet" and (args.init is not None or (args.random_phase and not args.conditional)):
         raise IDMError("--init and --random-phase apply to --arch dncnn (--random-phase also to --conditional mri)")
-    if args.prediction != "eps" and not args.conditional:
-        raise IDMError("--prediction applies to --conditional mri (the unconditional prior predicts eps)")
+    if (args.prediction != "eps" or args.data_scale != 1.0) and not args.conditional:
+        raise IDMError("--prediction and --data-scale apply to --conditional mri")
+    if not (math.isfinite(args.data_scale) and args.data_scale > 0):
+        raise IDMError(f"--data-scale must be a positive number, got {args.data_scale}")
     if args.conditional and args.arch != "unet":
         raise IDMError("--conditional trains a U-Net: drop --arch dncnn")
     if args.conditional and (not args.accelerations or min(args.accelerations) <= 1.0):
@@ -274,7 +280,7 @@ def conditional_mri_loss(model: torch.nn.Module, x: torch.Tensor, generator: tor
     seeds = torch.randint(0, 2**31 - 1, (x.shape[0],), generator=generator, device=x.device).tolist()
     masks = torch.stack([random_mask(tuple(x.shape[-2:]), args.accelerations[i], seed=seed)
                          for i, seed in zip(picks, seeds)])[:, None].to(x.device)
-    return diffusion_loss(model, z, masks, schedule, generator, size_multiple, args.prediction)
+    return diffusion_loss(model, z, masks, schedule, generator, size_multiple, args.prediction, args.data_scale)
 
 
 def denoiser_loss(model: torch.nn.Module, x: torch.Tensor, generator: torch.Generator,
@@ -382,8 +388,8 @@ def train(args: argparse.Namespace) -> int:
             export_denoiser(DenoiserPrior(ema.module, schedule), export_dir, args, summary, num_images=len(images),
                             steps_done=step, origin=origin)
         elif args.conditional:
-            export_conditional(MCDDPM(ema.module, schedule, prediction=args.prediction), export_dir, args, summary, num_images=len(images),
-                               steps_done=step)
+            model_out = MCDDPM(ema.module, schedule, prediction=args.prediction, data_scale=args.data_scale)
+            export_conditional(model_out, export_dir, args, summary, num_images=len(images), steps_done=step)
         else:
             export(Prior(ema.module, schedule), export_dir, args, summary, num_images=len(images), steps_done=step)
         accelerator.print(f"exported EMA weights after {step} steps to {export_dir}")
@@ -546,7 +552,8 @@ def export_conditional(model: Any, directory: Path, args: argparse.Namespace, su
         f"{'ε' if model.prediction == 'eps' else 'the clean unknown k-space (x₀-prediction)'} out: base "
         f"{cfg.base_channels} ch, mults {list(cfg.channel_mults)}, {cfg.num_res_blocks} ResBlocks/level, attention at "
         f"levels {list(cfg.attention_levels)} (and the middle) |",
-        f"| noise schedule | {model.schedule.kind}, {model.schedule.num_steps} steps |",
+        f"| noise schedule | {model.schedule.kind}, {model.schedule.num_steps} steps; diffused k-space divided by "
+        f"{model.data_scale:g} |",
         data_row(args, num_images),
         f"| steps x batch | {steps_done} x {args.batch}"
         + (f" (stopped by the time budget; {args.steps} planned)" if steps_done < args.steps else "") + " |",
