@@ -48,7 +48,7 @@ class Posterior:
 def checked_options(method: str, defaults: Mapping[str, Any], options: Mapping[str, Any],
                     limits: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Any]:
     """A method's ``defaults`` updated with ``options`` (``ratio`` dropped), each of the default's type
-    (bool, int or float) and within ``limits[key]`` (inclusive) where given; unknown names, wrong types
+    (bool, str, int or float) and within ``limits[key]`` (inclusive) where given; unknown names, wrong types
     and out-of-range values raise :class:`IDMError`."""
     given = {key: value for key, value in options.items() if key != "ratio"}
     unknown = sorted(set(given) - set(defaults))
@@ -59,6 +59,8 @@ def checked_options(method: str, defaults: Mapping[str, Any], options: Mapping[s
         kind, bounds = type(defaults[key]), (limits or {}).get(key)
         if kind is bool:
             ok = isinstance(value, bool)
+        elif kind is str:
+            ok = isinstance(value, str)
         elif kind is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
         else:

@@ -126,6 +126,22 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
         METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", refine=3)
     with pytest.raises(IDMError, match="samples"):
         METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", samples=0)
+    with pytest.raises(IDMError, match="start_level"):
+        METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", start="tv")
+    with pytest.raises(IDMError, match="one of"):
+        METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", start="fbp", start_level=1.0)
+
+
+def test_a_started_run_diffuses_the_start_and_stays_consistent(tmp_path: Path) -> None:
+    model = tiny_model()
+    model.save(tmp_path / "ckpt", "# tiny\n", dtype=None)
+    op = MRI((24, 24), acceleration=4, seed=2)
+    y = op.A(knee_like())
+    started = METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", samples=2, steps=3, start="tv", start_level=0.5)
+    posterior = started.with_uncertainty(y, op)
+    assert float((op.A(posterior.x) - y).abs().max()) <= 1e-4 * float(y.abs().max())
+    plain = METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", samples=2, steps=3)(y, op)
+    assert not torch.allclose(plain, posterior.x)
 
 
 @pytest.fixture(scope="module")

@@ -191,11 +191,17 @@ def load_mcddpm(name_or_path: str | Path = DEFAULT_CHECKPOINT, device: str | tor
 
 
 def sample_mcddpm(model: MCDDPM, y: torch.Tensor, mask: torch.Tensor, *, samples: int = 8, steps: int = 20,
-                  generator: torch.Generator | None = None, progress: bool = False) -> Posterior:
+                  generator: torch.Generator | None = None, progress: bool = False, start: torch.Tensor | None = None,
+                  start_level: float = 0.0) -> Posterior:
     """MC-DDPM reconstruction of single-coil k-space ``y`` (B, 1, H, W) complex, zero off the bool
     ``mask`` (H, W) → :class:`~idm.registry.Posterior` (complex mean image and magnitude std, both
     (B, 1, H, W); module docstring). ``samples`` K run as one batch of K·B; ``steps`` respaced DDPM
-    steps; every noise draw comes from the CPU ``generator``."""
+    steps; every noise draw comes from the CPU ``generator``.
+
+    ``start`` (complex (B, 1, H, W), e.g. a ``tv`` reconstruction) with ``start_level`` σ₀ > 0: the samples
+    start from its unknown k-space diffused to the step whose noise-to-signal ratio √((1 − ᾱ)/ᾱ) is σ₀
+    (on the scaled k-space) and take ``steps`` steps from there instead of from pure noise at the last
+    step (Chung et al., "Come-closer-diffuse-faster", CVPR 2022)."""
     batch = y.shape[0]
     keep = (~mask.bool()).to(device=y.device, dtype=y.real.dtype)
     zero_filled = ifft2c(y)
@@ -205,7 +211,14 @@ def sample_mcddpm(model: MCDDPM, y: torch.Tensor, mask: torch.Tensor, *, samples
     measured = (y / scale).repeat(samples, 1, 1, 1)
     condition = ifft2c(measured)
     k = keep * complex_noise(tuple(measured.shape), generator, measured)
-    for t, t_next in tqdm(timestep_pairs(model.schedule, steps), disable=not progress, desc="mcddpm", leave=False):
+    first = None
+    if start is not None and start_level > 0:
+        first = model.schedule.timestep_for_noise(start_level)
+        abar = abar_at(model.schedule, first)
+        initial = keep * fft2c(start.to(measured.dtype)) / (scale * model.data_scale)
+        k = math.sqrt(abar) * initial.repeat(samples, 1, 1, 1) + math.sqrt(1.0 - abar) * k
+    pairs = timestep_pairs(model.schedule, steps, t_max=first)
+    for t, t_next in tqdm(pairs, disable=not progress, desc="mcddpm", leave=False):
         abar, abar_next = abar_at(model.schedule, t), abar_at(model.schedule, t_next)
         mean, variance = ddpm_posterior(k, model.clean_kspace(k, condition, t, keep), abar, abar_next)
         k = mean + math.sqrt(variance) * keep * complex_noise(tuple(k.shape), generator, k) if variance > 0 else mean
@@ -215,8 +228,10 @@ def sample_mcddpm(model: MCDDPM, y: torch.Tensor, mask: torch.Tensor, *, samples
 
 
 #: options of the method ``mcddpm`` and their defaults (ranges in :data:`LIMITS`)
-DEFAULTS: dict[str, int] = {"samples": 8, "steps": 20}
-LIMITS = {"samples": (1, 1024), "steps": (1, 1000)}
+DEFAULTS: dict[str, Any] = {"samples": 8, "steps": 20, "start": "noise", "start_level": 0.0}
+LIMITS = {"samples": (1, 1024), "steps": (1, 1000), "start_level": (0.0, 1000.0)}
+#: what ``start`` may name: pure noise, or the registered method whose reconstruction is diffused
+STARTS = ("noise", "tv", "pnp", "idm")
 
 
 class MCDDPMReconstructor:
@@ -224,8 +239,9 @@ class MCDDPMReconstructor:
 
     name = "mcddpm"
 
-    def __init__(self, model: MCDDPM, settings: Mapping[str, int], *, seed: int, progress: bool) -> None:
+    def __init__(self, model: MCDDPM, settings: Mapping[str, Any], *, seed: int, progress: bool) -> None:
         self.model, self.settings, self.seed, self.progress = model, dict(settings), int(seed), bool(progress)
+        self._start: Any = None  # the start method, built on first use
 
     def __call__(self, y: torch.Tensor, op: MRI) -> torch.Tensor:
         """Single-coil k-space ``y`` (B, 1, H, W) of ``op`` → the complex reconstruction (B, 1, H, W)."""
@@ -242,9 +258,17 @@ class MCDDPMReconstructor:
                            f"{y.dtype}")
         device = self.model.device
         generator = torch.Generator().manual_seed(self.seed)
+        settings = {**DEFAULTS, **self.settings}
+        name, start = settings.pop("start"), None
+        if name != "noise" and settings["start_level"] > 0:
+            if self._start is None:
+                from ..registry import get_method
+
+                self._start = get_method(name).build(device=device, seed=self.seed)
+            start = self._start(y, op).to(device=device, dtype=torch.complex64)
         with torch.no_grad():
             posterior = sample_mcddpm(self.model, y.to(device=device, dtype=torch.complex64), op.mask.to(device),
-                                      generator=generator, progress=self.progress, **self.settings)
+                                      generator=generator, progress=self.progress, start=start, **settings)
         return Posterior(posterior.x.to(y.device), posterior.std.to(y.device))
 
     def __repr__(self) -> str:
@@ -255,9 +279,15 @@ class MCDDPMReconstructor:
                            "mean and std of K samples)", checkpoint_kind="mcddpm")
 def build(*, checkpoint: Any = None, device: str | torch.device = "cpu", seed: int = 0, progress: bool = False,
           **options: Any) -> MCDDPMReconstructor:
-    """``mcddpm``: options ``samples`` (K, default 8) and ``steps`` (respaced DDPM steps, default 20);
-    ``checkpoint``: an MC-DDPM checkpoint (default ``mcddpm-mri``)."""
+    """``mcddpm``: options ``samples`` (K, default 8), ``steps`` (respaced DDPM steps, default 20), ``start``
+    (``noise``, or a method of :data:`STARTS` whose reconstruction is diffused to ``start_level``, the
+    noise-to-signal ratio of the first step; see :func:`sample_mcddpm`); ``checkpoint``: an MC-DDPM
+    checkpoint (default ``mcddpm-mri``)."""
     settings = checked_options("mcddpm", DEFAULTS, options, LIMITS)
+    if settings["start"] not in STARTS:
+        raise IDMError(f"method 'mcddpm': option start must be one of {', '.join(STARTS)}, got {settings['start']!r}")
+    if (settings["start"] == "noise") != (settings["start_level"] == 0):
+        raise IDMError("method 'mcddpm': start=METHOD needs start_level > 0 (and start_level needs a start method)")
     model = load_mcddpm(DEFAULT_CHECKPOINT if checkpoint is None else checkpoint, device=device)
     model.unet.requires_grad_(False)
     if settings["steps"] > model.schedule.num_steps:
