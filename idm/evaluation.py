@@ -135,6 +135,17 @@ def image_scores(estimate: torch.Tensor, truth: torch.Tensor, op: LinearOperator
     return psnr(estimate, truth), ssim_skimage(estimate, truth), estimate
 
 
+def uncertainty_maps(estimate: torch.Tensor, std: torch.Tensor, truth: torch.Tensor, magnitude: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(std, |error|)`` of one reconstruction on the scale :func:`image_scores` scores it on:
+    ``magnitude`` (MRI, complex images): both over the truth's largest magnitude, the error of the
+    magnitudes unclipped; otherwise the std as is and the error of the estimate clipped to [0, 1]."""
+    if magnitude:
+        peak = truth.abs().amax()
+        return std / peak, (estimate.abs() - truth.abs()).abs() / peak
+    return std, (estimate.clamp(0, 1) - truth).abs()
+
+
 @dataclass
 class ImageScore:
     name: str

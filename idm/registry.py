@@ -37,12 +37,28 @@ Builder = Callable[..., Reconstruct]
 
 @dataclass(frozen=True)
 class Posterior:
-    """What the methods with an uncertainty (``with_uncertainty(y, op)``: ``diffuserecon``, ``mcddpm``)
-    return: a reconstruction ``x`` (B, C, *domain) and its per-pixel ``std`` (B, 1 or C, *domain), the
+    """What the methods with an uncertainty (``with_uncertainty(y, op)``: ``diffuserecon``, ``mcddpm``,
+    ``idm`` on 1D Cartesian MRI; :func:`gives_uncertainty`) return: a reconstruction ``x`` (B, C, *domain) and its per-pixel ``std`` (B, 1 or C, *domain), the
     spread of the method's samples on the image's scale (of the magnitude for complex images)."""
 
     x: torch.Tensor
     std: torch.Tensor
+
+
+#: the methods whose reconstructors give a per-pixel std (for messages)
+UNCERTAINTY_METHODS = ("diffuserecon", "mcddpm", "idm")
+
+
+def gives_uncertainty(reconstruct: Any) -> bool:
+    """Whether a built method gives a :class:`Posterior` through ``with_uncertainty(y, op)`` (its
+    ``gives_uncertainty`` attribute where it has one, e.g. only ``diffuserecon`` among the zero-shot solvers)."""
+    return bool(getattr(reconstruct, "gives_uncertainty", hasattr(reconstruct, "with_uncertainty")))
+
+
+def require_uncertainty(name: str, reconstruct: Any) -> None:
+    """:class:`IDMError` unless :func:`gives_uncertainty` (``reconstruct`` is method ``name``)."""
+    if not gives_uncertainty(reconstruct):
+        raise IDMError(f"method {name!r} gives no uncertainty; {', '.join(UNCERTAINTY_METHODS)} do")
 
 
 def checked_options(method: str, defaults: Mapping[str, Any], options: Mapping[str, Any],

@@ -122,6 +122,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
         method(multi.A(knee_like()), multi)
     with pytest.raises(IDMError, match="all zero"):
         method(torch.zeros_like(y), op)
+    with pytest.raises(IDMError, match="NaN"):
+        method(y * float("nan"), op)
     with pytest.raises(IDMError, match="no option"):
         METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", refine=3)
     with pytest.raises(IDMError, match="samples"):
@@ -130,6 +132,16 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
         METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", start="tv")
     with pytest.raises(IDMError, match="one of"):
         METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", start="fbp", start_level=1.0)
+
+
+def test_kspace_off_the_mask_is_ignored(tmp_path: Path) -> None:
+    model = tiny_model()
+    model.save(tmp_path / "ckpt", "# tiny\n", dtype=None)
+    method = METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", samples=2, steps=2)
+    op = MRI((24, 24), acceleration=4, seed=0)
+    y = op.A(knee_like())
+    noisy = y + 0.05 * torch.randn_like(y)  # noise on every location, sampled or not
+    torch.testing.assert_close(method(noisy, op), method(noisy * op.mask, op))
 
 
 def test_a_started_run_diffuses_the_start_and_stays_consistent(tmp_path: Path) -> None:
@@ -189,6 +201,12 @@ def test_pretrain_conditional_resumes_exactly_exports_and_reconstructs(slice_dir
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and "\n" not in err and "mask" in err
     assert not (tmp_path / "never.npy").exists()
-    # --conditional with the denoiser architecture is refused
+    # --conditional with the denoiser architecture is refused, its options without --conditional too
     assert pretrain_main([*base, "--arch", "dncnn", "--out", str(tmp_path / "bad")]) == 2
     assert "--conditional" in capsys.readouterr().err
+    plain = [arg for arg in base if arg not in ("--conditional", "mri", "--random-phase", "--prediction", "x0",
+                                                 "--data-scale", "0.1")]
+    assert pretrain_main([*plain, "--accelerations", "4", "--out", str(tmp_path / "bad")]) == 2
+    assert "apply to --conditional mri only" in capsys.readouterr().err
+    assert pretrain_main([*base, "--accelerations", "nan", "--out", str(tmp_path / "bad")]) == 2
+    assert "--accelerations" in capsys.readouterr().err

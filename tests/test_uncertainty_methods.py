@@ -19,6 +19,8 @@ from idm.physics.mri import random_mask, withhold_lines
 from idm.priors import UNet
 from idm.registry import METHODS
 
+from conftest import tiny_prior, tiny_unet_config
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -76,16 +78,18 @@ def test_bench_quality_mri_side_by_side(mri_dir: Path, tmp_path: Path, capsys) -
     torch.manual_seed(0)
     unet = UNet(unet_config(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=()))
     MCDDPM(unet).save(tmp_path / "mcddpm", "# tiny\n", dtype=None)
+    tiny_prior(tiny_unet_config(), seed=1).save(tmp_path / "prior", "# tiny\n", dtype=None)
     code = main(["bench", "quality", "--operator", "mri", "--data", str(mri_dir), "--accelerations", "4", "8",
-                 "--methods", "pinv", "mcddpm", "idm", "--checkpoint", f"mcddpm={tmp_path / 'mcddpm'}",
+                 "--methods", "pinv", "ddnm", "mcddpm", "idm", "--checkpoint", f"mcddpm={tmp_path / 'mcddpm'}",
+                 "--prior", str(tmp_path / "prior"), "--option", "ddnm.steps=2",
                  "--option", "mcddpm.samples=2", "--option", "mcddpm.steps=2", "--option", "idm.samples=2",
                  "--json", str(tmp_path / "q.json"), "--figure", str(tmp_path / "q.png")])
     assert code == 0, capsys.readouterr().err
     payload = json.loads((tmp_path / "q.json").read_text())
     assert payload["operator"] == "mri"
     rows = {(r["method"], r["acceleration"]): r for r in payload["rows"]}
-    assert set(rows) == {(m, a) for m in ("pinv", "mcddpm", "idm") for a in (4.0, 8.0)}
-    assert rows[("pinv", 4.0)]["spearman"] is None
+    assert set(rows) == {(m, a) for m in ("pinv", "ddnm", "mcddpm", "idm") for a in (4.0, 8.0)}
+    assert rows[("pinv", 4.0)]["spearman"] is None and rows[("ddnm", 8.0)]["spearman"] is None
     assert all(rows[(m, a)]["spearman"] is not None for m in ("mcddpm", "idm") for a in (4.0, 8.0))
     assert rows[("pinv", 4.0)]["psnr"] > rows[("pinv", 8.0)]["psnr"]
     with Image.open(tmp_path / "q.png") as figure:

@@ -15,7 +15,8 @@ Methods and their checkpoints/options are chosen as in :mod:`idm.bench.methods`.
 scored on magnitudes by the fastMRI convention; default methods :data:`~idm.bench.methods.MRI_METHODS`
 (``pinv`` is the zero-filled image). Methods that give an uncertainty (``diffuserecon``, ``mcddpm``,
 ``idm``) are run through ``with_uncertainty`` (their seconds include it), and their rows gain the mean
-per-image Spearman correlation of std and |error| (as ``idm bench uncertainty``)::
+per-image Spearman correlation of std and |error| (:func:`idm.evaluation.uncertainty_maps`, as
+``idm bench uncertainty``)::
 
     {"operator": "mri", "rows": [{"method", "acceleration", "psnr", "ssim", "seconds", "spearman"}]}
 
@@ -36,11 +37,11 @@ from dataclasses import dataclass, field
 from ..cli.common import write_json
 from ..data import ImageFolder
 from ..errors import IDMError, check_ratio
-from ..evaluation import Evaluation, blockcs_factory, evaluate, operator_factory
+from ..evaluation import Evaluation, blockcs_factory, evaluate, operator_factory, uncertainty_maps
 from ..io.atomic import atomic_write
 from ..metrics import spearman
 from ..physics.base import LinearOperator
-from ..registry import Reconstruct
+from ..registry import Reconstruct, gives_uncertainty
 from .methods import MRI_METHODS, MethodChoice, add_method_arguments, build_method, choose_methods, skippable
 
 
@@ -224,14 +225,15 @@ class MRIQuality:
 
 
 class _KeepStd:
-    """``reconstruct(y, op)`` through ``method.with_uncertainty``, keeping each image's std (cropped, CPU)."""
+    """``reconstruct(y, op)`` through ``method.with_uncertainty``, keeping each image's (estimate, std)
+    (cropped, CPU)."""
 
     def __init__(self, method: Reconstruct) -> None:
-        self.method, self.stds = method, []
+        self.method, self.kept = method, []
 
     def __call__(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         posterior = self.method.with_uncertainty(y, op)
-        self.stds.append(op.crop(posterior.std).cpu())
+        self.kept.append((op.crop(posterior.x).cpu(), op.crop(posterior.std).cpu()))
         return posterior.x
 
 
@@ -246,7 +248,7 @@ def run_mri_quality(images: list[tuple[str, torch.Tensor]], accelerations: list[
             reconstruct = build_method(choice, device=device, seed=seed, ratio=None)
             if reconstruct is None:
                 continue
-            keeper = _KeepStd(reconstruct) if hasattr(reconstruct, "with_uncertainty") else None
+            keeper = _KeepStd(reconstruct) if gives_uncertainty(reconstruct) else None
             try:
                 evaluation = evaluate(choice.name, images, factory, ratio=None, device=device, seed=seed,
                                       keep_outputs=True, progress=True, total=len(images),
@@ -258,11 +260,10 @@ def run_mri_quality(images: list[tuple[str, torch.Tensor]], accelerations: list[
                 continue
             result = MRIQuality(evaluation, acceleration)
             if keeper is not None:
-                for (name, truth), std in zip(images, keeper.stds):
-                    peak = truth.abs().amax()
-                    result.stds[name] = std[0] / peak
-                    error = (evaluation.outputs[name] - truth.abs() / peak).abs()
-                    value = spearman(result.stds[name], error)
+                for (name, truth), (estimate, std) in zip(images, keeper.kept):
+                    std, error = uncertainty_maps(estimate[0], std[0], truth, magnitude=True)
+                    result.stds[name] = std
+                    value = spearman(std, error)
                     result.spearman[name] = None if math.isnan(value) else value
             results.append(result)
     return results

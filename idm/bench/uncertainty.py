@@ -2,7 +2,7 @@
 
 Each image of ``--data`` is measured by ``--operator`` (with its options; MRI masks seeded per image
 as ``idm eval``) and reconstructed by a method that gives an uncertainty (``diffuserecon``:
-:meth:`~idm.zeroshot.method.ZeroShotReconstructor.with_uncertainty`). Scores, on the scale of
+:meth:`~idm.zeroshot.method.ZeroShotReconstructor.with_uncertainty`; also ``mcddpm``, ``idm``). Scores, on the scale of
 :mod:`idm.evaluation` (MRI: magnitudes over the truth's maximum; else [0, 1] images): PSNR / SSIM,
 and per image Spearman's rank correlation between the std and the absolute error ``|x̂ − x|``
 (of the magnitudes for MRI) over all pixels; pooled over every image, the calibration curve — pixels
@@ -27,10 +27,10 @@ import torch
 from ..cli.common import (add_measurement_args, add_method_args, method_checkpoint, method_options,
                           operator_options, write_json)
 from ..errors import IDMError
-from ..evaluation import image_scores, operator_factory
+from ..evaluation import image_scores, operator_factory, uncertainty_maps
 from ..io.atomic import atomic_write
 from ..metrics import calibration_curve, spearman
-from ..registry import METHODS
+from ..registry import METHODS, require_uncertainty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +54,7 @@ def run_cli(args: argparse.Namespace) -> int:
     options = method_options(args.option)
     reconstruct = method.build(checkpoint=method_checkpoint(args, method), device=args.device, seed=args.seed,
                                ratio=settings.get("ratio"), **options)
-    if not hasattr(reconstruct, "with_uncertainty"):
-        raise IDMError(f"method {args.method!r} gives no uncertainty; diffuserecon and mcddpm do")
+    require_uncertainty(args.method, reconstruct)
     folder = truth_folder(args.data, args.limit, kind)
     generator = torch.Generator().manual_seed(args.seed)
     images, stds, errors, first = [], [], [], None
@@ -71,11 +70,7 @@ def run_cli(args: argparse.Namespace) -> int:
         estimate, std = op.crop(posterior.x).cpu(), op.crop(posterior.std).cpu()
         truth = x.cpu()
         value, ssim_value, magnitude = image_scores(estimate, truth, op)
-        if estimate.is_complex() or truth.is_complex() or kind == "mri":  # scored on magnitude / truth's max
-            peak = truth.abs().amax()
-            error, std = (magnitude - truth.abs() / peak).abs(), std / peak
-        else:
-            error = (magnitude - truth).abs()
+        std, error = uncertainty_maps(estimate, std, truth, estimate.is_complex() or truth.is_complex() or kind == "mri")
         images.append({"name": name, "psnr": float(value[0]), "ssim": float(ssim_value[0]),
                        "spearman": _defined(spearman(std, error)), "seconds": seconds})
         stds.append(std.flatten())

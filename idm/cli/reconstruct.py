@@ -20,7 +20,7 @@ Output: the image file(s) ``-o`` (PNG/TIFF/..., 8 bits): complex (MRI) results a
 their magnitude; results of simulated or measured images clipped to [0, 1] (their scale);
 results of raw data, which have no [0, 1] scale, as ``max(x, 0) / max x`` (MRI: ``|x| / max|x|``).
 ``-o FILE.npy`` or ``FILE.nii[.gz]`` writes the unclipped result instead (complex for MRI).
-``--uncertainty FILE`` (methods that give one: ``diffuserecon``, ``mcddpm``) writes the per-pixel standard
+``--uncertainty FILE`` (methods that give one: ``diffuserecon``, ``mcddpm``, ``idm`` on 1D Cartesian MRI) writes the per-pixel standard
 deviation beside it, raw in ``.npy`` / NIfTI, as ``std / max std`` in image formats.
 """
 
@@ -35,7 +35,7 @@ import torch
 from ..errors import IDMError
 from ..io.measurement import build_operator, load_measurement
 from ..metrics import psnr, ssim_skimage
-from ..registry import METHODS
+from ..registry import METHODS, require_uncertainty
 from .common import (OPERATOR_OPTIONS, add_measurement_args, add_method_args, check_file_settings,
                      given_operator_options, image_of, is_raw_output, load_sensitivities, load_truth,
                      method_checkpoint, method_options,
@@ -70,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
                      help="--sinogram: detector position (cells, from 0) of the rotation axis; auto (default): "
                           "estimated from two views 180° apart when the file has them, else the middle D // 2")
     parser.add_argument("--uncertainty", metavar="FILE",
-                        help="also write the per-pixel std (diffuserecon, mcddpm): .npy / .nii[.gz] raw, image formats as std / max std")
+                        help="also write the per-pixel std (diffuserecon, mcddpm, idm): .npy / .nii[.gz] raw, image formats as std / max std")
     parser.add_argument("--list-methods", action="store_true", help="list the available methods and exit")
     parser.set_defaults(func=run)
     return parser
@@ -115,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
     ratio = op.config().get("ratio")
     reconstruct = method.build(checkpoint=checkpoint, device=args.device, seed=args.seed, ratio=ratio,
                                **method_options(args.option))
-    if std_paths is not None and not hasattr(reconstruct, "with_uncertainty"):
-        raise IDMError(f"method {args.method!r} gives no uncertainty (--uncertainty); diffuserecon and mcddpm do")
+    if std_paths is not None:
+        require_uncertainty(args.method, reconstruct)
     start = time.perf_counter()
     with torch.no_grad():
         if std_paths is not None:

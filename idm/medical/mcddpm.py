@@ -30,7 +30,7 @@ reason).
 
 Checkpoint (:mod:`idm.io.checkpoint`): ``config.json`` ``{"architecture": "mcddpm", "unet":
 UNetConfig.to_dict(), "schedule": NoiseSchedule.to_dict(), "accelerations": [...], ...}`` and the U-Net
-weights; shipped: ``mcddpm-mri``.
+weights; shipped: ``mcddpm-mri`` (the default of the method).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from ..physics.mri import MRI, channels_to_complex, complex_to_channels, fft2c, 
 from ..priors.schedule import NoiseSchedule, ddpm_posterior, x0_from_eps
 from ..priors.unet import UNet, UNetConfig
 from ..registry import Posterior, checked_options, register_method
-from ..zeroshot.common import abar_at, timestep_pairs
+from ..zeroshot.common import abar_at, check_complex_inputs, timestep_pairs
 
 ARCHITECTURE = "mcddpm"
 #: the shipped checkpoint
@@ -192,11 +192,12 @@ def load_mcddpm(name_or_path: str | Path = DEFAULT_CHECKPOINT, device: str | tor
 
 def sample_mcddpm(model: MCDDPM, y: torch.Tensor, mask: torch.Tensor, *, samples: int = 8, steps: int = 20,
                   generator: torch.Generator | None = None, progress: bool = False, start: torch.Tensor | None = None,
-                  start_level: float = 0.0) -> Posterior:
+                  start_level: float = 0.0, chunk: int = 8) -> Posterior:
     """MC-DDPM reconstruction of single-coil k-space ``y`` (B, 1, H, W) complex, zero off the bool
     ``mask`` (H, W) → :class:`~idm.registry.Posterior` (complex mean image and magnitude std, both
-    (B, 1, H, W); module docstring). ``samples`` K run as one batch of K·B; ``steps`` respaced DDPM
-    steps; every noise draw comes from the CPU ``generator``.
+    (B, 1, H, W); module docstring). The K = ``samples`` chains run in batches of ``chunk``·B (memory);
+    ``steps`` respaced DDPM steps; every noise draw comes from the CPU ``generator`` (the result depends on
+    it, on K, ``chunk`` and the batch B). k-space off the mask is ignored (set to 0).
 
     ``start`` (complex (B, 1, H, W), e.g. a ``tv`` reconstruction) with ``start_level`` σ₀ > 0: the samples
     start from its unknown k-space diffused to the step whose noise-to-signal ratio √((1 − ᾱ)/ᾱ) is σ₀
@@ -204,27 +205,43 @@ def sample_mcddpm(model: MCDDPM, y: torch.Tensor, mask: torch.Tensor, *, samples
     step (Chung et al., "Come-closer-diffuse-faster", CVPR 2022)."""
     batch = y.shape[0]
     keep = (~mask.bool()).to(device=y.device, dtype=y.real.dtype)
-    zero_filled = ifft2c(y)
-    scale = zero_filled_scale(zero_filled)
+    y = (1 - keep) * y  # only the sampled locations are measurements (noise elsewhere is dropped)
+    scale = zero_filled_scale(ifft2c(y))
     if bool((scale <= 0).any()):
         raise IDMError("the measured k-space is all zero: nothing to condition on")
-    measured = (y / scale).repeat(samples, 1, 1, 1)
-    condition = ifft2c(measured)
-    k = keep * complex_noise(tuple(measured.shape), generator, measured)
-    first = None
+    measured = y / scale
+    first, initial = None, None
     if start is not None and start_level > 0:
         first = model.schedule.timestep_for_noise(start_level)
-        abar = abar_at(model.schedule, first)
         initial = keep * fft2c(start.to(measured.dtype)) / (scale * model.data_scale)
-        k = math.sqrt(abar) * initial.repeat(samples, 1, 1, 1) + math.sqrt(1.0 - abar) * k
     pairs = timestep_pairs(model.schedule, steps, t_max=first)
-    for t, t_next in tqdm(pairs, disable=not progress, desc="mcddpm", leave=False):
+    bar = tqdm(total=len(pairs) * math.ceil(samples / chunk), disable=not progress, desc="mcddpm", leave=False)
+    draws = []
+    for done in range(0, samples, chunk):  # K·B chains in batches of at most chunk·B
+        n = min(chunk, samples - done)
+        k = _chains(model, measured.repeat(n, 1, 1, 1), keep, initial, first, pairs, generator, bar)
+        draws.append(ifft2c(measured.repeat(n, 1, 1, 1) + model.data_scale * k).unflatten(0, (n, batch)))
+    bar.close()
+    images = torch.cat(draws) * scale  # (K, B, 1, H, W)
+    std = images.abs().std(0, correction=0) if samples > 1 else torch.zeros(images.shape[1:], device=y.device)
+    return Posterior(images.mean(0), std)
+
+
+def _chains(model: MCDDPM, measured: torch.Tensor, keep: torch.Tensor, initial: torch.Tensor | None,
+            first: int | None, pairs: list[tuple[int, int]], generator: torch.Generator | None, bar: Any) -> torch.Tensor:
+    """Run N = len(measured) chains (``measured`` (N, 1, H, W) scaled k-space, zero off the mask) down
+    ``pairs`` from pure noise, or from ``initial`` (B, 1, H, W) diffused to timestep ``first``; → k̂₀ (N, …)."""
+    k = keep * complex_noise(tuple(measured.shape), generator, measured)
+    if initial is not None and first is not None:
+        abar = abar_at(model.schedule, first)
+        k = math.sqrt(abar) * initial.repeat(len(measured) // len(initial), 1, 1, 1) + math.sqrt(1.0 - abar) * k
+    condition = ifft2c(measured)
+    for t, t_next in pairs:
         abar, abar_next = abar_at(model.schedule, t), abar_at(model.schedule, t_next)
         mean, variance = ddpm_posterior(k, model.clean_kspace(k, condition, t, keep), abar, abar_next)
         k = mean + math.sqrt(variance) * keep * complex_noise(tuple(k.shape), generator, k) if variance > 0 else mean
-    images = (ifft2c(measured + model.data_scale * k) * scale.repeat(samples, 1, 1, 1)).unflatten(0, (samples, batch))
-    std = images.abs().std(0, correction=0) if samples > 1 else torch.zeros(images.shape[1:], device=y.device)
-    return Posterior(images.mean(0), std)
+        bar.update()
+    return k
 
 
 #: options of the method ``mcddpm`` and their defaults (ranges in :data:`LIMITS`)
@@ -252,10 +269,10 @@ class MCDDPMReconstructor:
         if not isinstance(op, MRI) or op.coils != 1:
             what = type(op).__name__ if not isinstance(op, MRI) else f"MRI with {op.coils} coils"
             raise IDMError(f"mcddpm reconstructs single-coil Cartesian MRI k-space, not {what}")
-        op.check_measurements(y)
         if not y.is_complex() or y.shape[1] != 1:
             raise IDMError(f"mcddpm expects complex k-space of one image channel (B, 1, H, W), got {tuple(y.shape)} "
                            f"{y.dtype}")
+        check_complex_inputs(y, op)
         device = self.model.device
         generator = torch.Generator().manual_seed(self.seed)
         settings = {**DEFAULTS, **self.settings}

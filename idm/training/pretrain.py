@@ -72,6 +72,8 @@ ADDED_OPTIONS = {"arch": "unet", "init": None, "depth": 17, "features": 64, "sig
 ARCHITECTURES = ("unet", "dncnn")
 #: measurement-conditioned models ``--conditional`` trains (``mri``: MC-DDPM, :mod:`idm.medical.mcddpm`)
 CONDITIONAL = ("mri",)
+#: ``--conditional mri`` defaults: mask accelerations, and the scale of the diffused k-space
+DEFAULT_ACCELERATIONS, DEFAULT_DATA_SCALE = (4.0, 8.0), 0.1
 
 
 def _float_tuple(text: str) -> tuple[float, ...]:
@@ -125,14 +127,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     arch.add_argument("--conditional", choices=CONDITIONAL,
                       help="mri: MC-DDPM, a U-Net diffusing the unsampled k-space of single-coil MRI, conditioned "
                            "on the zero-filled image (random 1D Cartesian masks per patch; idm.medical.mcddpm)")
-    arch.add_argument("--accelerations", type=_float_tuple, default=(4.0, 8.0), metavar="A,B",
+    arch.add_argument("--accelerations", type=_float_tuple, metavar="A,B",
                       help="--conditional mri: accelerations of the random masks, one drawn per patch (default 4,8)")
-    arch.add_argument("--prediction", choices=("eps", "x0"), default="eps",
-                      help="--conditional mri: the network predicts the noise (eps, default) or the clean unknown "
-                           "k-space (x0; idm.medical.mcddpm)")
-    arch.add_argument("--data-scale", type=float, default=1.0, metavar="C",
-                      help="--conditional mri: the diffused unknown k-space is divided by C (about its RMS per "
-                           "coordinate, e.g. 0.1; default 1)")
+    arch.add_argument("--prediction", choices=("eps", "x0"),
+                      help="--conditional mri: the network predicts the clean unknown k-space (x0, default) or the "
+                           "noise (eps; idm.medical.mcddpm)")
+    arch.add_argument("--data-scale", type=float, metavar="C",
+                      help="--conditional mri: the diffused unknown k-space is divided by C, about its RMS per "
+                           "coordinate (default 0.1: brain slices at 4-8x)")
 
     net = parser.add_argument_group("U-Net size (--arch unet)")
     net.add_argument("--base-channels", type=int, default=32, help="channels at full resolution (default 32)")
@@ -217,14 +219,21 @@ def _validate(args: argparse.Namespace, world: int) -> None:
         raise IDMError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
     if args.arch == "unet" and (args.init is not None or (args.random_phase and not args.conditional)):
         raise IDMError("--init and --random-phase apply to --arch dncnn (--random-phase also to --conditional mri)")
-    if (args.prediction != "eps" or args.data_scale != 1.0) and not args.conditional:
-        raise IDMError("--prediction and --data-scale apply to --conditional mri")
+    given = [flag for flag, value in (("--prediction", args.prediction), ("--data-scale", args.data_scale),
+                                      ("--accelerations", args.accelerations)) if value is not None]
+    if given and not args.conditional:
+        raise IDMError(f"{' and '.join(given)} apply to --conditional mri only")
+    conditional = args.conditional is not None  # the defaults (the unconditional prior: eps, no scaling)
+    args.prediction = args.prediction or ("x0" if conditional else "eps")
+    args.data_scale = args.data_scale if args.data_scale is not None else (DEFAULT_DATA_SCALE if conditional else 1.0)
+    args.accelerations = tuple(args.accelerations or DEFAULT_ACCELERATIONS)
     if not (math.isfinite(args.data_scale) and args.data_scale > 0):
         raise IDMError(f"--data-scale must be a positive number, got {args.data_scale}")
+    if not all(math.isfinite(a) and a > 1 for a in args.accelerations):
+        raise IDMError(f"--accelerations must be numbers > 1, got {','.join(f'{a:g}' for a in args.accelerations)}")
     if args.conditional and args.arch != "unet":
         raise IDMError("--conditional trains a U-Net: drop --arch dncnn")
-    if args.conditional and (not args.accelerations or min(args.accelerations) <= 1.0):
-        raise IDMError(f"--accelerations must be numbers > 1, got {args.accelerations}")
+
     if args.arch == "dncnn" and not 0.0 < args.sigma_max <= 1.0:
         raise IDMError(f"--sigma-max must lie in (0, 1], got {args.sigma_max}")
 
@@ -389,7 +398,8 @@ def train(args: argparse.Namespace) -> int:
                             steps_done=step, origin=origin)
         elif args.conditional:
             model_out = MCDDPM(ema.module, schedule, prediction=args.prediction, data_scale=args.data_scale)
-            export_conditional(model_out, export_dir, args, summary, num_images=len(images), steps_done=step)
+            export_conditional(model_out, export_dir, args, summary, num_images=len(images), steps_done=step,
+                               device=device)
         else:
             export(Prior(ema.module, schedule), export_dir, args, summary, num_images=len(images), steps_done=step)
         accelerator.print(f"exported EMA weights after {step} steps to {export_dir}")
@@ -510,7 +520,8 @@ def export_denoiser(prior: Any, directory: Path, args: argparse.Namespace, summa
 CARD_SAMPLING = {"samples": 4, "steps": 10}
 
 
-def conditional_validation(directory: Path, folder: str, accelerations: tuple[float, ...], seed: int) -> list[dict]:
+def conditional_validation(directory: Path, folder: str, accelerations: tuple[float, ...], seed: int,
+                           device: Any = "cpu") -> list[dict]:
     """Mean PSNR / SSIM of the stored MC-DDPM (:data:`CARD_SAMPLING`) and of the zero-filled image
     (``pinv``) on the MRI slices of ``folder``, per acceleration (masks seeded as ``idm eval --seed``)."""
     from ..cli.evaluate import truth_folder
@@ -521,7 +532,8 @@ def conditional_validation(directory: Path, folder: str, accelerations: tuple[fl
     rows = []
     for acceleration in accelerations:
         factory = operator_factory("mri", seed=seed, acceleration=acceleration)
-        scores = {name: evaluate(name, images, factory, ratio=None, seed=seed, checkpoint=checkpoint, options=options).mean
+        scores = {name: evaluate(name, images, factory, ratio=None, seed=seed, checkpoint=checkpoint, options=options,
+                                 device=str(device)).mean
                   for name, checkpoint, options in (("mcddpm", str(directory), CARD_SAMPLING), ("pinv", None, None))}
         rows.append({"acceleration": acceleration, "images": len(images), **{
             f"{name}_{key}": value for name, mean in scores.items() for key, value in mean.items()}})
@@ -529,7 +541,7 @@ def conditional_validation(directory: Path, folder: str, accelerations: tuple[fl
 
 
 def export_conditional(model: Any, directory: Path, args: argparse.Namespace, summary: RunSummary, *,
-                       num_images: int, steps_done: int) -> Path:
+                       num_images: int, steps_done: int, device: Any = "cpu") -> Path:
     """``--conditional mri``: write the EMA MC-DDPM as an ``mcddpm`` checkpoint with a model card (and,
     with ``--eval-data``, its validation table measured from the stored weights)."""
     from ..priors.unet import count_parameters
@@ -565,7 +577,7 @@ def export_conditional(model: Any, directory: Path, args: argparse.Namespace, su
     if args.eval_data:
         from ..io.checkpoint import load_checkpoint, save_checkpoint
 
-        rows = conditional_validation(saved, args.eval_data, tuple(args.accelerations), args.seed)
+        rows = conditional_validation(saved, args.eval_data, tuple(args.accelerations), args.seed, device)
         options = " ".join(f"--option {k}={v}" for k, v in CARD_SAMPLING.items())
         lines += ["", f"Validation on `{args.eval_data}` (mean over the slices, from the stored weights; K = "
                   f"{CARD_SAMPLING['samples']} samples of {CARD_SAMPLING['steps']} steps, masks seeded {args.seed}):", "",

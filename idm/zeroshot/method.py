@@ -22,7 +22,7 @@ import torch
 from ..errors import IDMError
 from ..physics.base import LinearOperator
 from ..priors.prior import PriorLike, load_prior
-from ..registry import Posterior, checked_options, register_method
+from ..registry import Posterior, checked_options, register_method, require_uncertainty
 from ..physics.mri import ComplexParts, merge_groups, split_groups
 from .common import check_complex_inputs, check_inputs, denoiser_sigma_max
 from .ddnm import sample_ddnm
@@ -99,11 +99,15 @@ class ZeroShotReconstructor:
         result = self._solve(y, op)
         return result.x if isinstance(result, Posterior) else result
 
+    @property
+    def gives_uncertainty(self) -> bool:
+        """Only ``diffuserecon`` draws several samples."""
+        return self.name == "diffuserecon"
+
     def with_uncertainty(self, y: torch.Tensor, op: LinearOperator) -> Posterior:
         """``diffuserecon`` only: the reconstruction and its per-pixel std (``Posterior``; the std is
         ``(B, C, *op.domain_size)`` on the image's [0, 1] scale, of the magnitude for complex images)."""
-        if self.name != "diffuserecon":
-            raise IDMError(f"method {self.name!r} gives no uncertainty; diffuserecon and mcddpm do")
+        require_uncertainty(self.name, self)
         return self._solve(y, op)
 
     def _solve(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor | Posterior:
