@@ -107,10 +107,15 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
         load_mcddpm("prior-mri")
 
 
-def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
-    model = tiny_model()
-    model.save(tmp_path / "ckpt", "# tiny\n", dtype=None)
-    method = METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", samples=2, steps=2)
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A saved :func:`tiny_model`."""
+    tiny_model().save(tmp_path / "ckpt", "# tiny\n", dtype=None)
+    return tmp_path / "ckpt"
+
+
+def test_bad_inputs_give_one_line_errors(checkpoint: Path) -> None:
+    method = METHODS.get("mcddpm").build(checkpoint=checkpoint, samples=2, steps=2)
     op = MRI((24, 24), acceleration=4, seed=0)
     y = op.A(knee_like())
     with pytest.raises(IDMError, match="shape"):
@@ -125,34 +130,30 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(IDMError, match="NaN"):
         method(y * float("nan"), op)
     with pytest.raises(IDMError, match="no option"):
-        METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", refine=3)
+        METHODS.get("mcddpm").build(checkpoint=checkpoint, refine=3)
     with pytest.raises(IDMError, match="samples"):
-        METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", samples=0)
+        METHODS.get("mcddpm").build(checkpoint=checkpoint, samples=0)
     with pytest.raises(IDMError, match="start_level"):
-        METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", start="tv")
+        METHODS.get("mcddpm").build(checkpoint=checkpoint, start="tv")
     with pytest.raises(IDMError, match="one of"):
-        METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", start="fbp", start_level=1.0)
+        METHODS.get("mcddpm").build(checkpoint=checkpoint, start="fbp", start_level=1.0)
 
 
-def test_kspace_off_the_mask_is_ignored(tmp_path: Path) -> None:
-    model = tiny_model()
-    model.save(tmp_path / "ckpt", "# tiny\n", dtype=None)
-    method = METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", samples=2, steps=2)
+def test_kspace_off_the_mask_is_ignored(checkpoint: Path) -> None:
+    method = METHODS.get("mcddpm").build(checkpoint=checkpoint, samples=2, steps=2)
     op = MRI((24, 24), acceleration=4, seed=0)
     y = op.A(knee_like())
     noisy = y + 0.05 * torch.randn_like(y)  # noise on every location, sampled or not
     torch.testing.assert_close(method(noisy, op), method(noisy * op.mask, op))
 
 
-def test_a_started_run_diffuses_the_start_and_stays_consistent(tmp_path: Path) -> None:
-    model = tiny_model()
-    model.save(tmp_path / "ckpt", "# tiny\n", dtype=None)
+def test_a_started_run_diffuses_the_start_and_stays_consistent(checkpoint: Path) -> None:
     op = MRI((24, 24), acceleration=4, seed=2)
     y = op.A(knee_like())
-    started = METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", samples=2, steps=3, start="tv", start_level=0.5)
+    started = METHODS.get("mcddpm").build(checkpoint=checkpoint, samples=2, steps=3, start="tv", start_level=0.5)
     posterior = started.with_uncertainty(y, op)
     assert float((op.A(posterior.x) - y).abs().max()) <= 1e-4 * float(y.abs().max())
-    plain = METHODS.get("mcddpm").build(checkpoint=tmp_path / "ckpt", samples=2, steps=3)(y, op)
+    plain = METHODS.get("mcddpm").build(checkpoint=checkpoint, samples=2, steps=3)(y, op)
     assert not torch.allclose(plain, posterior.x)
 
 
