@@ -145,3 +145,23 @@ def test_shipped_medical_prior_card_and_pnp_default(name: str) -> None:
     default = get_method("pnp").build(iterations=2)(y, op)  # picks prior-<kind> from the operator
     torch.testing.assert_close(default, get_method("pnp").build(checkpoint=name, iterations=2)(y, op))
     assert not torch.equal(default, get_method("pnp").build(checkpoint="dncnn-17", iterations=2)(y, op))
+
+
+def test_shipped_mcddpm_card_and_reconstruction() -> None:
+    """``mcddpm-mri`` (``idm pretrain --conditional mri``), the default of the method ``mcddpm``."""
+    from idm.evaluation import operator_factory
+
+    config = json.loads((CHECKPOINTS / "mcddpm-mri" / "config.json").read_text())
+    assert config["architecture"] == "mcddpm" and config["prediction"] == "x0" and config["data_scale"] == 0.1
+    assert config["accelerations"] == [4.0, 8.0] and len(config["validation"]) == 2
+    card = (CHECKPOINTS / "mcddpm-mri" / "README.md").read_text()
+    fields = ("Command", "steps x batch", "hardware", "wall time", "Validation", "## Measured", "held-out")
+    missing = [field for field in fields if field.lower() not in card.lower()]
+    assert not missing, f"model card of mcddpm-mri lacks {missing}"
+    assert (CHECKPOINTS / "mcddpm-mri" / "model.safetensors").stat().st_size < 4 * 2**20
+    x = sample_images(32)["camera"][None]
+    op = operator_factory("mri", acceleration=4)((32, 32), 0)
+    y = op.A(x)
+    posterior = get_method("mcddpm").build(samples=2, steps=3).with_uncertainty(y, op)
+    assert float((op.A(posterior.x) - y).abs().max()) <= 1e-4 * float(y.abs().max())
+    assert posterior.std.shape == x.shape and float(posterior.std.max()) > 0

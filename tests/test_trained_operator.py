@@ -18,7 +18,7 @@ from idm.errors import IDMError
 from idm.evaluation import blockcs_factory
 from idm.io.checkpoint import TRAINED_OPERATOR_PARAMETERS, check_trained_operator
 from idm.io.measurement import load_measurement
-from idm.physics import BlockCS, Inpainting, ParallelBeamCT
+from idm.physics import MRI, BlockCS, Inpainting, ParallelBeamCT
 from idm.registry import METHODS, get_method
 
 from conftest import tiny_prior, tiny_unet_config
@@ -249,11 +249,12 @@ def build_arguments(prior_dir: str) -> dict[str, dict]:
         "diffuserecon": {"checkpoint": prior_dir, "samples": 2, "steps": 2, "refine": 1},
         "pnp": {"checkpoint": prior_dir, "iterations": 1, "start": "adjoint"},
         "fbp": {},  # CT only: measured below with a sparse-view CT operator
+        "mcddpm": {"samples": 2, "steps": 2},  # shipped mcddpm-mri; single-coil MRI only
     }
 
 
 #: methods that need another operator than block CS (image size = domain for these)
-OTHER_OPERATOR = {"fbp": lambda: ParallelBeamCT((40, 40), views=8)}
+OTHER_OPERATOR = {"fbp": lambda: ParallelBeamCT((40, 40), views=8), "mcddpm": lambda: MRI((40, 40), acceleration=4)}
 
 
 def test_the_shape_test_covers_every_registered_method() -> None:
