@@ -9,7 +9,7 @@ Quick use::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import IDMError
 
@@ -31,8 +31,10 @@ def reconstruct(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = False,
+    **options: Any,
 ) -> "torch.Tensor":
-    """Reconstruct measurements ``y`` of ``op`` with a registered method.
+    """Reconstruct measurements ``y`` of ``op`` with a registered method (``options``: the method's
+    own, e.g. ``steps=10``; unknown ones raise :class:`~idm.errors.IDMError`).
 
     Returns the estimate on the operator's domain, shape ``(B, C, *op.domain_size)``, values
     nominally in [0, 1]; ``op.crop`` recovers the image size. For repeated use, build the method
@@ -45,4 +47,5 @@ def reconstruct(
     ratio = op.config().get("ratio")
     build = get_method(method).build
     with torch.no_grad():
-        return build(checkpoint=checkpoint, device=device, seed=seed, progress=progress, ratio=ratio)(y.to(device), op)
+        return build(checkpoint=checkpoint, device=device, seed=seed, progress=progress, ratio=ratio,
+                     **options)(y.to(device), op)

@@ -300,7 +300,7 @@ def test_cli_reconstruct_with_a_diffusers_prior(folders, image, tmp_path, capsys
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--method", "tv", "--prior", "{model}"], "--prior is for the methods built on a diffusion prior (ddnm, ddnm+, diffuserecon, dps, pnp)"),
+    (["--method", "tv", "--prior", "{model}"], "--prior is for the methods built on a diffusion prior (ddnm, ddnm+, diffuserecon, dps, mbir, pnp)"),
     (["--method", "ddnm", "--prior", "{model}", "--checkpoint", "{model}"], "either --prior or --checkpoint"),
     (["--method", "ddnm", "--prior", "{conditional}"], "only supported for conversion"),
 ])

@@ -247,6 +247,7 @@ def build_arguments(prior_dir: str) -> dict[str, dict]:
         "ddnm+": {"checkpoint": prior_dir, "steps": 2},
         "dps": {"checkpoint": prior_dir, "steps": 2},
         "diffuserecon": {"checkpoint": prior_dir, "samples": 2, "steps": 2, "refine": 1},
+        "mbir": {"checkpoint": prior_dir, "steps": 2},  # the batch of 2 images as a 2-slice volume
         "pnp": {"checkpoint": prior_dir, "iterations": 1, "start": "adjoint"},
         "fbp": {},  # CT only: measured below with a sparse-view CT operator
         "mcddpm": {"samples": 2, "steps": 2},  # shipped mcddpm-mri; single-coil MRI only

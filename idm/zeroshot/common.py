@@ -115,6 +115,17 @@ def data_consistency(
     return canvas.paste(x0, to_model_range(image)), image
 
 
+def diffused_start(noise: torch.Tensor, y: torch.Tensor, op: LinearOperator, canvas: Canvas, schedule: NoiseSchedule,
+                   level: float) -> tuple[int, torch.Tensor]:
+    """``(t₀, x_t₀)``: the data-consistent mid-grey image (:func:`data_consistency` of the zero state; MRI:
+    the zero-filled image) diffused with ``noise`` (the canvas state ``x_T``) to the timestep whose
+    noise-to-signal ratio is ``level`` σ₀ (Chung et al., "Come-closer-diffuse-faster", CVPR 2022)."""
+    first = schedule.timestep_for_noise(level)
+    abar = abar_at(schedule, first)
+    grey = data_consistency(torch.zeros_like(noise), y, op, canvas)[0]
+    return first, math.sqrt(abar) * grey + math.sqrt(1.0 - abar) * noise
+
+
 def misfit(x0: torch.Tensor, y: torch.Tensor, op: LinearOperator, canvas: Canvas) -> torch.Tensor:
     """Per-image ``‖y − A x̂₀‖`` measured on the prior's scale (twice the [0, 1] misfit) → ``(B,)``.
 

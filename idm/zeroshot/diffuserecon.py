@@ -39,7 +39,7 @@ from ..physics.canvas import Canvas
 from ..physics.mri import ComplexParts
 from ..priors.schedule import NoiseSchedule, ddim_step, ddpm_posterior, from_model_range, x0_from_eps
 from ..registry import Posterior
-from .common import EpsModel, abar_at, data_consistency, initial_state, randn, timestep_pairs
+from .common import EpsModel, abar_at, data_consistency, diffused_start, initial_state, randn, timestep_pairs
 
 
 def guided_step(x: torch.Tensor, eps: torch.Tensor, y: torch.Tensor, a_one: torch.Tensor, op: LinearOperator,
@@ -86,10 +86,7 @@ def sample_diffuserecon(
     a_one = op.A(torch.ones_like(canvas.crop(x[:1])))  # A(1), for the measurements on [-1, 1]
     start = None
     if start_level > 0:
-        start = schedule.timestep_for_noise(start_level)
-        abar = abar_at(schedule, start)
-        grey = data_consistency(torch.zeros_like(x), y_k, op, canvas)[0]
-        x = math.sqrt(abar) * grey + math.sqrt(1.0 - abar) * x
+        start, x = diffused_start(x, y_k, op, canvas, schedule, start_level)
     pairs = timestep_pairs(schedule, steps, t_max=start)
     for t, t_next in tqdm(pairs, disable=not progress, desc="diffuserecon", leave=False):
         x = _step(model, x, y_k, a_one, op, canvas, schedule, t, t_next, clip, generator, stochastic=True)

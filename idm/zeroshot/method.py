@@ -1,4 +1,5 @@
-"""The zero-shot solvers as registered reconstruction methods: ``ddnm``, ``ddnm+``, ``dps`` and ``diffuserecon``.
+"""The zero-shot solvers as registered reconstruction methods: ``ddnm``, ``ddnm+``, ``dps``, ``diffuserecon``
+and ``mbir`` (a volume as the batch of its slices).
 
 Each factory loads a diffusion prior (``checkpoint``: a prior directory or shipped name, default
 ``"prior-gray"``, or a diffusers ``UNet2DModel`` folder / ``hf:ORG/NAME`` id, see
@@ -27,6 +28,7 @@ from ..physics.mri import ComplexParts, merge_groups, split_groups
 from .common import check_complex_inputs, check_inputs, denoiser_sigma_max
 from .ddnm import sample_ddnm
 from .diffuserecon import sample_diffuserecon
+from .mbir import sample_mbir
 from .dps import sample_dps
 
 #: the prior used when no checkpoint is given
@@ -72,6 +74,14 @@ SOLVERS: dict[str, SolverSpec] = {
         description="DiffuseRecon: K measurement-guided samples, mean refined by DDIM, per-pixel std (uncertainty)",
         limits={"samples": (1, 256), "steps": _STEP_LIMIT, "refine": (0, math.inf), "refine_level": (1e-3, 10.0),
                 "start_level": (0.0, 100.0)},
+    ),
+    "mbir": SolverSpec(
+        sample_mbir,
+        {"steps": 50, "eta": 0.85, "lam": 0.1, "rho": 10.0, "cg_iterations": 10, "chunk": 8, "start_level": 0.0,
+         "clip": True},
+        description="DiffusionMBIR: a 2D prior on every slice of a volume (the batch) + one z-TV ADMM iteration per step",
+        limits={"steps": _STEP_LIMIT, "eta": (0.0, 1.0), "lam": (0.0, math.inf), "rho": (1e-9, math.inf),
+                "cg_iterations": (1, 10_000), "chunk": (1, 1_000_000), "start_level": (0.0, 100.0)},
     ),
 }
 
@@ -134,7 +144,7 @@ class ZeroShotReconstructor:
         spec = SOLVERS[self.name]
         extra = {"sigma_y": op.noise.sigma} if spec.noise_aware else {}
         settings = dict(self.settings)
-        if spec.sampler is sample_diffuserecon:
+        if "start_level" in settings:
             limit = denoiser_sigma_max(self.prior)
             if settings["start_level"] == 0.0 and math.isfinite(limit):
                 settings["start_level"] = 2.0 * limit  # a Gaussian denoiser cannot start from pure noise
@@ -207,3 +217,4 @@ _register("ddnm")
 _register("ddnm+")
 _register("dps")
 _register("diffuserecon")
+_register("mbir")

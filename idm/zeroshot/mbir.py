@@ -1,0 +1,118 @@
+"""DiffusionMBIR (Chung et al., "Solving 3D inverse problems using pre-trained 2D diffusion models",
+CVPR 2023): a 2D prior on every slice of a volume, coupled along the slice axis by total variation.
+
+A volume is a batch of slices ``(D, C, H, W)`` (the slice axis z is the batch axis) measured slice by
+slice by a 2D operator (CT: parallel beam per axial slice; MRI: a 2D mask per slice). For each step
+``t → t'`` of the respaced schedule (states on the prior's [-1, 1] range)::
+
+    ε    = model(x_t, t)                         (slices in chunks of ``chunk``)
+    x̂₀   = (x_t − sqrt(1 − ᾱ) ε) / sqrt(ᾱ)       (clamped to [-1, 1])
+    x̂₀   ← one ADMM iteration of min ½‖A x − y‖² + λ‖D_z x‖₁ from x̂₀ (on [0, 1]; :func:`admm_step`)
+    x_t' = DDIM(x̂₀, ε, ᾱ', η)
+
+with ``D_z x = x[1:] − x[:-1]`` the forward difference along z. The ADMM iteration solves
+``(AᵀA + ρ D_zᵀD_z) x = Aᵀy + ρ D_zᵀ(z − u)`` by ``cg_iterations`` conjugate-gradient steps from the
+current x̂₀ (the whole volume as one vector), then ``z ← soft(D_z x + u, λ/ρ)``, ``u ← u + D_z x − z``;
+``z`` and ``u`` are carried across the steps. With ``start_level`` σ₀ the volume starts from the
+data-consistent mid-grey volume diffused to noise σ₀ (:func:`~idm.zeroshot.common.diffused_start`, as
+``diffuserecon``; Gaussian-denoiser priors need it).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..physics.base import LinearOperator, conjugate_gradient
+from ..priors.schedule import NoiseSchedule, ddim_sigma, ddim_step, from_model_range, to_model_range, x0_from_eps
+from .common import EpsModel, abar_at, diffused_start, initial_state, randn, timestep_pairs
+
+
+def z_diff(x: torch.Tensor) -> torch.Tensor:
+    """``D_z x = x[1:] − x[:-1]`` along the slice (batch) axis: (D, …) → (D − 1, …)."""
+    return x[1:] - x[:-1]
+
+
+def z_diff_adjoint(v: torch.Tensor) -> torch.Tensor:
+    """``D_zᵀ v`` for ``v`` (D − 1, …) → (D, …)."""
+    out = v.new_zeros((v.shape[0] + 1, *v.shape[1:]))
+    out[1:] += v
+    out[:-1] -= v
+    return out
+
+
+def soft_threshold(v: torch.Tensor, tau: float) -> torch.Tensor:
+    """``max(|v| − τ, 0) · v / |v|`` (real or complex)."""
+    magnitude = v.abs()
+    return v * ((magnitude - tau).clamp_min(0) / magnitude.clamp_min(1e-30))
+
+
+def ztv_objective(x: torch.Tensor, y: torch.Tensor, op: LinearOperator, lam: float) -> float:
+    """``½‖A x − y‖² + λ‖D_z x‖₁`` of a volume ``x`` (D, C, H, W)."""
+    return float(0.5 * (op.A(x) - y).abs().square().sum() + lam * z_diff(x).abs().sum())
+
+
+def admm_step(x: torch.Tensor, y: torch.Tensor, op: LinearOperator, z: torch.Tensor, u: torch.Tensor, lam: float,
+              rho: float, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ADMM iteration (module docstring) from the volume ``x`` (D, C, H, W) with the splitting
+    variables ``z``, ``u`` (D − 1, C, H, W) → ``(x, z, u)``."""
+    def normal(v: torch.Tensor) -> torch.Tensor:
+        return op.A_adjoint(op.A(v)) + rho * z_diff_adjoint(z_diff(v))
+
+    rhs = op.A_adjoint(y) + rho * z_diff_adjoint(z - u)
+    shape = x.shape
+    flat = conjugate_gradient(lambda v: normal(v.reshape(shape)).reshape(1, -1), (rhs - normal(x)).reshape(1, -1),
+                              iterations=iterations)
+    x = x + flat.reshape(shape)
+    dz = z_diff(x)
+    z = soft_threshold(dz + u, lam / rho)
+    return x, z, u + dz - z
+
+
+def sample_mbir(
+    model: EpsModel,
+    y: torch.Tensor,
+    op: LinearOperator,
+    schedule: NoiseSchedule,
+    *,
+    steps: int = 50,
+    eta: float = 0.85,
+    lam: float = 0.1,
+    rho: float = 10.0,
+    cg_iterations: int = 10,
+    chunk: int = 8,
+    start_level: float = 0.0,
+    clip: bool = True,
+    size_multiple: int = 1,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DiffusionMBIR of a volume's measurements ``y`` (D, …: one item per slice) → the volume
+    (D, C, *op.domain_size) on [0, 1], not clipped (module docstring).
+
+    Args:
+        model: ``model(x, t) -> ε`` for slices ``x`` (N, C, H', W') on [-1, 1], ``t`` (N,) timesteps.
+        steps: respaced steps; eta: DDIM η of each step; lam, rho: λ and ρ of the z-TV ADMM;
+        cg_iterations: CG steps per ADMM x-update; chunk: slices per model call (memory; the result
+            does not depend on it); start_level: see the module docstring (0: from pure noise).
+    """
+    canvas, x = initial_state(y, op, size_multiple, generator)
+    first = None
+    if start_level > 0:
+        first, x = diffused_start(x, y, op, canvas, schedule, start_level)
+    z = torch.zeros_like(z_diff(canvas.crop(x)))
+    u = torch.zeros_like(z)
+    image = None
+    for t, t_next in tqdm(timestep_pairs(schedule, steps, t_max=first), disable=not progress, desc="mbir", leave=False):
+        abar, abar_next = abar_at(schedule, t), abar_at(schedule, t_next)
+        timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        eps = torch.cat([model(x[i : i + chunk], timesteps[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
+        x0 = x0_from_eps(x, eps, abar)
+        if clip:
+            x0 = x0.clamp(-1.0, 1.0)
+        image, z, u = admm_step(from_model_range(canvas.crop(x0)), y, op, z, u, lam, rho, cg_iterations)
+        x0 = canvas.paste(x0, to_model_range(image))
+        sigma = ddim_sigma(abar, abar_next, eta) if abar_next < 1.0 else 0.0
+        noise = randn(x.shape, generator, x) if sigma > 0 else None
+        x = ddim_step(x0, eps, abar_next, sigma=sigma, noise=noise)
+    return image
