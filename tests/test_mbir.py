@@ -69,3 +69,12 @@ def test_reconstruct_passes_method_options(prior_dir: str) -> None:
     assert idm.reconstruct(y, op, method="mbir", checkpoint=prior_dir, steps=2).shape == (3, 1, 16, 16)
     with pytest.raises(IDMError, match="no option"):
         idm.reconstruct(y, op, method="mbir", checkpoint=prior_dir, stepz=2)
+
+
+def test_mbir_on_complex_mri_slices(prior_dir: str) -> None:
+    from idm.physics import MRI
+
+    op = MRI((16, 16), acceleration=4, seed=0)
+    x = volume(depth=3).to(torch.complex64)
+    out = METHODS.get("mbir").build(checkpoint=prior_dir, steps=3, lam=0.005, rho=0.01)(op.A(x), op)
+    assert out.shape == (3, 1, 16, 16) and out.is_complex() and torch.isfinite(torch.view_as_real(out)).all()
