@@ -649,3 +649,22 @@ def test_write_nifti_reads_back_the_same_array(tmp_path, suffix):
     image = np.arange(6, dtype=np.float32).reshape(2, 3)
     write_nifti(tmp_path / f"x{suffix}", image)
     np.testing.assert_array_equal(np.asarray(read_volume(tmp_path / f"x{suffix}").data).squeeze(), image)
+
+
+def test_write_nifti_keeps_the_affine_of_a_read_volume(tmp_path):
+    """A volume read in RAS+ (z, y, x) order and written with its ``meta["affine"]`` reads back with the same
+    array and affine (the round trip of a reconstructed volume); a malformed affine is one clear error."""
+    pytest.importorskip("nibabel")
+    from idm.io.medical import read_volume, write_nifti
+
+    array = np.arange(4 * 3 * 2, dtype=np.float32).reshape(4, 3, 2)
+    affine = np.diag([-2.0, -3.0, 4.0, 1.0])  # LPS on disk: read_volume turns it to RAS+
+    affine[:3, 3] = [10.0, 20.0, -30.0]
+    first = read_volume(_write_nifti(tmp_path / "vol.nii.gz", array, affine))
+    write_nifti(tmp_path / "out.nii.gz", first.data.numpy(), affine=first.meta["affine"])
+    again = read_volume(tmp_path / "out.nii.gz")
+    assert torch.equal(again.data, first.data) and again.spacing == first.spacing
+    np.testing.assert_allclose(again.meta["affine"], first.meta["affine"])
+    with pytest.raises(IDMError, match="4 x 4"):
+        write_nifti(tmp_path / "bad.nii.gz", first.data.numpy(), affine=np.eye(3))
+    assert not (tmp_path / "bad.nii.gz").exists()

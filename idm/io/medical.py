@@ -294,12 +294,21 @@ def _complex_compound(array: np.ndarray) -> np.ndarray:
 
 
 # --- NIfTI --------------------------------------------------------------------------------------------
-def write_nifti(path: str | Path, array: np.ndarray) -> None:
+def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray | None = None) -> None:
     """Write a 2-D or 3-D array (real or complex) as NIfTI-1 — ``.nii``, or gzip-compressed
-    ``.nii.gz`` — with an identity affine (1 mm voxels), atomically; the axes are stored reversed
-    (an (H, W) image as x = column, y = row), so :func:`read_volume` gives the array back."""
+    ``.nii.gz`` — atomically; the axes are stored reversed (an (H, W) image as x = column, y = row),
+    so :func:`read_volume` gives the array back. ``affine``: the 4 × 4 voxel-to-RAS matrix in
+    :func:`read_volume`'s index order (its ``meta["affine"]``: (k, i, j) = (z, y, x)), default the
+    identity (1 mm voxels); a volume read by :func:`read_volume` and written with its affine reads back
+    with the same array and affine."""
     nib = _require("nibabel", "NIfTI files", action="writing")
-    data = nib.Nifti1Image(np.asarray(array).transpose(), np.eye(4)).to_bytes()
+    matrix = np.eye(4)
+    if affine is not None:
+        affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.isfinite(affine).all():
+            raise IDMError(f"a NIfTI affine is a finite 4 x 4 matrix, got shape {affine.shape}")
+        matrix = affine[:, [2, 1, 0, 3]]  # (k, i, j) = (z, y, x) → NIfTI's (x, y, z)
+    data = nib.Nifti1Image(np.asarray(array).transpose(), matrix).to_bytes()
     if str(path).lower().endswith(".gz"):
         data = gzip.compress(data, mtime=0)
     with atomic_write(path) as handle:
