@@ -134,8 +134,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             x = op.crop(reconstruct(y.to(args.device), op)).cpu()
     seconds = time.perf_counter() - start
-    if not bool(torch.isfinite(torch.view_as_real(x) if x.is_complex() else x).all()):
-        raise IDMError(f"{args.method} produced NaN or inf values")
+    check_finite_result(args.method, x)
     for image, path in zip(x, paths):
         write_result(path, normalised(image) if raw and not is_raw_output(path) else image)
     for image, path in zip(std if std_paths is not None else [], std_paths or []):
@@ -167,8 +166,7 @@ def reconstruct_volume(args: argparse.Namespace, method: Any, checkpoint: str | 
         raise IDMError("--uncertainty applies to image inputs, not to volumes")
     volume = read_volume(args.input, modality="CT" if kind == "ct" else None)
     data = volume.data if volume.data.ndim == 3 else volume.data[None]
-    finite = torch.isfinite(torch.view_as_real(data) if data.is_complex() else data)
-    if not bool(finite.all()):
+    if not bool(torch.isfinite(data).all()):  # complex: both parts
         raise IDMError(f"{args.input} contains NaN or inf values")
     if kind == "ct":
         if data.is_complex():
@@ -188,8 +186,7 @@ def reconstruct_volume(args: argparse.Namespace, method: Any, checkpoint: str | 
     with torch.no_grad():
         estimate = op.crop(reconstruct(y.to(args.device), op)).cpu()
     seconds = time.perf_counter() - start
-    if not bool(torch.isfinite(torch.view_as_real(estimate) if estimate.is_complex() else estimate).all()):
-        raise IDMError(f"{args.method} produced NaN or inf values")
+    check_finite_result(args.method, estimate)
     write_nifti(args.output, estimate[:, 0].numpy(), affine=volume.meta.get("affine"))
     scored, reference = image_of(estimate).clamp(0, 1), image_of(x)
     planes = [float(psnr(scored.permute(*order), reference.permute(*order)).mean())
@@ -197,6 +194,12 @@ def reconstruct_volume(args: argparse.Namespace, method: Any, checkpoint: str | 
     print(f"{args.method}: {x.shape[0]} slices of {x.shape[2]}×{x.shape[3]} in {seconds:.2f} s → {args.output} "
           f"(PSNR axial {planes[0]:.2f}, coronal {planes[1]:.2f}, sagittal {planes[2]:.2f} dB)")
     return 0
+
+
+def check_finite_result(method: str, x: torch.Tensor) -> None:
+    """:class:`IDMError` unless every value of the reconstruction ``x`` is finite (complex: both parts)."""
+    if not bool(torch.isfinite(x).all()):
+        raise IDMError(f"{method} produced NaN or inf values")
 
 
 def normalised(x: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ from ..physics.mri import MRI, channels_to_complex, complex_to_channels, fft2c, 
 from ..priors.schedule import NoiseSchedule, ddpm_posterior, x0_from_eps
 from ..priors.unet import UNet, UNetConfig
 from ..registry import Posterior, checked_options, register_method
-from ..zeroshot.common import abar_at, check_complex_inputs, timestep_pairs
+from ..zeroshot.common import abar_at, check_complex_inputs, randn, timestep_pairs
 
 ARCHITECTURE = "mcddpm"
 #: the shipped checkpoint
@@ -81,9 +81,10 @@ def network_output(net: Network, state: torch.Tensor, condition: torch.Tensor, t
 
 
 def complex_noise(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    """Complex noise with Re, Im ~ N(0, 1), drawn on the CPU from ``generator`` (device-independent)."""
-    parts = torch.randn((2, *shape), generator=generator, dtype=torch.float32)
-    return torch.complex(parts[0], parts[1]).to(device=like.device, dtype=like.dtype)
+    """Complex noise with Re, Im ~ N(0, 1), drawn on the CPU from ``generator`` (device-independent;
+    :func:`~idm.zeroshot.common.randn` of the two parts)."""
+    parts = randn((2, *shape), generator, like.real)
+    return torch.complex(parts[0], parts[1])
 
 
 def zero_filled_scale(zero_filled: torch.Tensor) -> torch.Tensor:
