@@ -17,6 +17,7 @@ command offers (block CS, inpainting, super-resolution, MRI, CT).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -223,3 +224,99 @@ def evaluate(
         if keep_outputs:
             result.outputs[name] = estimate[0].cpu()
     return result
+
+
+# --- volumes: measured slice by slice, scored per plane ---------------------------------------------
+#: the planes of a volume ``(D, C, H, W)`` = ``(z, ·, y, x)`` (:func:`idm.io.medical.read_volume`'s
+#: order), each as the permutation that makes its slices the batch
+PLANES: dict[str, tuple[int, int, int, int]] = {"axial": (0, 1, 2, 3), "coronal": (2, 1, 0, 3),
+                                                "sagittal": (3, 1, 2, 0)}
+
+
+@dataclass
+class VolumeProblem:
+    """A volume measured slice by slice: ``truth`` ``(D, 1, H, W)`` on [0, 1], the 2D ``op`` applied to
+    every axial slice, the measurements ``y`` (one item per slice) and the file's ``affine`` (or None)."""
+
+    truth: torch.Tensor
+    op: LinearOperator
+    y: torch.Tensor
+    affine: Any = None
+
+
+def read_scaled_volume(path: str, kind: str, *, slices: tuple[int, int] | None = None,
+                       require_affine: bool = True) -> tuple[torch.Tensor, Any]:
+    """``(volume (D, 1, H, W) on [0, 1], affine or None)`` of the file ``path``
+    (:func:`idm.io.medical.read_volume`), its axial slices ``slices`` (``[start, stop)``, default all).
+
+    Scale: CT (``kind`` ``ct``) in HU (values outside [0, 1]) windowed by
+    :func:`idm.io.medical.hu_window`, already on [0, 1] kept; MRI (``mri``) divided by its largest
+    magnitude (complex stays complex). Bad volumes (not 3D, NaN / inf, complex CT, all zero, an empty
+    slice range, and with ``require_affine`` no orientation: a volume written back needs one) raise
+    :class:`IDMError`."""
+    from .io.medical import hu_window, read_volume
+
+    if kind not in ("ct", "mri"):
+        raise IDMError(f"a volume is measured slice by slice with the ct or mri operator, not {kind}")
+    volume = read_volume(path, modality="CT" if kind == "ct" else None)
+    data = volume.data
+    if data.ndim != 3:
+        raise IDMError(f"{path} is a {data.ndim}-D image of shape {tuple(data.shape)}, not a volume (3-D)")
+    affine = volume.meta.get("affine") if volume.meta.get("oriented", True) else None
+    if require_affine and affine is None:
+        raise IDMError(f"{path} has no affine (voxel-to-world orientation; NIfTI: sform and qform codes are 0) to "
+                       "keep on the result; set one, e.g. with nibabel's set_qform")
+    if slices is not None:
+        start, stop = slices
+        if not 0 <= start < stop <= data.shape[0]:
+            raise IDMError(f"slices {start}:{stop} are not a range within the {data.shape[0]} slices of {path}")
+        data = data[start:stop]
+    if not bool(torch.isfinite(data).all()):  # complex: both parts
+        raise IDMError(f"{path} contains NaN or inf values")
+    if kind == "ct":
+        if data.is_complex():
+            raise IDMError(f"{path} is complex; a CT volume is real")
+        truth = hu_window(data) if float(data.min()) < 0 or float(data.max()) > 1 else data.float()
+    else:
+        peak = float(data.abs().max())
+        if peak <= 0:
+            raise IDMError(f"{path} is all zero")
+        truth = data / peak
+    return truth[:, None], affine
+
+
+def measure_volume(truth: torch.Tensor, factory: OperatorFactory, *, seed: int = 0, affine: Any = None) -> VolumeProblem:
+    """Measure every axial slice of ``truth`` (D, 1, H, W) with the one operator ``factory(size, 0)``
+    (measurement noise drawn from ``seed``)."""
+    op = factory(tuple(truth.shape[-2:]), 0)
+    return VolumeProblem(truth, op, op.measure(truth, generator=torch.Generator().manual_seed(seed)), affine)
+
+
+def volume_problem(path: str, kind: str, factory: OperatorFactory, *, seed: int = 0,
+                   slices: tuple[int, int] | None = None, require_affine: bool = True) -> VolumeProblem:
+    """:func:`read_scaled_volume` then :func:`measure_volume`: the volume ``path`` measured slice by slice."""
+    truth, affine = read_scaled_volume(path, kind, slices=slices, require_affine=require_affine)
+    return measure_volume(truth, factory, seed=seed, affine=affine)
+
+
+def plane_scores(estimate: torch.Tensor, truth: torch.Tensor, with_ssim: bool = True) -> dict[str, dict[str, float]]:
+    """PSNR (peak 1) and SSIM (:func:`~idm.metrics.ssim_skimage`) of a volume ``estimate`` against
+    ``truth`` (both ``(D, 1, H, W)``; the estimate's magnitude if complex, clipped to [0, 1]) on the
+    axial, coronal and sagittal planes: the mean over that plane's slices (slices reconstructed
+    exactly, of infinite PSNR, are left out of the PSNR mean) →
+    ``{plane: {"psnr": dB, "ssim": value}}`` (no ``ssim`` without ``with_ssim``, or on a plane whose
+    slices are narrower than SSIM's 7 × 7 window)."""
+    scored = (estimate.abs() if estimate.is_complex() else estimate).float().clamp(0, 1)
+    reference = (truth.abs() if truth.is_complex() else truth).float()
+    if scored.shape != reference.shape or scored.ndim != 4:
+        raise IDMError(f"a volume's scores need two (D, 1, H, W) volumes, got {tuple(estimate.shape)} and "
+                       f"{tuple(truth.shape)}")
+    scores = {}
+    for plane, order in PLANES.items():
+        a, b = scored.permute(*order).contiguous(), reference.permute(*order).contiguous()
+        values = psnr(a, b)
+        finite = values[torch.isfinite(values)]
+        scores[plane] = {"psnr": float(finite.mean()) if finite.numel() else math.inf}
+        if with_ssim and min(a.shape[-2:]) >= 7:
+            scores[plane]["ssim"] = float(ssim_skimage(a, b).mean())
+    return scores

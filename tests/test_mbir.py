@@ -7,7 +7,7 @@ import torch
 
 from idm.physics import ParallelBeamCT
 from idm.registry import METHODS
-from idm.zeroshot.mbir import admm_step, z_diff, z_diff_adjoint, ztv_objective
+from idm.physics.volume import admm_step, z_diff, z_diff_adjoint, ztv_objective
 
 from conftest import tiny_prior, tiny_unet_config
 

@@ -55,8 +55,13 @@ def test_bad_volumes_give_one_line_errors(ct_volume, tmp_path: Path, capsys) -> 
         assert main(["reconstruct", str(path), "--method", "tv", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and message in err
-    assert main(["reconstruct", str(nan_path), "--operator", "ct", "--method", "tv", "-o", str(tmp_path / "n.nii.gz")]) == 2
-    assert "NaN" in capsys.readouterr().err
+    flat = write_volume(tmp_path / "flat.nii.gz", np.zeros((8, 8), dtype=np.float32), affine)  # a 2-D image
+    unoriented = tmp_path / "unoriented.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), dtype=np.float32), None), str(unoriented))  # no sform / qform
+    for bad, message in [(nan_path, "NaN"), (flat, "not a volume (3-D)"), (unoriented, "has no affine")]:
+        assert main(["reconstruct", str(bad), "--operator", "ct", "--method", "tv", "-o", str(tmp_path / "n.nii.gz")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and message in err, err
     assert not any(tmp_path.glob("a.*")) and not (tmp_path / "n.nii.gz").exists()
 
 

@@ -37,45 +37,56 @@ from ..registry import register_method
 from ._common import on_device, reject_extra
 
 
-def _diffs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward differences along H and W, zero at the last row/column (each ``x.shape``)."""
-    return (
+def _diffs(x: torch.Tensor, volume: bool = False) -> tuple[torch.Tensor, ...]:
+    """Forward differences along H and W (and, for a ``volume``, along the batch axis z: first),
+    zero at the last row/column/slice (each ``x.shape``)."""
+    planar = (
         torch.nn.functional.pad(torch.diff(x, dim=-2), (0, 0, 0, 1)),
         torch.nn.functional.pad(torch.diff(x, dim=-1), (0, 1)),
     )
+    if not volume:
+        return planar
+    return (torch.cat((torch.diff(x, dim=0), torch.zeros_like(x[:1]))), *planar)
 
 
-def _diffs_adjoint(px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
-    """Adjoint of :func:`_diffs` (minus the divergence)."""
+def _diffs_adjoint(*parts: torch.Tensor) -> torch.Tensor:
+    """Adjoint of :func:`_diffs` (minus the divergence) of its 2 (image) or 3 (volume) fields."""
+    *pz, px, py = parts
     out = torch.zeros_like(px)
     out[..., :-1, :] -= px[..., :-1, :]
     out[..., 1:, :] += px[..., :-1, :]
     out[..., :, :-1] -= py[..., :, :-1]
     out[..., :, 1:] += py[..., :, :-1]
+    if pz:
+        out[:-1] -= pz[0][:-1]
+        out[1:] += pz[0][:-1]
     return out
 
 
-def gradient(x: torch.Tensor) -> torch.Tensor:
-    """Forward differences of ``(B, C, H, W)`` → ``(B, C, 2, H, W)`` (zero at the last row/column)."""
-    return torch.stack(_diffs(x), dim=2)
+def gradient(x: torch.Tensor, volume: bool = False) -> torch.Tensor:
+    """Forward differences of ``(B, C, H, W)`` → ``(B, C, 2, H, W)`` (zero at the last row/column); a
+    ``volume`` (the batch axis is z) → ``(B, C, 3, H, W)``, the z difference first."""
+    return torch.stack(_diffs(x, volume), dim=2)
 
 
 def gradient_adjoint(p: torch.Tensor) -> torch.Tensor:
-    """Adjoint of :func:`gradient` (minus the divergence): ``(B, C, 2, H, W)`` → ``(B, C, H, W)``."""
-    return _diffs_adjoint(p[:, :, 0], p[:, :, 1])
+    """Adjoint of :func:`gradient` (minus the divergence): ``(B, C, 2 or 3, H, W)`` → ``(B, C, H, W)``."""
+    return _diffs_adjoint(*p.unbind(2))
 
 
-def _magnitude(gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
-    """Pointwise ``√(|gx|² + |gy|²)`` (``torch.hypot`` for real fields; complex ones couple Re and Im)."""
-    if gx.is_complex():
-        return (gx.real.square() + gx.imag.square() + gy.real.square() + gy.imag.square()).sqrt()
-    return torch.hypot(gx, gy)
+def _magnitude(*parts: torch.Tensor) -> torch.Tensor:
+    """Pointwise ``√(Σ |g|²)`` of the difference fields (``torch.hypot`` for two real fields; complex
+    ones couple Re and Im)."""
+    if len(parts) == 2 and not parts[0].is_complex():
+        return torch.hypot(*parts)
+    return sum(g.real.square() + g.imag.square() if g.is_complex() else g.square() for g in parts).sqrt()
 
 
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Isotropic TV per image: ``(B, C, H, W)`` → ``(B,)`` (complex images: complex differences)."""
-    gx, gy = _diffs(x)
-    return _magnitude(gx, gy).sum(dim=(1, 2, 3))
+def total_variation(x: torch.Tensor, volume: bool = False) -> torch.Tensor:
+    """Isotropic TV per image: ``(B, C, H, W)`` → ``(B,)`` (complex images: complex differences). A
+    ``volume`` (3D TV, the batch axis is z): per slice, its terms including the difference to the next
+    slice; the sum is the volume's TV."""
+    return _magnitude(*_diffs(x, volume)).sum(dim=(1, 2, 3))
 
 
 def tv_prox(
@@ -83,32 +94,34 @@ def tv_prox(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """argmin_x ½‖x − b‖² + τ·TV(x) (+ x ∈ [0, 1] if ``box``), and the final dual field.
 
-    ``dual`` (shape ``(B, C, 2, H, W)``, pointwise norm ≤ 1) warm-starts the dual iteration.
-    Complex ``b`` (MRI): complex dual of the same shape, TV with complex differences; ``box`` must
-    be False (there is no [0, 1] box for complex values).
+    ``dual`` (shape ``(B, C, 2, H, W)``, pointwise norm ≤ 1) warm-starts the dual iteration; a dual
+    of shape ``(B, C, 3, H, W)`` makes it the 3D TV of ``b`` as a volume (the batch axis is z; see
+    :func:`gradient`). Complex ``b`` (MRI): complex dual of the same shape, TV with complex
+    differences; ``box`` must be False (there is no [0, 1] box for complex values).
     """
     if box and b.is_complex():
         raise IDMError("tv_prox: the [0, 1] box applies to real images only (pass box=False)")
     if tau <= 0.0:
         return (b.clamp(0.0, 1.0) if box else b), dual
 
-    def primal(px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
-        x = torch.add(b, _diffs_adjoint(px, py), alpha=-tau)
+    volume = dual.shape[2] == 3
+    lipschitz = 4.0 * dual.shape[2]  # ‖∇‖² ≤ 4 per axis
+
+    def primal(fields: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x = torch.add(b, _diffs_adjoint(*fields), alpha=-tau)
         return x.clamp_(0.0, 1.0) if box else x
 
-    px, py = dual[:, :, 0], dual[:, :, 1]
-    qx, qy, t = px, py, 1.0
+    p = dual.unbind(2)
+    q, t = p, 1.0
     for _ in range(iterations):
-        gx, gy = _diffs(primal(qx, qy))
-        sx = gx.mul_(1.0 / (8.0 * tau)).add_(qx)
-        sy = gy.mul_(1.0 / (8.0 * tau)).add_(qy)
-        scale = _magnitude(sx, sy).clamp_min_(1.0)
-        nx, ny = sx.div_(scale), sy.div_(scale)
+        s = tuple(g.mul_(1.0 / (lipschitz * tau)).add_(qi) for g, qi in zip(_diffs(primal(q), volume), q))
+        scale = _magnitude(*s).clamp_min_(1.0)
+        n = tuple(si.div_(scale) for si in s)
         t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         weight = 1.0 + (t - 1.0) / t_new  # q = n + momentum·(n − p)
-        qx, qy = torch.lerp(px, nx, weight), torch.lerp(py, ny, weight)
-        px, py, t = nx, ny, t_new
-    return primal(px, py), torch.stack((px, py), dim=2)
+        q = tuple(torch.lerp(pi, ni, weight) for pi, ni in zip(p, n))
+        p, t = n, t_new
+    return primal(p), torch.stack(p, dim=2)
 
 
 # noiseless λ for block CS by ratio (upper bounds), tuned on BSD68 (150 FISTA iterations)
@@ -192,11 +205,13 @@ def tv_reconstruct(
     inner_iterations: int = 3,
     box: bool = True,
     progress: bool = False,
+    volume: bool = False,
 ) -> torch.Tensor:
     """FISTA on ½‖Ax − y‖² + λ·TV(x); returns x of shape ``(B, C, *op.domain_size)``.
 
     Real images: the box [0, 1] if ``box``. Complex measurements (MRI): a complex estimate with the
-    TV of the complex image and no box (``box`` is ignored).
+    TV of the complex image and no box (``box`` is ignored). ``volume``: the batch is the slices of
+    one volume (z first) and TV is the isotropic 3D TV (:func:`gradient` with ``volume``).
     """
     if len(op.domain_size) != 2:
         raise IDMError(f"tv works on 2D images, the operator's domain is {op.domain_size}")
@@ -208,7 +223,7 @@ def tv_reconstruct(
         raise IDMError(f"tv: complex measurements of an operator with real images ({op.kind})")
     x = x.clamp(0.0, 1.0) if box else x
     z, t = x, 1.0
-    dual = torch.zeros((*x.shape[:2], 2, *x.shape[2:]), dtype=x.dtype, device=x.device)
+    dual = torch.zeros((*x.shape[:2], 3 if volume else 2, *x.shape[2:]), dtype=x.dtype, device=x.device)
     for _ in tqdm(range(iterations), desc="tv", disable=not progress, leave=False):
         b = z - step * op.A_adjoint(op.A(z) - y)
         x_new, dual = tv_prox(b, lam * step, dual, inner_iterations, box)
@@ -228,6 +243,7 @@ def build(
     lam: float | None = None,
     iterations: int | None = None,
     inner_iterations: int = 3,
+    volume: bool = False,
     **options: Any,
 ):
     """``reconstruct(y, op)`` → TV estimate ``(B, C, *op.domain_size)`` in [0, 1] (MRI: complex,
@@ -235,7 +251,8 @@ def build(
 
     Options: ``lam`` (λ ≥ 0, default :func:`default_lambda` of the operator), ``iterations``
     (outer FISTA iterations, default :func:`default_iterations`), ``inner_iterations`` (TV prox
-    iterations per outer one). Deterministic; ``seed`` is unused.
+    iterations per outer one), ``volume`` (the batch is the slices of one volume, z first: 3D TV).
+    Deterministic; ``seed`` is unused.
     """
     reject_extra("tv", checkpoint, options)
     if lam is not None and (isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not (0.0 <= lam < math.inf)):
@@ -243,6 +260,8 @@ def build(
     if iterations is not None:
         iterations = as_int("tv: iterations", iterations, minimum=1)
     inner_iterations = as_int("tv: inner_iterations", inner_iterations, minimum=1)
+    if not isinstance(volume, bool):
+        raise IDMError(f"tv: volume must be true or false, got {volume!r}")
 
     @torch.no_grad()
     def solve(y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
@@ -253,6 +272,7 @@ def build(
             default_iterations(op) if iterations is None else iterations,
             inner_iterations,
             progress=progress,
+            volume=volume,
         )
 
     return on_device(device, solve)

@@ -92,3 +92,49 @@ def time_call(fn: Callable[[], Any], device: torch.device | str, repeats: int = 
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def resident_bytes() -> int | None:
+    """Resident set size of this process (``/proc/self/statm``; None where there is no ``/proc``)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            pages = int(handle.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes(fn: Callable[[], Any], interval: float = 0.01) -> tuple[Any, int | None]:
+    """``(fn(), peak)``: the highest resident set size of the process sampled every ``interval`` s while
+    ``fn`` ran (a background thread; PyTorch's kernels release the GIL), above the size when it began —
+    everything the call touched (tensors, oneDNN buffers, allocator slack), not only tensors as
+    :func:`peak_memory_bytes`. None where the resident size cannot be read. Memory freed before the call
+    is first handed back to the system (glibc's ``malloc_trim``), else the call could reuse it unseen."""
+    import ctypes
+    import ctypes.util
+    import gc
+    import threading
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the start may include reusable free memory
+        pass
+    start = resident_bytes()
+    if start is None:
+        return fn(), None
+    peak, done = [start], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval):
+            peak[0] = max(peak[0], resident_bytes() or 0)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], resident_bytes() or 0)
+    return result, peak[0] - start

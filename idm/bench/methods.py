@@ -107,12 +107,14 @@ def skippable(choice: MethodChoice) -> bool:
     return not choice.explicit and not choice.options and METHODS.get(choice.name).needs_checkpoint
 
 
-def build_method(choice: MethodChoice, *, device: str, seed: int, ratio: float | None) -> Reconstruct | None:
-    """Build ``choice`` (``reconstruct(y, op)``), or None — with a note on stdout — when its
-    checkpoint is unavailable and it was not asked for explicitly (see the module docstring)."""
+def build_method(choice: MethodChoice, *, device: str, seed: int, ratio: float | None,
+                 progress: bool = False) -> Reconstruct | None:
+    """Build ``choice`` (``reconstruct(y, op)``; ``progress``: its own progress bar), or None — with a
+    note on stdout — when its checkpoint is unavailable and it was not asked for explicitly (see the
+    module docstring)."""
     try:
         return METHODS.get(choice.name).build(
-            checkpoint=choice.checkpoint, device=device, seed=seed, ratio=ratio, **choice.options
+            checkpoint=choice.checkpoint, device=device, seed=seed, ratio=ratio, progress=progress, **choice.options
         )
     except IDMError as error:
         if not skippable(choice):

@@ -21,6 +21,9 @@ per-image Spearman correlation of std and |error| (:func:`idm.evaluation.uncerta
     {"operator": "mri", "rows": [{"method", "acceleration", "psnr", "ssim", "seconds", "spearman"}]}
 
 Its ``--figure`` shows, per acceleration, the first image's reconstruction, |error| and std per method.
+
+``--operator ct3d`` / ``mri3d``: one volume measured slice by slice, scored on its axial, coronal and
+sagittal planes with seconds and peak memory per method (:mod:`idm.bench.volume`).
 """
 
 from __future__ import annotations
@@ -46,15 +49,29 @@ from .methods import MRI_METHODS, MethodChoice, add_method_arguments, build_meth
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, metavar="DIR", help="folder of test images (e.g. BSD68)")
-    parser.add_argument("--operator", choices=("blockcs", "mri"), default="blockcs",
-                        help="blockcs (default): scrambled block CS at --ratios; mri: single-coil 1D Cartesian MRI at "
+    parser.add_argument("--data", required=True, metavar="DIR",
+                        help="folder of test images (e.g. BSD68); ct3d / mri3d: one NIfTI volume")
+    parser.add_argument("--operator", choices=("blockcs", "mri", "ct3d", "mri3d"), default="blockcs",
+                        help="blockcs (default): scrambled block CS at --ratios; ct3d / mri3d: a volume measured slice "
+                             "by slice, scored per plane (idm.bench.volume); mri: single-coil 1D Cartesian MRI at "
                              "--accelerations (ground truths: images or .npy)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5], metavar="R",
                         help="blockcs: sampling ratios (default 0.1 0.3 0.5)")
     parser.add_argument("--accelerations", type=float, nargs="+", default=[4.0, 8.0], metavar="A",
                         help="mri: accelerations (default 4 8)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")
+    volume = parser.add_argument_group("volumes (--operator ct3d / mri3d)")
+    volume.add_argument("--slices", metavar="START:STOP", help="only these axial slices of the volume (default all)")
+    volume.add_argument("--views", type=int, nargs="+", metavar="N",
+                        help="ct3d: evenly spaced views, one case per number (default 23)")
+    volume.add_argument("--bin", type=int, metavar="K",
+                        help="ct3d on raw projections (FILE.h5): average K adjacent detector cells (default 1)")
+    volume.add_argument("--angles", metavar="LOW,HIGH", help="ct3d: angular range in degrees (default 0,180)")
+    volume.add_argument("--mask", choices=("poisson", "random", "equispaced"),
+                        help="mri3d: the 2D mask of every axial slice (default poisson: undersampled along both "
+                             "phase-encode axes, readout along z)")
+    volume.add_argument("--no-slice-wise", action="store_true",
+                        help="do not add mbir's slice-wise run (lam=0, rho=1e-9: the 2D prior without z coupling)")
     parser.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
                         help="std of Gaussian measurement noise on the [0, 1] scale (default 0)")
     parser.add_argument("--block-size", type=int, default=32, help="block size B of block CS (default 32)")
@@ -175,6 +192,15 @@ def write_figure(path: str | Path, truth: tuple[str, torch.Tensor], results: lis
 def run_cli(args: argparse.Namespace) -> int:
     if args.crop is not None and args.crop < 1:
         raise IDMError("--crop must be positive")
+    if args.operator in ("ct3d", "mri3d"):
+        from .volume import run_volume_cli
+
+        return run_volume_cli(args)
+    given = [flag for flag, value in (("--slices", args.slices), ("--views", args.views), ("--angles", args.angles),
+                                      ("--mask", args.mask), ("--bin", args.bin), ("--no-slice-wise", args.no_slice_wise))
+             if value]
+    if given:
+        raise IDMError(f"{', '.join(given)} apply to --operator ct3d / mri3d, not {args.operator}")
     if args.operator == "mri":
         return run_mri_cli(args)
     args.crop = 96 if args.crop is None else args.crop

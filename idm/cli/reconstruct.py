@@ -16,11 +16,13 @@ Inputs (exactly one):
   (D/K)² image, K² times fewer pixels);
 * an image (``--operator`` and its options simulate the measurement; PSNR/SSIM are reported);
 * a NIfTI volume (``.nii``, ``.nii.gz``) with ``--operator ct`` or ``mri``: every axial slice is measured
-  by the same 2D operator and the volume reconstructed as one batch of slices (``mbir`` couples them;
-  the other methods treat them one by one); CT volumes in HU (values outside [0, 1]) are windowed by
+  by the same 2D operator and the volume reconstructed as one batch of slices (``mbir`` couples them,
+  as do ``tv`` and ``idm`` with ``--option volume=true``: 3D TV, z-TV consistency; the other methods
+  treat them one by one), with a progress bar; CT volumes in HU (values outside [0, 1]) are windowed by
   :func:`idm.io.medical.hu_window`, MRI volumes divided by their largest magnitude; ``-o`` must be
-  NIfTI and gets the reconstruction on that [0, 1] scale with the input's affine; PSNR is reported
-  on the axial, coronal and sagittal planes.
+  NIfTI and gets the reconstruction on that [0, 1] scale with the input's affine; PSNR / SSIM are reported
+  on the axial, coronal and sagittal planes (:func:`idm.evaluation.plane_scores`). A volume must be
+  3-D, finite and oriented (an affine: NIfTI sform or qform code set), else one ``error:`` line.
 
 Output: the image file(s) ``-o`` (PNG/TIFF/..., 8 bits): complex (MRI) results are written as
 their magnitude; results of simulated or measured images clipped to [0, 1] (their scale);
@@ -155,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
 
 def reconstruct_volume(args: argparse.Namespace, method: Any, checkpoint: str | None) -> int:
     """The NIfTI-volume input of the module docstring."""
-    from ..io.medical import hu_window, read_volume, write_nifti
+    from ..evaluation import plane_scores, volume_problem
+    from ..io.medical import write_nifti
 
     kind, factory = operator_factory_from_args(args)
     if kind not in ("ct", "mri"):
@@ -164,35 +167,21 @@ def reconstruct_volume(args: argparse.Namespace, method: Any, checkpoint: str | 
         raise IDMError(f"a volume is written as NIfTI: give -o FILE.nii[.gz], not {args.output}")
     if args.uncertainty:
         raise IDMError("--uncertainty applies to image inputs, not to volumes")
-    volume = read_volume(args.input, modality="CT" if kind == "ct" else None)
-    data = volume.data if volume.data.ndim == 3 else volume.data[None]
-    if not bool(torch.isfinite(data).all()):  # complex: both parts
-        raise IDMError(f"{args.input} contains NaN or inf values")
-    if kind == "ct":
-        if data.is_complex():
-            raise IDMError(f"{args.input} is complex; a CT volume is real")
-        truth = hu_window(data) if float(data.min()) < 0 or float(data.max()) > 1 else data.float()
-    else:
-        peak = float(data.abs().max())
-        if peak <= 0:
-            raise IDMError(f"{args.input} is all zero")
-        truth = data / peak
-    x = truth[:, None]
-    op = factory(tuple(x.shape[-2:]), 0)
-    y = op.measure(x, generator=torch.Generator().manual_seed(args.seed))
-    reconstruct = method.build(checkpoint=checkpoint, device=args.device, seed=args.seed,
+    problem = volume_problem(args.input, kind, factory, seed=args.seed)
+    x, op = problem.truth, problem.op
+    reconstruct = method.build(checkpoint=checkpoint, device=args.device, seed=args.seed, progress=True,
                                ratio=op.config().get("ratio"), **method_options(args.option))
     start = time.perf_counter()
-    with torch.no_grad():
-        estimate = op.crop(reconstruct(y.to(args.device), op)).cpu()
+    with torch.no_grad():  # a volume takes minutes: the method's progress bar (stderr) shows the ETA
+        estimate = op.crop(reconstruct(problem.y.to(args.device), op)).cpu()
     seconds = time.perf_counter() - start
     check_finite_result(args.method, estimate)
-    write_nifti(args.output, estimate[:, 0].numpy(), affine=volume.meta.get("affine"))
-    scored, reference = image_of(estimate).clamp(0, 1), image_of(x)
-    planes = [float(psnr(scored.permute(*order), reference.permute(*order)).mean())
-              for order in ((0, 1, 2, 3), (2, 1, 0, 3), (3, 1, 2, 0))]
+    write_nifti(args.output, estimate[:, 0].numpy(), affine=problem.affine)
+    scores = plane_scores(estimate, x)
+    planes = ", ".join(f"{plane} {s['psnr']:.2f}" + (f" / {s['ssim']:.4f}" if "ssim" in s else "")
+                       for plane, s in scores.items())
     print(f"{args.method}: {x.shape[0]} slices of {x.shape[2]}×{x.shape[3]} in {seconds:.2f} s → {args.output} "
-          f"(PSNR axial {planes[0]:.2f}, coronal {planes[1]:.2f}, sagittal {planes[2]:.2f} dB)")
+          f"(PSNR / SSIM: {planes})")
     return 0
 
 
@@ -291,25 +280,39 @@ def sinogram_problem(args: argparse.Namespace):
 
     row = args.row if args.row is not None else _middle_row(args.sinogram)
     sinogram = read_sinogram(args.sinogram, rows=row)
-    data = sinogram.data[:, 0, :].double()  # (views, D)
-    centre = rotation_centre(args.rotation_center, data, sinogram.angles)
-    data = recentred(data, centre)
-    print(f"{args.sinogram}: row {row}, {data.shape[0]} views, {data.shape[1]} detectors, rotation axis at "
-          f"detector {centre:.1f} (moved to the middle, {data.shape[1] // 2})")
     binning = 1 if args.bin is None else args.bin
-    if binning < 1:
-        raise IDMError(f"--bin must be >= 1, got {binning}")
-    if binning > 1:
-        cells = data.shape[1] // binning
-        if cells < 2:
-            raise IDMError(f"--bin {binning} leaves fewer than 2 of the {data.shape[1]} detector cells")
-        start = (data.shape[1] - cells * binning) // 2
-        data = data[:, start : start + cells * binning].reshape(data.shape[0], cells, binning).mean(-1)
+    data, centre = centred_sinogram(sinogram.data.double(), sinogram.angles, binning, args.rotation_center)
+    data = data[:, 0, :]  # (views, D)
+    print(f"{args.sinogram}: row {row}, {data.shape[0]} views, {sinogram.data.shape[2]} detectors, rotation axis at "
+          f"detector {centre:.1f} (moved to the middle{f' after binning by {binning}' if binning > 1 else ''})")
     detectors = data.shape[1]
     angles = sinogram.angles.tolist()
     op = ParallelBeamCT((detectors, detectors), angles=angles, detectors=detectors)
     name = f"{Path(args.sinogram).stem}_row{row}"
     return op, data.float()[None, None].contiguous(), [name]
+
+
+def centred_sinogram(data: torch.Tensor, angles: torch.Tensor, binning: int = 1,
+                     option: str | None = None) -> tuple[torch.Tensor, float]:
+    """Raw sinogram rows ``(views, rows, D)`` → ``(sinogram, axis)``: ``binning`` adjacent detector cells
+    averaged (the middle ``D // binning · binning`` cells), then the rotation axis — found on the middle
+    row by :func:`rotation_centre` (``option``: auto, middle or a position in unbinned cells) — moved
+    to the middle cell by :func:`recentred`; ``axis`` is its position in the unbinned detector cells."""
+    if binning < 1:
+        raise IDMError(f"--bin must be >= 1, got {binning}")
+    detectors, first = data.shape[-1], 0
+    if binning > 1:
+        cells = detectors // binning
+        if cells < 2:
+            raise IDMError(f"--bin {binning} leaves fewer than 2 of the {detectors} detector cells")
+        first = (detectors - cells * binning) // 2
+        data = data[..., first : first + cells * binning].reshape(*data.shape[:-1], cells, binning).mean(-1)
+    if option not in (None, "auto", "middle"):  # a position in unbinned cells → binned cells
+        position = rotation_centre(option, torch.zeros(1, detectors), angles)  # parsed and range-checked
+        option = str(min(max((position - first - (binning - 1) / 2) / binning, 0.0), data.shape[-1] - 1))
+    axis = rotation_centre(option, data[:, data.shape[1] // 2], angles)
+    data = torch.stack([recentred(data[:, row], axis) for row in range(data.shape[1])], dim=1)
+    return data, first + axis * binning + (binning - 1) / 2
 
 
 def rotation_centre(option: str | None, data: torch.Tensor, angles: torch.Tensor) -> float:

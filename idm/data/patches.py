@@ -30,10 +30,12 @@ class RandomPatches(Dataset):
 
     Args:
         images: ``(C, H, W)`` tensors (all with the same C) or an :class:`ImageFolder`, loaded
-            into memory once.
+            into memory once; with ``depth``, volumes ``(D, H, W)`` of any D ≥ ``depth``.
         patch_size: side ``p`` of the square patches; every image must be at least ``p × p``.
         length: number of items (e.g. iterations × batch size of one epoch).
         seed: the random seed.
+        depth: items are chunks ``(depth, p, p)`` of ``depth`` contiguous slices (a random first
+            slice; one crop and one dihedral transform for all of them).
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class RandomPatches(Dataset):
         patch_size: int,
         length: int,
         seed: int = 0,
+        depth: int | None = None,
     ) -> None:
         if patch_size < 1:
             raise IDMError(f"patch size must be positive, got {patch_size}")
@@ -57,8 +60,12 @@ class RandomPatches(Dataset):
             names = [f"image {i}" for i in range(len(loaded))]
         if not loaded:
             raise IDMError("no images to sample patches from")
+        if depth is not None:
+            short = [f"{name} ({image.shape[0]})" for name, image in zip(names, loaded) if image.shape[0] < depth]
+            if depth < 1 or short:
+                raise IDMError(f"chunks of {depth} slices need volumes that deep; too shallow: {', '.join(short)}")
         channels = {image.shape[0] for image in loaded}
-        if len(channels) != 1:
+        if depth is None and len(channels) != 1:
             raise IDMError(f"all images must have the same number of channels, got {sorted(channels)}")
         for name, image in zip(names, loaded):
             if min(image.shape[-2:]) < patch_size:
@@ -69,6 +76,7 @@ class RandomPatches(Dataset):
         self.patch_size = int(patch_size)
         self.length = int(length)
         self.seed = int(seed)
+        self.depth = None if depth is None else int(depth)
 
     def __len__(self) -> int:
         return self.length
@@ -83,5 +91,8 @@ class RandomPatches(Dataset):
         height, width = image.shape[-2:]
         top = int(rng.integers(height - self.patch_size + 1))
         left = int(rng.integers(width - self.patch_size + 1))
+        if self.depth is not None:
+            first = int(rng.integers(image.shape[0] - self.depth + 1))
+            image = image[first : first + self.depth]
         patch = image[:, top : top + self.patch_size, left : left + self.patch_size]
         return dihedral(patch, int(rng.integers(8))).contiguous()

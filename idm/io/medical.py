@@ -88,8 +88,10 @@ class MedicalImage:
             when unknown.
         meta: ``path``, ``format``, ``key`` (containers), ``affine`` (NIfTI and DICOM: 4 × 4 float64
             mapping the index ``(k, i, j, 1)`` of ``data`` to RAS+ mm; ``k = 0`` for a 2-D image), and
-            format-specific entries (DICOM: ``files`` in slice order, ``sorted_by``,
-            ``slice_positions``, ``uniform_spacing``, ``series_uid``, ``transfer_syntax``).
+            format-specific entries (NIfTI: ``oriented``, False when the header's sform and qform
+            codes are both 0 — no stored orientation, nibabel's fallback affine from the voxel sizes;
+            DICOM: ``files`` in slice order, ``sorted_by``, ``slice_positions``, ``uniform_spacing``,
+            ``series_uid``, ``transfer_syntax``).
     """
 
     data: torch.Tensor
@@ -319,6 +321,7 @@ def _read_nifti(path: Path) -> MedicalImage:
     nib = _require("nibabel", "NIfTI files")
     try:
         image = nib.load(str(path))
+        oriented = bool(int(image.header["sform_code"]) or int(image.header["qform_code"]))
         if len(image.shape) > 3:
             if any(s != 1 for s in image.shape[3:]):
                 raise IDMError(f"{path} is a {len(image.shape)}-D NIfTI image of shape "
@@ -340,7 +343,8 @@ def _read_nifti(path: Path) -> MedicalImage:
         raise IDMError(f"{path} is a {array.ndim}-D NIfTI image; read_volume reads 2-D and 3-D images")
     affine = np.asarray(image.affine, dtype=np.float64)
     meta = {"format": "nifti", "affine": affine[:, [2, 1, 0, 3]],  # index (k, i, j) = (z, y, x)
-            "orientation": "RAS+" if array.ndim == 3 else None, "original_orientation": original}
+            "orientation": "RAS+" if array.ndim == 3 else None, "original_orientation": original,
+            "oriented": oriented}
     data = np.ascontiguousarray(array.transpose())  # (x, y, z) → (z, y, x)
     return MedicalImage(torch.from_numpy(data), tuple(reversed(zooms)), None, None, meta)
 

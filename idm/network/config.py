@@ -72,6 +72,10 @@ class IDMConfig:
             more than its time (docs/denoiser-priors.md). Part of the trained function when training
             with it (``idm finetune --passes``); set after training it is an inference choice like
             ``sigma_scale``.
+        ztv: ``(λ, ρ)``: the batch is the slices of one volume (z first) and each step's data
+            consistency is the z-TV one (:func:`idm.physics.volume.ztv_consistency`, ``dc_iterations``
+            CG steps, default 10), which couples neighbouring slices as DiffusionMBIR's ADMM does; the
+            ``tv`` start is then 3D TV. None (default): every image on its own.
         start: the initial estimate x_start (``x_T = √ᾱ_T · (2 x_start − 1)``): ``"adjoint"``
             (A†y, free), ``"tv"`` (the ``tv`` baseline), ``"pnp"`` (the ``pnp`` method with the
             shipped ``dncnn-17``) or ``"fbp"`` (CT only: filtered backprojection, nearly free); computed without gradient, its cost is added to every call.
@@ -101,6 +105,7 @@ class IDMConfig:
     dc_iterations: int | None = None
     sigma_scale: tuple[tuple[float, float], ...] | None = None
     passes: int = 1
+    ztv: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.denoiser is not None:
@@ -145,6 +150,14 @@ class IDMConfig:
                 raise IDMError(f"sigma_scale must be distinct (ratio in (0, 1], factor > 0) pairs, got {self.sigma_scale!r}")
             object.__setattr__(self, "sigma_scale", pairs)
         check_count(self.passes, "passes")
+        if self.ztv is not None:
+            try:
+                lam, rho = (float(v) for v in self.ztv)
+            except (TypeError, ValueError):
+                raise IDMError(f"ztv must be a pair (lam, rho), got {self.ztv!r}") from None
+            if not (0.0 <= lam < math.inf and 0.0 < rho < math.inf):
+                raise IDMError(f"ztv needs lam >= 0 and rho > 0, got {self.ztv!r}")
+            object.__setattr__(self, "ztv", (lam, rho))
         if not isinstance(self.complex, bool):
             raise IDMError(f"complex must be true or false, got {self.complex!r}")
         object.__setattr__(self, "steps", int(self.steps))

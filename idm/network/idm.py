@@ -31,6 +31,7 @@ not exactly the plain sampler (see :mod:`idm.invertible.coupling`); with every `
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import os
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,14 @@ class IDMNet(nn.Module):
         self.sampler.memory_mode = "plain" if levels == "none" else "reversible"
         return self
 
+    def set_ztv(self, ztv: tuple[float, float] | None) -> "IDMNet":
+        """Couple the slices of a volume (the batch) by z-TV consistency with ``(λ, ρ)``, or not (None):
+        :attr:`IDMConfig.ztv`, an inference choice for a network trained without it."""
+        if self.config.ztv != (None if ztv is None else tuple(float(v) for v in ztv)):
+            self.config = replace(self.config, ztv=ztv)
+            self._start_solver = None  # the tv start follows (3D TV for volumes)
+        return self
+
     @torch.no_grad()
     def zero_couplings(self) -> "IDMNet":
         """Set every coupling's v to 0: the network becomes exactly the plain sampler with
@@ -257,7 +266,7 @@ class IDMNet(nn.Module):
             raise IDMError("measurements must be finite floating-point values")
         y = y.to(torch.complex128 if self.alpha.dtype == torch.float64 else torch.complex64) if y.is_complex() \
             else y.to(self.alpha.dtype)
-        meas = MeasurementContext.build(op, y, self.config.size_multiple, self.config.dc_iterations)
+        meas = MeasurementContext.build(op, y, self.config.size_multiple, self.config.dc_iterations, self.config.ztv)
         if meas.aty.shape[1] != self.config.channels:
             raise IDMError(f"IDM network expects {self.config.backbone_channels}-channel "
                            f"{'complex ' if self.config.complex else ''}images, the measurements give "
@@ -271,13 +280,15 @@ class IDMNet(nn.Module):
 
     def start_estimate(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         """The initial estimate x_start (B, C, *op.domain_size) on [0, 1] (complex for complex ``y``) of
-        ``config.start``: A†y, or the ``tv`` / ``pnp`` / ``fbp`` method's result (without gradient)."""
+        ``config.start``: A†y, or the ``tv`` / ``pnp`` / ``fbp`` method's result (without gradient; ``tv``
+        is 3D TV when the batch is a volume, ``config.ztv``)."""
         if self.config.start == "adjoint":
             return op.A_dagger(y)
         if self._start_solver is None:  # built on first use (a method, not a module: no parameters)
             from ..registry import get_method
 
-            self._start_solver = get_method(self.config.start).build(device=y.device)
+            volume = {"volume": True} if self.config.ztv is not None and self.config.start == "tv" else {}
+            self._start_solver = get_method(self.config.start).build(device=y.device, **volume)
         with torch.no_grad():
             return self._start_solver(y, op).to(y.dtype)
 

@@ -9,6 +9,10 @@ import torch
 from ..physics.base import LinearOperator
 from ..physics.canvas import Canvas
 from ..physics.mri import channels_to_complex, complex_to_channels
+from ..physics.volume import ztv_consistency
+
+#: CG steps of the z-TV consistency when the network sets no ``dc_iterations``
+ZTV_ITERATIONS = 10
 
 
 @dataclass(frozen=True)
@@ -37,19 +41,21 @@ class MeasurementContext:
     complex: bool = False
     gram_scale: float = 1.0
     dc_iterations: int | None = None
+    ztv: tuple[float, float] | None = None
 
     @classmethod
     def build(cls, op: LinearOperator, y: torch.Tensor, multiple: int,
-              dc_iterations: int | None = None) -> "MeasurementContext":
+              dc_iterations: int | None = None, ztv: tuple[float, float] | None = None) -> "MeasurementContext":
         """The context for measurements ``y`` of ``op`` (complex ``y``: a complex-image operator), on a
         canvas padded to a multiple of ``multiple``; ``dc_iterations``: CG steps of each
-        data-consistency solve (:meth:`~idm.physics.LinearOperator.project`; None: the operator's A†)."""
+        data-consistency solve (:meth:`~idm.physics.LinearOperator.project`; None: the operator's A†);
+        ``ztv``: (λ, ρ) of the z-TV consistency of a volume (the batch is its slices), or None."""
         canvas = Canvas.to_multiple(op.domain_size, multiple)
         is_complex = y.is_complex()
         scale = 1.0 / op.norm_squared(like=y.real if is_complex else y)
         aty = op.A_adjoint(y) * scale
         return cls(op, y, canvas.pad(complex_to_channels(aty) if is_complex else aty), canvas, is_complex, scale,
-                   dc_iterations)
+                   dc_iterations, ztv)
 
     def to_canvas(self, x: torch.Tensor) -> torch.Tensor:
         """An image of the operator's domain (complex for complex operators) → real canvas."""
@@ -79,8 +85,15 @@ class MeasurementContext:
         return self._apply(lambda x: self.op.A_adjoint(self.op.A(x)) * self.gram_scale, z)
 
     def data_consistency(self, x0: torch.Tensor) -> torch.Tensor:
-        """:meth:`~idm.physics.LinearOperator.project` (``x − A†(A x − y)``) of a canvas image on [0, 1].
+        """:meth:`~idm.physics.LinearOperator.project` (``x − A†(A x − y)``) of a canvas image on [0, 1];
+        with ``ztv`` the z-TV consistency of the batch as a volume
+        (:func:`~idm.physics.volume.ztv_consistency`, ``dc_iterations`` CG steps, default
+        :data:`ZTV_ITERATIONS`).
 
         Outside the domain (padding) the image is set to 0, the value the padded truth has.
         """
+        if self.ztv is not None:
+            lam, rho = self.ztv
+            iterations = ZTV_ITERATIONS if self.dc_iterations is None else self.dc_iterations
+            return self._apply(lambda x: ztv_consistency(x, self.y, self.op, lam, rho, iterations), x0)
         return self._apply(lambda x: self.op.project(x, self.y, iterations=self.dc_iterations), x0)

@@ -8,6 +8,7 @@ the operator's kind).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from ..errors import IDMError, check_ratio
 from ..io.checkpoint import check_trained_operator, shipped_checkpoint
 from ..physics.base import LinearOperator
+from ..physics.volume import ztv_defaults
 from ..registry import Posterior, Reconstruct, checked_options, register_method
 from .config import check_count
 from .idm import load_idm
@@ -36,6 +38,9 @@ def build(
     dc_iterations: int | None = None,
     samples: int = 8,
     keep: float = 0.8,
+    volume: bool | None = None,
+    lam: float | None = None,
+    rho: float | None = None,
     **options: Any,
 ) -> "IDMReconstructor":
     """``reconstruct(y, op)`` → IDM estimate ``(B, C, *op.domain_size)`` (not clipped);
@@ -47,11 +52,21 @@ def build(
     of sampler passes (:attr:`IDMConfig.passes`; e.g. 1 for speed), ``dc_iterations`` its CG steps
     per data-consistency solve (:attr:`IDMConfig.dc_iterations`; CT, multi-coil MRI: more steps fit
     the measurements more closely, e.g. ``idm-ct`` trained with 10 gains 0.4 dB with 40 at 23 views).
-    The IDM network is deterministic: ``seed`` draws only the withheld lines of ``with_uncertainty``.
-    No other options.
+    ``volume``: the batch is the slices of one volume (z first) and every step's data consistency
+    couples them by z-TV (:attr:`IDMConfig.ztv`; default: as the checkpoint was trained); ``lam`` and
+    ``rho`` set its (λ, ρ) (default: the checkpoint's, else :func:`idm.physics.volume.ztv_defaults` of
+    the operator). The IDM network is deterministic: ``seed`` draws only the withheld lines of
+    ``with_uncertainty``. No other options.
     """
     if options:
         raise IDMError(f"method 'idm' has no option(s) {', '.join(sorted(options))}")
+    if volume is not None and not isinstance(volume, bool):
+        raise IDMError(f"idm option volume must be true or false, got {volume!r}")
+    coupling = checked_options("idm", {"lam": 0.0, "rho": 1.0},
+                               {k: v for k, v in (("lam", lam), ("rho", rho)) if v is not None},
+                               {"lam": (0.0, math.inf), "rho": (1e-9, math.inf)})
+    if volume is False and (lam is not None or rho is not None):
+        raise IDMError("idm options lam and rho set the z-TV coupling of volumes; they need volume=true")
     spread = checked_options("idm", {"samples": 8, "keep": 0.8}, {"samples": samples, "keep": keep},
                              {"samples": (2, 1024), "keep": (1e-3, 1.0)})
     changes = {"passes": passes, "dc_iterations": dc_iterations}
@@ -80,6 +95,14 @@ def build(
 
     def reconstruct(y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         name, net, config = network(op.kind, op.config().get("ratio"))
+        if volume is not None or lam is not None or rho is not None:
+            trained = net.config.ztv if "trained_ztv" not in loaded else loaded["trained_ztv"]
+            loaded["trained_ztv"] = trained
+            ztv = None
+            if volume is not False:
+                lam0, rho0 = trained if trained is not None else ztv_defaults(op)
+                ztv = (coupling["lam"] if lam is not None else lam0, coupling["rho"] if rho is not None else rho0)
+            net.set_ztv(ztv)
         check_trained_operator(name, config, op)
         op.check_measurements(y)
         with torch.no_grad():

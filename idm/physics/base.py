@@ -196,20 +196,35 @@ class LinearOperator:
 def conjugate_gradient(
     apply: "callable", b: torch.Tensor, iterations: int = 50, tol: float = 1e-10
 ) -> torch.Tensor:
-    """Solve ``apply(x) = b`` for a symmetric positive semi-definite ``apply``, batch-wise."""
+    """Solve ``apply(x) = b`` for a symmetric positive semi-definite ``apply``, batch-wise, from x = 0.
+
+    Stops after ``iterations`` or once every item's residual ``‖b − apply(x)‖`` (as CG's recursion
+    tracks it) is below ``tol``; an item below it stays where it is while the others go on, so an
+    item's result does not depend on the rest of the batch. In floating point a *singular* system (e.g. masked Fourier
+    measurements plus a difference penalty sharing a null space) stalls at the rounding level and
+    then diverges: an item whose residual grows 1000-fold above its smallest stops there and gets its
+    iterate of smallest residual instead of the last."""
     dims = tuple(range(1, b.ndim))
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
     rs = (r.conj() * r).real.sum(dims, keepdim=True)
+    best, best_rs = x, rs
+    diverged = torch.zeros_like(rs, dtype=torch.bool)
+    done = rs <= tol * tol
     for _ in range(iterations):
+        if bool(done.all()):
+            break
         Ap = apply(p)
         alpha = rs / (p.conj() * Ap).real.sum(dims, keepdim=True).clamp_min(1e-30)
+        alpha = torch.where(done, 0.0, alpha)  # a converged or diverged item stays where it stopped
         x = x + alpha * p
         r = r - alpha * Ap
         rs_new = (r.conj() * r).real.sum(dims, keepdim=True)
-        if bool((rs_new <= tol * tol).all()):
-            break
-        p = r + (rs_new / rs.clamp_min(1e-30)) * p
+        improved = rs_new < best_rs
+        best, best_rs = torch.where(improved, x, best), torch.where(improved, rs_new, best_rs)
+        diverged = diverged | (rs_new > 1e6 * best_rs)
+        done = done | diverged | (rs_new <= tol * tol)
+        p = torch.where(done, p, r + (rs_new / rs.clamp_min(1e-30)) * p)
         rs = rs_new
-    return x
+    return torch.where(diverged, best, x)

@@ -236,14 +236,15 @@ def collate_patches(items: list[Any]) -> torch.Tensor:
 
 
 def patch_loader(images: Any, args: argparse.Namespace, start_step: int,
-                 accelerator: Any) -> torch.utils.data.DataLoader:
+                 accelerator: Any, depth: int | None = None) -> torch.utils.data.DataLoader:
     """This process's batches for steps ``[start_step, --steps)``: its ``--batch // world`` share of each
     global batch of random ``--patch`` patches of ``images`` (``(B, C, P, P)`` in [0, 1]; patch ``i`` of
-    the run is a function of ``i`` and ``--seed`` only)."""
+    the run is a function of ``i`` and ``--seed`` only); with ``depth``, chunks of ``depth`` contiguous
+    slices of the volumes ``images`` (``(B, depth, P, P)``, :class:`~idm.data.RandomPatches`)."""
     from ..data import RandomPatches
 
     world = accelerator.num_processes
-    patches = RandomPatches(images, args.patch, length=args.steps * args.batch, seed=args.seed)
+    patches = RandomPatches(images, args.patch, length=args.steps * args.batch, seed=args.seed, depth=depth)
     return torch.utils.data.DataLoader(
         patches,
         batch_sampler=StepBatches(start_step, args.steps, args.batch // world, accelerator.process_index, world),

@@ -63,13 +63,13 @@ TRAJECTORY_OPTIONS = (
     "arch", "init", "prior", "prune", "phases", "channels", "ratio", "block_size", "matrix_seed", "data", "steps", "batch", "patch", "lr", "lr_schedule",
     "warmup", "grad_clip", "sampling_steps", "unshuffle", "schedule_init", "alpha_init", "coupling_v", "mixed_precision",
     "seed", "ratio_range", "start", "sigma_max", "sigma_min", "operator", "acceleration", "mask", "views",
-    "dc_iterations", "wedge", "level_sampling", "passes",
+    "dc_iterations", "wedge", "level_sampling", "passes", "ztv", "chunk_depth",
 )
 #: trajectory options added after the first runs, with the value those runs used (for --resume)
-ADDED_OPTIONS = {"operator": "blockcs", "level_sampling": "uniform", "passes": None, "acceleration": None, "mask": None, "views": None, "dc_iterations": None, "wedge": None}
+ADDED_OPTIONS = {"operator": "blockcs", "level_sampling": "uniform", "passes": None, "acceleration": None, "mask": None, "views": None, "dc_iterations": None, "wedge": None, "ztv": None, "chunk_depth": None}
 #: IDM-only network options (``--arch unrolled`` rejects them)
 IDM_OPTIONS = ("sampling_steps", "unshuffle", "schedule_init", "alpha_init", "coupling_v", "start", "sigma_max", "sigma_min",
-               "dc_iterations", "passes")
+               "dc_iterations", "passes", "ztv", "chunk_depth")
 #: the paper halves the LR at epochs 10/20/30/40 of 50
 STEP_MILESTONES = (0.2, 0.4, 0.6, 0.8)
 #: trainable reconstruction networks (``--arch``)
@@ -104,7 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     io.add_argument("--prune", choices=tuple(PRUNE_PRESETS),
                     help="diffusers --prior: none, or paper (cross-attention, middle block and two deepest stages "
                          "removed); default paper for UNet2DConditionModel, none for UNet2DModel")
-    io.add_argument("--data", help="folder of training images (e.g. Train400)")
+    io.add_argument("--data", help="folder of training images (e.g. Train400); with --chunk-depth a folder of volumes")
+    io.add_argument("--chunk-depth", type=int, metavar="D",
+                    help="train on volumes: --data holds NIfTI volumes (CT in HU, windowed; MRI divided by its "
+                         "maximum) and each step is one chunk of D contiguous axial slices (a random --patch crop), "
+                         "the batch of slices the network sees as one volume (--batch 1; use with --ztv)")
     io.add_argument("--val", help="folder of validation images (e.g. Set12 or BSD68)")
     io.add_argument("--val-limit", type=int, help="only the first N validation images")
     io.add_argument("--out", help="run folder (default runs/idm-csNN)")
@@ -169,6 +173,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     net.add_argument("--passes", type=int,
                      help="sampler passes, each restarted from the previous output (IDMConfig.passes; default 1, "
                           "or an IDM --init's own)")
+    net.add_argument("--ztv", type=_ratio_pair, metavar="LAM,RHO",
+                     help="couple the slices of a volume (the batch) by z-TV data consistency with (λ, ρ) in every step "
+                          "(IDMConfig.ztv; e.g. 0.1,10 for CT)")
     net.add_argument("--alpha-init", type=float, help="with --schedule-init paper: the initial α of every step, in (0, 1) "
                      "(ᾱ_t = α^t; default 0.5, the paper's)")
     net.add_argument("--coupling-v", type=float, help="initial v of every reversible coupling, in (0, 1) "
@@ -217,6 +224,15 @@ def _validate_args(args: argparse.Namespace, world: int) -> None:
         raise IDMError("--prior starts an IDM network from a prior: use it with --arch idm and without --init")
     if args.prune is not None and args.prior is None:
         raise IDMError("--prune applies to a diffusers --prior only")
+    if args.ztv is not None and args.chunk_depth is None:
+        raise IDMError("--ztv couples the slices of a volume: train on volume chunks (--chunk-depth D)")
+    if args.chunk_depth is not None:
+        if args.chunk_depth < 2:
+            raise IDMError(f"--chunk-depth must be >= 2 slices, got {args.chunk_depth}")
+        if args.batch != 1 or world != 1:
+            raise IDMError("--chunk-depth trains on one chunk of slices per step: use --batch 1 in one process")
+        if args.operator not in ("ct", "mri"):
+            raise IDMError(f"--chunk-depth trains on CT or MRI volumes, not --operator {args.operator}")
     if args.arch == "idm" and args.init is None and args.prior is None:
         args.init = "prior-gray"
     if args.out is None:
@@ -251,6 +267,7 @@ def build_network(args: argparse.Namespace):
                                  ("schedule_init", args.schedule_init), ("alpha_init", args.alpha_init),
                                  ("coupling_v", args.coupling_v), ("start", args.start),
                                  ("dc_iterations", args.dc_iterations), ("passes", args.passes),
+                                 ("ztv", args.ztv),
                                  ("sigma_max", args.sigma_max), ("sigma_min", args.sigma_min))
                if v is not None}
     complex_images = args.operator == "mri"
@@ -267,7 +284,7 @@ def build_network(args: argparse.Namespace):
         if net.config.complex != complex_images:
             raise IDMError(f"--init {args.init} is an IDM network for {'complex' if net.config.complex else 'real'} "
                            f"images; --operator {args.operator} needs {'complex' if complex_images else 'real'} ones")
-        for key in ("start", "dc_iterations", "passes"):  # not part of the weights: they may change
+        for key in ("start", "dc_iterations", "passes", "ztv"):  # not part of the weights: they may change
             if key in changes:
                 net.config = replace(net.config, **{key: changes.pop(key)})
         differing = {k: v for k, v in changes.items() if getattr(net.config, k) != v}
@@ -358,8 +375,8 @@ def train(args: argparse.Namespace) -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
     net = accelerator.unwrap_model(model)
 
-    train_images = ImageFolder(args.data)
-    loader = patch_loader(train_images, args, progress.step, accelerator)
+    train_images = ImageFolder(args.data) if args.chunk_depth is None else training_volumes(args.data, args.operator)
+    loader = patch_loader(train_images, args, progress.step, accelerator, depth=args.chunk_depth)
     val_images = None
     if args.val and accelerator.is_main_process:
         folder = ImageFolder(args.val, limit=args.val_limit)
@@ -396,6 +413,8 @@ def train(args: argparse.Namespace) -> int:
             if step >= stop:
                 break
             x = batch.to(device, non_blocking=True)
+            if args.chunk_depth is not None:  # (1, D, P, P) → a volume of D slices (D, 1, P, P)
+                x = x.transpose(0, 1)
             op = step_operator(step)
             y = op.A(x)
             loss = (model(y, op) - x).abs().float().mean()  # L1 (on the modulus for complex MRI images)
@@ -430,6 +449,18 @@ def train(args: argparse.Namespace) -> int:
                           + (f" (validation PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f})" if scores else ""))
     accelerator.wait_for_everyone()
     return 0
+
+
+def training_volumes(folder: str, operator: str) -> list[torch.Tensor]:
+    """The volumes ``(D, H, W)`` on [0, 1] of the NIfTI files in ``folder`` (or the one file
+    ``folder``), read and scaled as every volume is (:func:`idm.evaluation.read_scaled_volume`)."""
+    from ..evaluation import read_scaled_volume
+
+    root = Path(folder)
+    paths = [root] if root.is_file() else sorted(p for p in root.glob("*") if p.name.lower().endswith((".nii", ".nii.gz")))
+    if not paths:
+        raise IDMError(f"--chunk-depth: no NIfTI volumes in {folder}")
+    return [read_scaled_volume(str(path), operator, require_affine=False)[0][:, 0].abs().float() for path in paths]
 
 
 def export(net: Any, directory: Path, args: argparse.Namespace, summary: RunSummary, *, num_images: int,

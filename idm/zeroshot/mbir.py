@@ -13,7 +13,7 @@ slice by a 2D operator (CT: parallel beam per axial slice; MRI: a 2D mask per sl
 with ``D_z x = x[1:] − x[:-1]`` the forward difference along z. The ADMM iteration solves
 ``(AᵀA + ρ D_zᵀD_z) x = Aᵀy + ρ D_zᵀ(z − u)`` by ``cg_iterations`` conjugate-gradient steps from the
 current x̂₀ (the whole volume as one vector), then ``z ← soft(D_z x + u, λ/ρ)``, ``u ← u + D_z x − z``;
-``z`` and ``u`` are carried across the steps. With ``start_level`` σ₀ the volume starts from the
+``z`` and ``u`` are carried across the steps (:func:`idm.physics.volume.admm_step`). With ``start_level`` σ₀ the volume starts from the
 data-consistent mid-grey volume diffused to noise σ₀ (:func:`~idm.zeroshot.common.diffused_start`, as
 ``diffuserecon``; Gaussian-denoiser priors need it).
 """
@@ -23,50 +23,16 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..physics.base import LinearOperator, conjugate_gradient
+from ..physics.base import LinearOperator
+from ..physics.volume import admm_step, z_diff, ztv_defaults
 from ..priors.schedule import NoiseSchedule, ddim_sigma, ddim_step, from_model_range, to_model_range, x0_from_eps
 from .common import EpsModel, abar_at, diffused_start, initial_state, randn, timestep_pairs
 
 
-def z_diff(x: torch.Tensor) -> torch.Tensor:
-    """``D_z x = x[1:] − x[:-1]`` along the slice (batch) axis: (D, …) → (D − 1, …)."""
-    return x[1:] - x[:-1]
-
-
-def z_diff_adjoint(v: torch.Tensor) -> torch.Tensor:
-    """``D_zᵀ v`` for ``v`` (D − 1, …) → (D, …)."""
-    out = v.new_zeros((v.shape[0] + 1, *v.shape[1:]))
-    out[1:] += v
-    out[:-1] -= v
-    return out
-
-
-def soft_threshold(v: torch.Tensor, tau: float) -> torch.Tensor:
-    """``max(|v| − τ, 0) · v / |v|`` (real or complex)."""
-    magnitude = v.abs()
-    return v * ((magnitude - tau).clamp_min(0) / magnitude.clamp_min(1e-30))
-
-
-def ztv_objective(x: torch.Tensor, y: torch.Tensor, op: LinearOperator, lam: float) -> float:
-    """``½‖A x − y‖² + λ‖D_z x‖₁`` of a volume ``x`` (D, C, H, W)."""
-    return float(0.5 * (op.A(x) - y).abs().square().sum() + lam * z_diff(x).abs().sum())
-
-
-def admm_step(x: torch.Tensor, y: torch.Tensor, op: LinearOperator, z: torch.Tensor, u: torch.Tensor, lam: float,
-              rho: float, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One ADMM iteration (module docstring) from the volume ``x`` (D, C, H, W) with the splitting
-    variables ``z``, ``u`` (D − 1, C, H, W) → ``(x, z, u)``."""
-    def normal(v: torch.Tensor) -> torch.Tensor:
-        return op.A_adjoint(op.A(v)) + rho * z_diff_adjoint(z_diff(v))
-
-    rhs = op.A_adjoint(y) + rho * z_diff_adjoint(z - u)
-    shape = x.shape
-    flat = conjugate_gradient(lambda v: normal(v.reshape(shape)).reshape(1, -1), (rhs - normal(x)).reshape(1, -1),
-                              iterations=iterations)
-    x = x + flat.reshape(shape)
-    dz = z_diff(x)
-    z = soft_threshold(dz + u, lam / rho)
-    return x, z, u + dz - z
+def mbir_defaults(op: LinearOperator) -> dict[str, float]:
+    """``{"lam", "rho"}`` of the z-TV ADMM for the operator (:func:`idm.physics.volume.ztv_defaults`)."""
+    lam, rho = ztv_defaults(op)
+    return {"lam": lam, "rho": rho}
 
 
 def sample_mbir(
@@ -92,7 +58,8 @@ def sample_mbir(
 
     Args:
         model: ``model(x, t) -> ε`` for slices ``x`` (N, C, H', W') on [-1, 1], ``t`` (N,) timesteps.
-        steps: respaced steps; eta: DDIM η of each step; lam, rho: λ and ρ of the z-TV ADMM;
+        steps: respaced steps; eta: DDIM η of each step; lam, rho: λ and ρ of the z-TV ADMM (the
+            registered method ``mbir`` defaults to :func:`mbir_defaults` of the operator);
         cg_iterations: CG steps per ADMM x-update; chunk: slices per model call (memory; the result
             does not depend on it); start_level: see the module docstring (0: from pure noise).
     """

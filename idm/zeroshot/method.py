@@ -28,7 +28,7 @@ from ..physics.mri import ComplexParts, merge_groups, split_groups
 from .common import check_complex_inputs, check_inputs, denoiser_sigma_max
 from .ddnm import sample_ddnm
 from .diffuserecon import sample_diffuserecon
-from .mbir import sample_mbir
+from .mbir import mbir_defaults, sample_mbir
 from .dps import sample_dps
 
 #: the prior used when no checkpoint is given
@@ -38,13 +38,16 @@ DEFAULT_PRIOR = "prior-gray"
 @dataclass(frozen=True)
 class SolverSpec:
     """A zero-shot method: its sampler, its options with their defaults (whose types they must
-    have) and whether the sampler is told the measurement noise ``op.noise.sigma``."""
+    have) and whether the sampler is told the measurement noise ``op.noise.sigma``;
+    ``by_operator(op)`` gives the defaults that depend on the operator (they replace ``defaults``
+    for the options the user did not set)."""
 
     sampler: Callable[..., torch.Tensor]
     defaults: Mapping[str, Any]
     noise_aware: bool = False
     description: str = ""
     limits: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    by_operator: Callable[[LinearOperator], Mapping[str, Any]] | None = None
 
 
 _STEP_LIMIT = (1, math.inf)
@@ -82,6 +85,7 @@ SOLVERS: dict[str, SolverSpec] = {
         description="DiffusionMBIR: a 2D prior on every slice of a volume (the batch) + one z-TV ADMM iteration per step",
         limits={"steps": _STEP_LIMIT, "eta": (0.0, 1.0), "lam": (0.0, math.inf), "rho": (1e-9, math.inf),
                 "cg_iterations": (1, 10_000), "chunk": (1, 1_000_000), "start_level": (0.0, 100.0)},
+        by_operator=mbir_defaults,
     ),
 }
 
@@ -96,9 +100,10 @@ def solver_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
 class ZeroShotReconstructor:
     """``reconstruct(y, op) -> x``: one zero-shot method bound to a loaded prior and its settings."""
 
-    def __init__(self, name: str, prior: PriorLike, settings: Mapping[str, Any], *, seed: int, progress: bool) -> None:
+    def __init__(self, name: str, prior: PriorLike, settings: Mapping[str, Any], *, seed: int, progress: bool,
+                 given: frozenset[str] = frozenset()) -> None:
         self.name, self.prior, self.settings = name, prior, dict(settings)
-        self.seed, self.progress = int(seed), bool(progress)
+        self.seed, self.progress, self.given = int(seed), bool(progress), frozenset(given)
 
     def __call__(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         """Measurements ``y`` (``op.measurement_shape(B, C)``) → ``(B, C, *op.domain_size)`` on [0, 1], on y's device.
@@ -144,6 +149,8 @@ class ZeroShotReconstructor:
         spec = SOLVERS[self.name]
         extra = {"sigma_y": op.noise.sigma} if spec.noise_aware else {}
         settings = dict(self.settings)
+        if spec.by_operator is not None:
+            settings.update({k: v for k, v in spec.by_operator(op).items() if k not in self.given})
         if "start_level" in settings:
             limit = denoiser_sigma_max(self.prior)
             if settings["start_level"] == 0.0 and math.isfinite(limit):
@@ -195,7 +202,7 @@ def build_solver(
         raise IDMError(
             f"method {name!r}: {settings['steps']} steps exceed the prior's {prior.schedule.num_steps}-step schedule"
         )
-    return ZeroShotReconstructor(name, prior, settings, seed=seed, progress=progress)
+    return ZeroShotReconstructor(name, prior, settings, seed=seed, progress=progress, given=frozenset(options))
 
 
 def _register(name: str) -> None:
