@@ -155,3 +155,4 @@ def test_a_singular_float32_system_does_not_blow_up() -> None:
     x = conjugate_gradient(apply, b, iterations=200, tol=0.0)
     assert torch.isfinite(x).all()
     assert float((apply(x) - b).norm()) < 1e-2 * float(b.norm())
+

@@ -78,3 +78,21 @@ def test_mbir_on_complex_mri_slices(prior_dir: str) -> None:
     x = volume(depth=3).to(torch.complex64)
     out = METHODS.get("mbir").build(checkpoint=prior_dir, steps=3, lam=0.005, rho=0.01)(op.A(x), op)
     assert out.shape == (3, 1, 16, 16) and out.is_complex() and torch.isfinite(torch.view_as_real(out)).all()
+
+
+def test_admm_without_z_term_on_mri_stays_the_data_consistency_step() -> None:
+    """λ = 0, ρ at its floor on masked Fourier measurements: the x-update's normal operator is
+    numerically the projection AᵀA, exact after one CG step; float32 CG must stop there (rounding
+    level / null-space direction) instead of stepping arbitrarily far along the null space."""
+    from idm.physics import MRI
+    from idm.physics.mri import ComplexParts
+
+    generator = torch.Generator().manual_seed(0)
+    op = ComplexParts(MRI((64, 64), acceleration=8, mask_type="poisson", seed=1))
+    truth = torch.rand(6, 2, 64, 64, generator=generator)
+    y = op.A(truth)
+    x = truth + 0.1 * torch.randn(truth.shape, generator=generator)
+    z = torch.zeros_like(z_diff(x))
+    out, _, _ = admm_step(x, y, op, z, torch.zeros_like(z), 0.0, 1e-9, 10)
+    assert float(out.norm()) < 1.01 * float(x.norm())
+    assert float((op.A(out) - y).abs().norm()) < 1e-3 * float(y.abs().norm())

@@ -199,8 +199,12 @@ def conjugate_gradient(
     """Solve ``apply(x) = b`` for a symmetric positive semi-definite ``apply``, batch-wise, from x = 0.
 
     Stops after ``iterations`` or once every item's residual ``‖b − apply(x)‖`` (as CG's recursion
-    tracks it) is below ``tol``; an item below it stays where it is while the others go on, so an
-    item's result does not depend on the rest of the batch. In floating point a *singular* system (e.g. masked Fourier
+    tracks it) is below ``tol`` or at the rounding level, ``100·eps·‖b‖`` (eps of the dtype), or its
+    search direction ``p`` has a Rayleigh quotient ``pᵀAp / pᵀp`` below ``100·eps`` times the largest
+    seen (a direction of the numerical null space); an item that stopped stays where it is while the
+    others go on, so an item's result does not depend on the rest of the batch. (Past the rounding
+    level a step along such a direction can be arbitrarily long without the residual showing it: a
+    masked Fourier operator's ``AᵀA`` is a projection, exact after one step.) In floating point a *singular* system (e.g. masked Fourier
     measurements plus a difference penalty sharing a null space) stalls at the rounding level and
     then diverges: an item whose residual grows 1000-fold above its smallest stops there and gets its
     iterate of smallest residual instead of the last."""
@@ -210,21 +214,27 @@ def conjugate_gradient(
     p = r.clone()
     rs = (r.conj() * r).real.sum(dims, keepdim=True)
     best, best_rs = x, rs
+    rounding = 100 * torch.finfo(rs.dtype).eps
+    floor = torch.clamp_min(rs * rounding**2, tol * tol)  # per item
     diverged = torch.zeros_like(rs, dtype=torch.bool)
-    done = rs <= tol * tol
+    done = rs <= floor
+    largest = torch.zeros_like(rs)  # largest Rayleigh quotient seen: ≈ ‖A‖ along the Krylov space
     for _ in range(iterations):
         if bool(done.all()):
             break
         Ap = apply(p)
-        alpha = rs / (p.conj() * Ap).real.sum(dims, keepdim=True).clamp_min(1e-30)
-        alpha = torch.where(done, 0.0, alpha)  # a converged or diverged item stays where it stopped
+        pAp = (p.conj() * Ap).real.sum(dims, keepdim=True)
+        quotient = pAp / (p.conj() * p).real.sum(dims, keepdim=True).clamp_min(1e-30)
+        largest = torch.maximum(largest, quotient)
+        done = done | (quotient <= rounding * largest)  # p in the numerical null space: no step
+        alpha = torch.where(done, 0.0, rs / pAp.clamp_min(1e-30))  # a stopped item stays where it is
         x = x + alpha * p
         r = r - alpha * Ap
         rs_new = (r.conj() * r).real.sum(dims, keepdim=True)
         improved = rs_new < best_rs
         best, best_rs = torch.where(improved, x, best), torch.where(improved, rs_new, best_rs)
         diverged = diverged | (rs_new > 1e6 * best_rs)
-        done = done | diverged | (rs_new <= tol * tol)
+        done = done | diverged | (rs_new <= floor)
         p = torch.where(done, p, r + (rs_new / rs.clamp_min(1e-30)) * p)
         rs = rs_new
     return torch.where(diverged, best, x)
