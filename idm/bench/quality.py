@@ -48,6 +48,11 @@ from ..registry import Reconstruct, gives_uncertainty
 from .methods import MRI_METHODS, MethodChoice, add_method_arguments, build_method, choose_methods, skippable
 
 
+#: defaults of the options of image benchmarks (``--operator blockcs`` / ``mri``); volumes reject others
+IMAGE_DEFAULTS = {"crop": None, "limit": None, "per_image": False, "ratios": [0.1, 0.3, 0.5],
+                  "accelerations": [4.0, 8.0], "block_size": 32, "matrix_seed": 0}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="folder of test images (e.g. BSD68); ct3d / mri3d: one NIfTI volume")
@@ -55,9 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="blockcs (default): scrambled block CS at --ratios; ct3d / mri3d: a volume measured slice "
                              "by slice, scored per plane (idm.bench.volume); mri: single-coil 1D Cartesian MRI at "
                              "--accelerations (ground truths: images or .npy)")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5], metavar="R",
+    parser.add_argument("--ratios", type=float, nargs="+", default=IMAGE_DEFAULTS["ratios"], metavar="R",
                         help="blockcs: sampling ratios (default 0.1 0.3 0.5)")
-    parser.add_argument("--accelerations", type=float, nargs="+", default=[4.0, 8.0], metavar="A",
+    parser.add_argument("--accelerations", type=float, nargs="+", default=IMAGE_DEFAULTS["accelerations"],
+                        metavar="A",
                         help="mri: accelerations (default 4 8)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")
     volume = parser.add_argument_group("volumes (--operator ct3d / mri3d)")
@@ -74,8 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not add mbir's slice-wise run (lam=0, rho=1e-9: the 2D prior without z coupling)")
     parser.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
                         help="std of Gaussian measurement noise on the [0, 1] scale (default 0)")
-    parser.add_argument("--block-size", type=int, default=32, help="block size B of block CS (default 32)")
-    parser.add_argument("--matrix-seed", type=int, default=0,
+    parser.add_argument("--block-size", type=int, default=IMAGE_DEFAULTS["block_size"],
+                        help="block size B of block CS (default 32)")
+    parser.add_argument("--matrix-seed", type=int, default=IMAGE_DEFAULTS["matrix_seed"],
                         help="seed of the sampling matrix Φ (default 0; learned methods' checkpoints must match)")
     add_method_arguments(parser)
     parser.add_argument("--per-image", action="store_true", help="also print every image's scores")
@@ -197,8 +204,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
         return run_volume_cli(args)
     given = [flag for flag, value in (("--slices", args.slices), ("--views", args.views), ("--angles", args.angles),
-                                      ("--mask", args.mask), ("--bin", args.bin), ("--no-slice-wise", args.no_slice_wise))
-             if value]
+                                      ("--mask", args.mask), ("--bin", args.bin),
+                                      ("--no-slice-wise", args.no_slice_wise)) if value]
     if given:
         raise IDMError(f"{', '.join(given)} apply to --operator ct3d / mri3d, not {args.operator}")
     if args.operator == "mri":

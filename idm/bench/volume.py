@@ -44,9 +44,11 @@ import torch
 from ..errors import IDMError
 from ..evaluation import PLANES, VolumeProblem, measure_volume, operator_factory, plane_scores, read_scaled_volume
 from ..io.atomic import atomic_write
-from ..physics.volume import ztv_defaults
+from ..cli.reconstruct import check_finite_result
+from ..zeroshot.mbir import mbir_defaults
 from .accounting import peak_memory_bytes, peak_resident_bytes
 from .methods import MethodChoice, build_method, choose_methods
+from .quality import IMAGE_DEFAULTS
 
 #: default methods per volume operator
 VOLUME_METHODS: dict[str, tuple[str, ...]] = {"ct3d": ("fbp", "tv", "mbir"), "mri3d": ("pinv", "tv", "mbir")}
@@ -123,17 +125,16 @@ def middle_planes(volume: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def variants(choice: MethodChoice, slice_wise: bool, op: Any) -> list[tuple[str, dict[str, Any]]]:
     """``(label, options)`` runs of one method: ``tv`` as 3D TV unless told otherwise; ``mbir`` with its
-    λ, ρ for ``op`` filled in (:func:`~idm.physics.volume.ztv_defaults`) and, with ``slice_wise``, once
-    more without the z term (``lam=0`` and ``rho`` at its floor 1e-9: the x-update is then the plain
-    data-consistency step, so nothing couples the slices)."""
+    λ, ρ for ``op`` filled in (:func:`~idm.zeroshot.mbir.mbir_defaults`, as the method does) and, with
+    ``slice_wise``, once more without the z term (``lam=0`` and ``rho`` at its floor 1e-9: the x-update
+    is then the plain data-consistency step, so nothing couples the slices)."""
     options = dict(choice.options)
     if choice.name == "tv":
         options.setdefault("volume", True)
         return [("tv (3D)" if options["volume"] else "tv (slice-wise)", options)]
     if choice.name != "mbir":
         return [(choice.name, options)]
-    lam, rho = ztv_defaults(op)
-    options = {"lam": lam, "rho": rho, **options}
+    options = {**mbir_defaults(op), **options}
     runs = [("mbir", options)]
     if slice_wise:
         runs.append(("mbir without z-TV (slice-wise 2D)", {**options, "lam": 0.0, "rho": 1e-9}))
@@ -159,12 +160,11 @@ def run_case(case: str, problem: VolumeProblem, methods: list[MethodChoice], *, 
                 return result, time.perf_counter() - start
 
             if torch.device(device).type == "cuda":
-                (estimate, seconds), peak = call(), None
+                estimate, seconds = call()
                 peak = peak_memory_bytes(call, device)  # a second run: the allocator's peak on the GPU
             else:
                 (estimate, seconds), peak = peak_resident_bytes(call)
-            if not bool(torch.isfinite(estimate).all()):
-                raise IDMError(f"{label} returned NaN or inf values on {case}")
+            check_finite_result(f"{label} on {case}", estimate)
             row = VolumeRow(case, choice.name, label, options, plane_scores(estimate, problem.truth), seconds, peak,
                             middle_planes(estimate))
             print(f"  {case}: {label}: " + ", ".join(f"{p} {s['psnr']:.2f}" for p, s in row.scores.items())
@@ -230,11 +230,9 @@ def run_volume_cli(args: argparse.Namespace) -> int:
     slices = parse_slices(args.slices)
     if not Path(args.data).is_file():
         raise IDMError(f"--operator {args.operator} takes one volume file as --data, got {args.data}")
-    unused = [flag for flag, given in (("--crop", args.crop is not None), ("--limit", args.limit is not None),
-                                       ("--per-image", args.per_image), ("--ratios", args.ratios != [0.1, 0.3, 0.5]),
-                                       ("--block-size", args.block_size != 32), ("--matrix-seed", args.matrix_seed != 0),
-                                       ("--accelerations", args.operator == "ct3d" and args.accelerations != [4.0, 8.0]))
-              if given]
+    image_only = ("crop", "limit", "per_image", "ratios", "block_size", "matrix_seed") + \
+        (("accelerations",) if args.operator == "ct3d" else ())
+    unused = [f"--{name.replace('_', '-')}" for name in image_only if getattr(args, name) != IMAGE_DEFAULTS[name]]
     if unused:
         raise IDMError(f"{', '.join(unused)} do(es) not apply to --operator {args.operator}")
     methods = choose_methods(args, VOLUME_METHODS[args.operator])

@@ -96,8 +96,7 @@ def build(
     def reconstruct(y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         name, net, config = network(op.kind, op.config().get("ratio"))
         if volume is not None or lam is not None or rho is not None:
-            trained = net.config.ztv if "trained_ztv" not in loaded else loaded["trained_ztv"]
-            loaded["trained_ztv"] = trained
+            trained = config.get("idm", {}).get("ztv")  # the checkpoint's own, whatever set_ztv did since
             ztv = None
             if volume is not False:
                 lam0, rho0 = trained if trained is not None else ztv_defaults(op)
