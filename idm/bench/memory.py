@@ -39,7 +39,7 @@ from torch import nn
 from ..errors import IDMError
 from ..invertible import set_memory_mode
 from ..invertible.diffusers import PRUNE_PRESETS
-from ..io.atomic import atomic_path, atomic_write
+from ..io.atomic import atomic_write, save_figure
 from ..priors.unet import UNetConfig
 from .accounting import peak_memory_bytes, time_call
 
@@ -243,12 +243,7 @@ def write_plot(path: str | Path, result: dict[str, Any]) -> None:
         ax.set_title(f"{size}x{size}, {result['device']}")
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as temp:
-            fig.savefig(temp, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def resolve_unet_config(name: str) -> UNetConfig:

@@ -41,7 +41,7 @@ from ..cli.common import write_json
 from ..data import ImageFolder
 from ..errors import IDMError, check_ratio
 from ..evaluation import Evaluation, blockcs_factory, evaluate, operator_factory, uncertainty_maps
-from ..io.atomic import atomic_write
+from ..io.atomic import save_figure
 from ..metrics import spearman
 from ..physics.base import LinearOperator
 from ..registry import Reconstruct, gives_uncertainty
@@ -190,10 +190,7 @@ def write_figure(path: str | Path, truth: tuple[str, torch.Tensor], results: lis
             ax.set_xlabel(caption, fontsize=8)
     h, w = centre_crop(image, crop).shape[-2:]
     fig.suptitle(f"{name}: centre crop {h}×{w}, scrambled block CS", fontsize=10)
-    fig.tight_layout()
-    with atomic_write(path) as handle:
-        fig.savefig(handle, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -374,10 +371,7 @@ def write_mri_figure(path: str | Path, truth: tuple[str, torch.Tensor], results:
                     ax.set_xlabel(f"Spearman {r.spearman[name]:.2f}", fontsize=8)
     fig.suptitle(f"{name}: single-coil MRI, magnitudes over the truth's maximum (error / std share a scale "
                  "per acceleration)", fontsize=9)
-    fig.tight_layout()
-    with atomic_write(path) as handle:
-        fig.savefig(handle, format="png", dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def run_mri_cli(args: argparse.Namespace) -> int:

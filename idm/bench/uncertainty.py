@@ -28,7 +28,7 @@ from ..cli.common import (add_measurement_args, add_method_args, method_checkpoi
                           operator_options, write_json)
 from ..errors import IDMError
 from ..evaluation import image_scores, operator_factory, uncertainty_maps
-from ..io.atomic import atomic_write
+from ..io.atomic import save_figure
 from ..metrics import calibration_curve, spearman
 from ..registry import METHODS, require_uncertainty
 
@@ -134,7 +134,4 @@ def write_figure(path: Path, result: dict, first: tuple) -> None:
         ax.imshow(image[0, 0].numpy(), **style)
         ax.set_title(title)
         ax.axis("off")
-    fig.tight_layout()
-    with atomic_write(path) as handle:
-        fig.savefig(handle, format="png", dpi=64)
-    plt.close(fig)
+    save_figure(fig, path, dpi=64)

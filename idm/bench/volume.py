@@ -43,7 +43,7 @@ import torch
 
 from ..errors import IDMError
 from ..evaluation import PLANES, VolumeProblem, measure_volume, operator_factory, plane_scores, read_scaled_volume
-from ..io.atomic import atomic_write
+from ..io.atomic import save_figure
 from ..cli.reconstruct import check_finite_result
 from ..zeroshot.mbir import mbir_defaults
 from .accounting import peak_memory_bytes, peak_resident_bytes
@@ -217,10 +217,7 @@ def write_figure(path: str | Path, truths: dict[str, dict[str, torch.Tensor]], r
                     ax.set_xlabel(f"{row.scores[plane]['psnr']:.2f} dB", fontsize=8)
                 if col == 0:
                     ax.set_ylabel(label, fontsize=8)
-    fig.tight_layout()
-    with atomic_write(path) as handle:
-        fig.savefig(handle, format="png", dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def run_volume_cli(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from ..data import sample_images
 from ..errors import IDMError, check_ratio
 from ..evaluation import Evaluation, blockcs_factory, evaluate
 from ..bench.methods import MethodChoice, build_method
-from ..io.atomic import atomic_write
+from ..io.atomic import save_figure
 from ..registry import METHODS
 from .common import write_json
 
@@ -116,7 +116,4 @@ def write_figure(path: Path, images: dict, results: list[Evaluation]) -> None:
                 ax.set_title(title, fontsize=9)
             ax.set_xlabel(caption if caption else name, fontsize=8)
     fig.suptitle(f"block CS, ratio {results[0].ratio:g}", fontsize=10)
-    fig.tight_layout()
-    with atomic_write(path) as handle:
-        fig.savefig(handle, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -43,7 +43,7 @@ import torch
 from ..bench.methods import MethodChoice, build_method
 from ..errors import IDMError
 from ..evaluation import Evaluation, ImageScore, evaluate, operator_factory
-from ..io.atomic import atomic_write
+from ..io.atomic import save_figure
 from ..network.method import OPERATOR_CHECKPOINTS
 from ..zeroshot.pnp import OPERATOR_DENOISERS
 from ..registry import METHODS
@@ -249,7 +249,4 @@ def write_figure(path: Path, case: Case, images: dict, evaluations: list[Evaluat
             ax.text(0.4 if index == 0 else 0.5, 0.5, "|x̂ − x|", rotation=90, ha="center", va="center", fontsize=8,
                     transform=ax.transAxes)
     fig.suptitle(case.title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.15 / fig.get_figheight()))  # room for the title
-    with atomic_write(path) as handle:
-        fig.savefig(handle, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100, rect=(0, 0, 1, 1 - 0.15 / fig.get_figheight()))  # room for the title

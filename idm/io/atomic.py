@@ -123,3 +123,16 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 100, **layout: Any) -> None:
+    """A matplotlib figure written atomically as PNG, then closed (also on failure); ``layout``:
+    arguments of ``fig.tight_layout`` (e.g. ``rect``)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout(**layout)
+        with atomic_write(path) as handle:
+            fig.savefig(handle, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
