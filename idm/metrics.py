@@ -96,6 +96,19 @@ def ssim_skimage(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
+def nmi_skimage(x: torch.Tensor, ref: torch.Tensor, bins: int = 100) -> torch.Tensor:
+    """Normalised mutual information of each image with its reference: scikit-image
+    ``normalized_mutual_information`` (Studholme's ``(H(X) + H(Y)) / H(X, Y)``, on [1, 2]; 2 for
+    images that determine each other) with ``bins`` histogram bins on [0, 1] data, per image: ``(B,)``
+    float64 on the CPU (the translation bench's "MI" column)."""
+    from skimage.metrics import normalized_mutual_information
+
+    x, ref = _prepare(x, ref, 1, metric="nmi_skimage")
+    images, refs = x.detach().cpu().double().numpy(), ref.detach().cpu().double().numpy()
+    return torch.tensor([normalized_mutual_information(image, reference, bins=bins)
+                         for image, reference in zip(images, refs)], dtype=torch.float64)
+
+
 # --- uncertainty ---------------------------------------------------------------------------------
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
     """1-based ranks of a 1-D tensor, ties sharing their average rank (float64)."""

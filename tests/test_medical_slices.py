@@ -217,3 +217,15 @@ def test_real_data_held_out_ct_and_mri_val(shared_data, tmp_path):
     assert manifest["count"] == 8 and manifest["sizes"] == {"240x240": 8}
     image = load_image(tmp_path / "mri-val" / manifest["files"][0]["file"])
     assert image.shape == (1, 240, 240) and 0.0 <= float(image.min()) and float(image.max()) == 1.0
+
+
+def test_real_data_t2_splits_keep_the_translation_pairs_apart(shared_data, tmp_path):
+    """The T2 prior's training slices exclude the SynDiff pairs 20-24 (translation test); val and test
+    hold T1 and T2 of the same pairs, as stored (256 x 152)."""
+    train = ms.export_split("t2", "train", shared_data, tmp_path / "train")
+    syndiff = {r["index"] for r in train["files"] if "syndiff" in r["file"]}
+    assert syndiff == set(ms.SYNDIFF_TRAIN) and not syndiff & set(ms.SYNDIFF_TEST)
+    assert all("_t2_" in r["file"] for r in train["files"] if r["file"].startswith("brats"))
+    test = ms.export_split("t2", "test", shared_data, tmp_path / "test")
+    assert {r["file"] for r in test["files"]} == {f"syndiff-{c}-{i}.npy" for c in ("T1", "T2") for i in ms.SYNDIFF_TEST}
+    assert np.load(tmp_path / "test" / "syndiff-T1-20.npy").shape == (256, 152)

@@ -1,6 +1,6 @@
 """Export 2-D slices of the medical data (MRI, CT) as training / validation PNGs and test arrays.
 
-    python -m train.medical_slices --modality mri|ct --split train|val|test --data ../shared/data \\
+    python -m train.medical_slices --modality mri|ct|t2 --split train|val|test --data ../shared/data \\
         --out DIR [--min-foreground F]
 
 DIR gets one file per slice and ``manifest.json``: for every file its source (path relative to
@@ -31,6 +31,14 @@ MRI -- every slice is divided by its own 99.9th percentile and clipped to [0, 1]
          complex image mri/fastmri_knee_scoremri/single-coil/001.npy (kept complex64, its phase
          included), each divided by its max magnitude: knee-retro-00N.npy, knee-singlecoil-001.npy,
          320 x 320 (idm eval scores magnitudes).
+
+T2 (the target-modality prior of ``idm translate``; every slice / its 99.9th percentile, clipped) --
+  train  every BraTS2020 t2 slice under mri/brats2020_slices (10, 240 x 240) and the SynDiff T2 slices
+         0-19 (256 x 152).
+  val    the SynDiff pairs 15-19, T1 and T2, where translate's settings were chosen (their T2 slices are
+         training data of the prior, their T1 slices are not).
+  test   the SynDiff pairs 20-24, T1 and T2 (syndiff-T1-20.npy, syndiff-T2-20.npy, ...): held out of
+         the T2 prior; the translation bench's source / truth pairs.
 
 CT -- Hounsfield units windowed [-1000, 1000] HU -> [0, 1] (idm.io.medical.hu_window); axial slices
 in read_volume's NIfTI orientation (row 0 posterior, column 0 the patient's left; DICOM slices,
@@ -77,6 +85,9 @@ MRI_FOREGROUND = 0.05  # MRI foreground: above 5 % of the volume's max
 CT_FOREGROUND_HU = -500.0  # CT foreground (body): above -500 HU
 HELD_OUT = {"ct/totalsegmentator/example_ct.nii.gz": "held out: the CT val / test volume",
             "ct/totalsegmentator/example_ct_sm.nii.gz": "held out: a part of the same scan as example_ct"}
+SYNDIFF_TEST = (20, 21, 22, 23, 24)  # the SynDiff T1 / T2 pairs held out for translation (t2 test)
+SYNDIFF_TRAIN = tuple(range(20))
+SYNDIFF_VAL = (15, 16, 17, 18, 19)  # pairs whose T1 the prior never saw (its T2 it did): translate's settings
 _BRATS_SUBJECT = re.compile(r"brats_train_(\d+)_")
 
 
@@ -135,6 +146,15 @@ SOURCES: dict[tuple[str, str], tuple[Source, ...]] = {
         Source("ct/totalsegmentator/example_ct_dicom", "{stem}-{index:03d}", views="axial", norm="hu", modality="CT"),
         Source("ct/pydicom_data/693_UNCR.dcm", "{stem}", norm="hu", modality="CT"),
     ),
+    ("t2", "train"): (
+        Source(f"{_BRATS}/*/*/*/*.nii.gz", "{stem}", only=r"_t2_\d+"),
+        Source("mri/multicontrast_syndiff_T1T2/T2.mat", "syndiff-{stem}-{index:02d}", views="stack", key="data_fs",
+               indices=SYNDIFF_TRAIN),
+    ),
+    ("t2", "val"): (Source("mri/multicontrast_syndiff_T1T2/T[12].mat", "syndiff-{stem}-{index:02d}", views="stack",
+                           key="data_fs", indices=SYNDIFF_VAL),),
+    ("t2", "test"): (Source("mri/multicontrast_syndiff_T1T2/T[12].mat", "syndiff-{stem}-{index:02d}", views="stack",
+                            key="data_fs", indices=SYNDIFF_TEST),),
     ("ct", "val"): (Source(_EXAMPLE_CT, "slice{index:03d}", views="axial", norm="hu", modality="CT",
                            indices=(20, 90)),),
     ("ct", "test"): (Source(_EXAMPLE_CT, "slice{index:03d}", views="axial", norm="hu", modality="CT",
@@ -144,6 +164,7 @@ SOURCES: dict[tuple[str, str], tuple[Source, ...]] = {
 NORMALISATION = {
     "mri": f"train / val: each slice / its own {PERCENTILE}th percentile, clipped to [0, 1]; "
            "test: / its max magnitude (the complex single-coil slice keeps its phase)",
+    "t2": f"each slice / its own {PERCENTILE}th percentile, clipped to [0, 1] (train and the test pairs)",
     "ct": f"hu_window: clip((HU - ({CT_WINDOW[0]:g})) / {CT_WINDOW[1] - CT_WINDOW[0]:g}, 0, 1)",
 }
 
@@ -345,7 +366,7 @@ def export_split(modality: str, split: str, data: str | Path, out: str | Path, *
     """Export one split (see the module docstring) of the data root ``data`` into ``out``; ``sources``
     replaces the split's :data:`SOURCES`. Returns the manifest."""
     if (modality, split) not in SOURCES:
-        raise IDMError(f"unknown modality / split {modality} / {split} (mri|ct, train|val|test)")
+        raise IDMError(f"unknown modality / split {modality} / {split} (mri|ct|t2: train|val|test)")
     if not 0.0 <= min_foreground < 1.0:
         raise IDMError(f"--min-foreground must lie in [0, 1), got {min_foreground:g}")
     root = Path(data)
@@ -363,7 +384,7 @@ def export_split(modality: str, split: str, data: str | Path, out: str | Path, *
 
 # --- command line ----------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--modality", required=True, choices=("mri", "ct"))
+    parser.add_argument("--modality", required=True, choices=("mri", "ct", "t2"))
     parser.add_argument("--split", required=True, choices=("train", "val", "test"))
     parser.add_argument("--data", required=True, help="the data root (../shared/data)")
     parser.add_argument("--out", required=True, help="output folder (replaced as a whole)")

@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("idm.cli.pretrain", "pre-train the diffusion prior on image patches (or --evaluate a prior)"),
     "finetune": ("idm.cli.finetune",
                  "fine-tune the IDM network for block CS at one ratio or a ratio range, from a prior or a checkpoint"),
+    "translate": ("idm.cli.translate", "translate a 2-D image into another modality (T1 → T2) with an LMI-guided diffusion prior"),
     "sample": ("idm.cli.sample", "draw samples from a diffusion prior into a PNG grid"),
     "bench": ("idm.cli.bench", "run a benchmark (memory, ...)"),
 }
