@@ -332,7 +332,7 @@ def test_idm_volume_option_couples_the_slices(denoiser_prior: Path, tmp_path: Pa
     x = torch.rand(4, 1, 24, 24, generator=torch.Generator().manual_seed(0))
     y = op.A(x)
     flat = get_method("idm").build(checkpoint=str(tmp_path / "idm-ct"))
-    coupled = get_method("idm").build(checkpoint=str(tmp_path / "idm-ct"), volume=True, lam=0.05, rho=10.0)
+    coupled = get_method("idm").build(checkpoint=str(tmp_path / "idm-ct"), volume=True, lam=0.2, rho=10.0)
     together, alone = flat(y, op), torch.cat([flat(y[i : i + 1], op) for i in range(4)])
     # apart up to rounding (float32 sums in another order, through the ill-conditioned CG of A†y)
     rounding = float((together - alone).abs().max())
@@ -341,3 +341,25 @@ def test_idm_volume_option_couples_the_slices(denoiser_prior: Path, tmp_path: Pa
 
     with pytest.raises(IDMError, match="need volume=true"):
         get_method("idm").build(checkpoint=str(tmp_path / "idm-ct"), volume=False, lam=0.1)
+
+
+def test_idm_chunk_splits_the_batch_without_changing_the_result(denoiser_prior: Path, tmp_path: Path) -> None:
+    """``idm`` option ``chunk`` bounds the items per network call; items are independent, so the result
+    matches one call up to float rounding; with z-TV coupling it is refused (the volume is one batch)."""
+    from idm.errors import IDMError
+    from idm.network import idm_from_prior
+    from idm.physics import ParallelBeamCT
+
+    net = idm_from_prior(str(denoiser_prior), steps=2, levels="none", dc_iterations=3)
+    net.save(tmp_path / "idm-ct", "# tiny", ratio=None, operator="ct")
+    op = ParallelBeamCT((24, 24), views=40)
+    y = op.A(torch.rand(5, 1, 24, 24, generator=torch.Generator().manual_seed(1)))
+    whole = get_method("idm").build(checkpoint=str(tmp_path / "idm-ct"), chunk=5)(y, op)
+    pieces = get_method("idm").build(checkpoint=str(tmp_path / "idm-ct"), chunk=2)(y, op)
+    # float32 rounding differs with the batch size and the CG of A†y amplifies it: A†y itself moves so much
+    rounding = float((op.A_dagger(y) - torch.cat([op.A_dagger(y[i : i + 2]) for i in range(0, 5, 2)])).abs().max())
+    assert pieces.shape == whole.shape and float((pieces - whole).abs().max()) <= 2 * rounding + 1e-5
+    with pytest.raises(IDMError, match="volume=true"):
+        get_method("idm").build(checkpoint=str(tmp_path / "idm-ct"), volume=True, chunk=2)
+    with pytest.raises(IDMError, match="chunk"):
+        get_method("idm").build(checkpoint=str(tmp_path / "idm-ct"), chunk=0)

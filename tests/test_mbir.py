@@ -96,3 +96,16 @@ def test_admm_without_z_term_on_mri_stays_the_data_consistency_step() -> None:
     out, _, _ = admm_step(x, y, op, z, torch.zeros_like(z), 0.0, 1e-9, 10)
     assert float(out.norm()) < 1.01 * float(x.norm())
     assert float((op.A(out) - y).abs().norm()) < 1e-3 * float(y.abs().norm())
+
+
+def test_mbir_defaults_follow_the_operator() -> None:
+    """λ, ρ per modality and more CG steps for a limited-angle wedge (explicit angles count as 180°)."""
+    from idm.physics import MRI, ParallelBeamCT
+    from idm.zeroshot.mbir import CG_ITERATIONS, mbir_defaults
+
+    full, wedge = ParallelBeamCT((16, 16), views=8), ParallelBeamCT((16, 16), views=8, angle_range=(0, 90))
+    explicit = ParallelBeamCT((16, 16), angles=[0, 30, 60, 90, 120, 150])
+    assert mbir_defaults(full)["cg_iterations"] == mbir_defaults(explicit)["cg_iterations"] == CG_ITERATIONS["full"]
+    assert mbir_defaults(wedge)["cg_iterations"] == CG_ITERATIONS["limited"] > CG_ITERATIONS["full"]
+    mri = MRI((16, 16), acceleration=4, seed=0)
+    assert (mbir_defaults(mri)["lam"], mbir_defaults(mri)["rho"]) != (mbir_defaults(full)["lam"], mbir_defaults(full)["rho"])

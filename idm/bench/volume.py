@@ -16,10 +16,12 @@ by slice (:func:`idm.evaluation.volume_problem`):
   unitary 1D Fourier transform along the fully sampled readout maps the 3D k-space to these
   per-slice 2D k-spaces, so both measure the same thing; the volume is divided by its largest value.
 
-Every method reconstructs the whole volume as one batch of slices; default methods: ``fbp`` (CT) or
-``pinv`` (MRI, zero-filled), ``tv`` run as 3D TV (option ``volume=true``, unless ``--option
-tv.volume=false``), and ``mbir`` twice — as configured, and slice-wise (the same sampler without the
-z term, :func:`variants`; ``--no-slice-wise`` leaves it out). Rows: PSNR (peak 1)
+Every method gets the whole volume as one batch of slices (``mbir`` and ``idm`` run their networks on
+chunks of it); default methods: ``fbp`` (CT) or ``pinv`` (MRI, zero-filled), ``tv`` run as 3D TV
+(option ``volume=true``, unless ``--option tv.volume=false``), ``mbir`` twice — as configured, and
+slice-wise (the same sampler without the z term, :func:`variants`; ``--no-slice-wise`` leaves it out)
+— and for CT the shipped few-step ``idm`` (``idm-ct``; ``--option idm.volume=true`` couples its steps
+by z-TV). Rows: PSNR (peak 1)
 and SSIM per plane (:func:`idm.evaluation.plane_scores`: mean over the axial, coronal or sagittal
 slices), seconds, and the peak resident memory above the start of the call
 (:func:`idm.bench.accounting.peak_resident_bytes`)::
@@ -51,7 +53,7 @@ from .methods import MethodChoice, build_method, choose_methods
 from .quality import IMAGE_DEFAULTS
 
 #: default methods per volume operator
-VOLUME_METHODS: dict[str, tuple[str, ...]] = {"ct3d": ("fbp", "tv", "mbir"), "mri3d": ("pinv", "tv", "mbir")}
+VOLUME_METHODS: dict[str, tuple[str, ...]] = {"ct3d": ("fbp", "tv", "mbir", "idm"), "mri3d": ("pinv", "tv", "mbir")}
 
 
 @dataclass

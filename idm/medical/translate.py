@@ -7,7 +7,7 @@ is pushed up the gradient of the local-wise mutual information between source an
 (:class:`~idm.medical.lmi.LocalMutualInformation`, a contrast-free similarity). With states on the
 prior's [-1, 1] range, ``s`` the source on [0, 1] and ``t₀`` the first timestep (``start`` · T)::
 
-    x_t₀ = √ᾱ_t₀ (2s − 1) + √(1 − ᾱ_t₀) z                     (start = 1: pure noise)
+    x_t₀ = √ᾱ_t₀ (2s − 1) + √(1 − ᾱ_t₀) z                     (start = 1: x_T = z, pure noise)
     for each step t → t' of the respaced schedule:
         ε  = model(x_t, t);  x̂₀ = clamp((x_t − √(1 − ᾱ_t) ε) / √ᾱ_t, −1, 1);  ε ← (x_t − √ᾱ_t x̂₀) / √(1 − ᾱ_t)
         g  = ∇ Σ LMI(s, x̂₀⁺)  at x̂₀⁺ = (x̂₀ + 1) / 2           (the estimate on [0, 1])
@@ -99,7 +99,7 @@ def sample_translation(
     first = round(start * (schedule.num_steps - 1))
     noise = randn((*source.shape[:2], *canvas.size), generator, source)
     abar = abar_at(schedule, first)
-    x = abar**0.5 * to_model_range(canvas.pad(source)) + (1 - abar) ** 0.5 * noise
+    x = noise if start == 1.0 else abar**0.5 * to_model_range(canvas.pad(source)) + (1 - abar) ** 0.5 * noise
     x0 = x
     for t, t_next in tqdm(timestep_pairs(schedule, int(steps), t_max=first), disable=not progress, desc="translate",
                           leave=False):

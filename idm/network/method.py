@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import IDMError, check_ratio
 from ..io.checkpoint import check_trained_operator, shipped_checkpoint
@@ -24,6 +25,8 @@ from .idm import load_idm
 
 #: the shipped checkpoint of each operator kind without a sampling ratio
 OPERATOR_CHECKPOINTS = {"mri": "idm-mri", "ct": "idm-ct"}
+#: default items (slices of a volume) per network call of the ``idm`` method
+CHUNK = 8
 
 
 @register_method("idm", "IDM: the prior's sampler fine-tuned end to end (invertible diffusion, T=3)", checkpoint_kind="idm")
@@ -41,6 +44,7 @@ def build(
     volume: bool | None = None,
     lam: float | None = None,
     rho: float | None = None,
+    chunk: int | None = None,
     **options: Any,
 ) -> "IDMReconstructor":
     """``reconstruct(y, op)`` → IDM estimate ``(B, C, *op.domain_size)`` (not clipped);
@@ -55,7 +59,9 @@ def build(
     ``volume``: the batch is the slices of one volume (z first) and every step's data consistency
     couples them by z-TV (:attr:`IDMConfig.ztv`; default: as the checkpoint was trained); ``lam`` and
     ``rho`` set its (λ, ρ) (default: the checkpoint's, else :func:`idm.physics.volume.ztv_defaults` of
-    the operator). The IDM network is deterministic: ``seed`` draws only the withheld lines of
+    the operator). ``chunk``: items (slices) per network call, default :data:`CHUNK` — the items of a
+    batch are independent, so the result does not depend on it and memory is bounded by it; with z-TV
+    coupling the whole volume is one call (``chunk`` is then an error). The IDM network is deterministic: ``seed`` draws only the withheld lines of
     ``with_uncertainty``. No other options.
     """
     if options:
@@ -69,6 +75,10 @@ def build(
         raise IDMError("idm options lam and rho set the z-TV coupling of volumes; they need volume=true")
     spread = checked_options("idm", {"samples": 8, "keep": 0.8}, {"samples": samples, "keep": keep},
                              {"samples": (2, 1024), "keep": (1e-3, 1.0)})
+    per_call = CHUNK if chunk is None else check_count(chunk, "idm option chunk")
+    if volume is True and chunk is not None:
+        raise IDMError("idm option chunk splits a batch into independent items; with volume=true the z-TV "
+                       "consistency couples every slice, so the volume runs as one batch")
     changes = {"passes": passes, "dc_iterations": dc_iterations}
     changes = {key: check_count(value, f"idm option {key}") for key, value in changes.items() if value is not None}
     if ratio is not None:
@@ -104,8 +114,15 @@ def build(
             net.set_ztv(ztv)
         check_trained_operator(name, config, op)
         op.check_measurements(y)
+        if net.config.ztv is not None and chunk is not None:
+            raise IDMError(f"{name} couples the slices of a volume by z-TV (trained so), so it runs the volume as "
+                           "one batch: leave out idm option chunk, or set volume=false")
+        step = y.shape[0] if net.config.ztv is not None else per_call
+        y_net = y.to(device=device, dtype=torch.complex64 if y.is_complex() else torch.float32)
+        starts = range(0, y.shape[0], step)
         with torch.no_grad():
-            x = net(y.to(device=device, dtype=torch.complex64 if y.is_complex() else torch.float32), op)
+            x = torch.cat([net(y_net[i : i + step], op)
+                           for i in tqdm(starts, desc="idm", unit="chunk", disable=not progress or len(starts) < 2, leave=False)])
         return x.to(y.device)
 
     return IDMReconstructor(reconstruct, spread["samples"], spread["keep"], seed)

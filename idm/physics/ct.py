@@ -186,6 +186,8 @@ class ParallelBeamCT(LinearOperator):
             self.angles = self.explicit_angles
             coverage = 180.0
         self.n_views = len(self.angles)
+        #: degrees the views cover: θ₁ − θ₀ for evenly spaced views (< 180: limited angle), 180 for explicit angles
+        self.coverage = coverage
         height, width = self.image_size
         longest = max(height, width)
         self.ray_samples = longest + math.ceil(math.sqrt(2) * longest - longest)  # skimage's padded size

@@ -80,7 +80,7 @@ SOLVERS: dict[str, SolverSpec] = {
     ),
     "mbir": SolverSpec(
         sample_mbir,
-        {"steps": 50, "eta": 0.85, "lam": 0.1, "rho": 10.0, "cg_iterations": 10, "chunk": 8, "start_level": 0.0,
+        {"steps": 30, "eta": 0.85, "lam": 0.1, "rho": 10.0, "cg_iterations": 10, "chunk": 8, "start_level": 0.0,
          "clip": True},
         description="DiffusionMBIR: a 2D prior on every slice of a volume (the batch) + one z-TV ADMM iteration per step",
         limits={"steps": _STEP_LIMIT, "eta": (0.0, 1.0), "lam": (0.0, math.inf), "rho": (1e-9, math.inf),
