@@ -1,0 +1,123 @@
+"""Anomaly detection pieces (``idm.medical.anomaly``): scan reading and its errors, the noise-aware
+classifier (any size; its loss falls on a tiny set), DDIM encoding that inverts decoding, the
+classifier guidance, and the scores (Dice, pixel AUROC, Otsu)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from idm.errors import IDMError
+from idm.medical.anomaly import (CONTRASTS, HEALTHY, NoiseAwareClassifier, anomaly_map, ddim_encode, dice,
+                                 guided_decode, otsu_mask, pixel_auroc, read_scan)
+from idm.priors.schedule import NoiseSchedule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def scans(n: int, lesion: bool, size: int = 24, seed: int = 0) -> torch.Tensor:
+    """Toy 4-contrast scans: smooth discs, with a bright square in t2 / flair when ``lesion``."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    disc = ((x**2 + y**2) < 0.7).float()
+    out = disc * (0.3 + 0.1 * torch.rand(n, 4, 1, 1, generator=g)) + 0.02 * torch.rand(n, 4, size, size, generator=g)
+    if lesion:
+        for k in range(n):
+            r, c = (int(v) for v in torch.randint(6, size - 10, (2,), generator=g))
+            out[k, 2:, r : r + 5, c : c + 5] = 0.9
+    return out.clamp(0, 1)
+
+
+def test_read_scan_from_nifti_contrasts_and_npy(tmp_path: Path) -> None:
+    from idm.io.medical import write_nifti
+
+    scan = scans(1, True)[0]
+    folder = tmp_path / "case"
+    folder.mkdir()
+    for k, contrast in enumerate(CONTRASTS):
+        write_nifti(folder / f"brats_x_{contrast}_080_w.nii.gz", scan[k].numpy())
+    torch.testing.assert_close(read_scan(folder), scan)
+    np.save(tmp_path / "scan.npy", scan.numpy())
+    torch.testing.assert_close(read_scan(tmp_path / "scan.npy"), scan)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((3, 8, 8), np.float32), "4 contrasts"),
+    (np.full((4, 8, 8), np.nan, np.float32), "finite"),
+    (np.full((4, 8, 8), 7.0, np.float32), r"\[0, 1\]"),
+])
+def test_bad_scans_give_one_line_errors(tmp_path: Path, array: np.ndarray, message: str) -> None:
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(IDMError, match=message):
+        read_scan(tmp_path / "bad.npy")
+
+
+def test_a_scan_folder_needs_every_contrast(tmp_path: Path) -> None:
+    from idm.io.medical import write_nifti
+
+    write_nifti(tmp_path / "brats_x_t1_080_w.nii.gz", np.zeros((8, 8), np.float32))
+    with pytest.raises(IDMError, match="t1ce"):
+        read_scan(tmp_path)
+
+
+def test_classifier_takes_any_size_and_learns_a_tiny_set() -> None:
+    torch.manual_seed(0)
+    net = NoiseAwareClassifier(base_channels=8, channel_mults=(1, 2), groups=4)
+    assert net(torch.rand(2, 4, 23, 17), torch.tensor([0, 999])).shape == (2, 2)
+    x = torch.cat([scans(4, False), scans(4, True, seed=1)]) * 2 - 1
+    labels = torch.tensor([0] * 4 + [1] * 4)
+    t = torch.full((8,), 20)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(net(x, t), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def analytic_model(c: torch.Tensor, schedule: NoiseSchedule):
+    """The exact ε of data that is always ``c`` (prior range): ``(x − √ᾱ c) / √(1 − ᾱ)``."""
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = schedule.alphas_cumprod[t].view(-1, 1, 1, 1).to(x.dtype)
+        return (x - abar.sqrt() * c) / (1 - abar).sqrt()
+    return eps
+
+
+def test_encoding_inverts_decoding() -> None:
+    """With the exact ε of a point-mass data set, DDIM encoding to L and unguided decoding return x₀."""
+    schedule = NoiseSchedule()
+    c = scans(1, False) * 2 - 1
+    model = analytic_model(c, schedule)
+    latent = ddim_encode(model, c, schedule, level=400, steps=10)
+    assert float((latent - c).abs().max()) > 0.1  # it moved
+    torch.testing.assert_close(guided_decode(model, None, latent, schedule, 400, 10, 0.0), c, atol=1e-4, rtol=0)
+
+
+def test_guidance_moves_the_result_towards_healthy() -> None:
+    torch.manual_seed(1)
+    schedule = NoiseSchedule()
+    net = NoiseAwareClassifier(base_channels=8, channel_mults=(1, 2), groups=4).eval()
+    scan = scans(1, True, seed=2)
+    model = analytic_model(scan * 2 - 1, schedule)
+    plain, _ = anomaly_map(model, net, scan, schedule, level=300, steps=5, scale=0.0)
+    guided_map, healthy = anomaly_map(model, net, scan, schedule, level=300, steps=5, scale=50.0)
+    t0 = torch.zeros(1, dtype=torch.long)
+    p = lambda x: float(torch.softmax(net(x * 2 - 1, t0), 1)[0, HEALTHY])  # noqa: E731
+    assert float(plain.max()) < 1e-3 and p(healthy) > p(scan)
+    assert guided_map.shape == (1, 24, 24)
+
+
+def test_scores_on_known_masks() -> None:
+    truth = torch.zeros(6, 6, dtype=torch.bool)
+    truth[:2] = True
+    assert dice(truth, truth) == 1.0 and dice(~truth, truth) == 0.0
+    scores = truth.double() + 0.01 * torch.arange(36.0).view(6, 6)
+    assert pixel_auroc(scores, truth) == 1.0 and pixel_auroc(-scores, truth) == 0.0
+    assert pixel_auroc(torch.ones(6, 6), truth) == 0.5
+    assert torch.equal(otsu_mask(scores), truth)
