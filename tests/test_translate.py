@@ -140,3 +140,5 @@ def test_translation_bench_scores_every_method(prior_dir: str, tmp_path: Path, c
     assert (tmp_path / "f.png").stat().st_size > 0
     assert main(["bench", "translation", "--data", str(data), "--prior", prior_dir]) == 2
     assert "--reference" in capsys.readouterr().err
+    assert main(["bench", "translation", "--data", str(data), "--methods", "sdedit"]) == 2
+    assert "--prior" in capsys.readouterr().err

@@ -40,13 +40,13 @@ TRANSLATION_METHODS = ("translate", "sdedit", "unguided", "histogram")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..medical.translate import DEFAULT_PRIOR, TRANSLATE_DEFAULTS
+    from ..medical.translate import TRANSLATE_DEFAULTS
 
     parser.add_argument("--data", required=True, metavar="DIR", help="folder of paired source / target slices")
     parser.add_argument("--pair", default="T1,T2", metavar="SOURCE,TARGET",
                         help="the name tags of source and target files (default T1,T2)")
     parser.add_argument("--reference", metavar="DIR", help="target-modality training images for histogram matching")
-    parser.add_argument("--prior", default=DEFAULT_PRIOR, help=f"target-modality prior (default {DEFAULT_PRIOR})")
+    parser.add_argument("--prior", help="target-modality diffusion prior (needed by translate, sdedit, unguided)")
     parser.add_argument("--methods", nargs="+", choices=TRANSLATION_METHODS, default=list(TRANSLATION_METHODS),
                         help="methods to run (default all; histogram needs --reference)")
     for key, value in TRANSLATE_DEFAULTS.items():
@@ -118,7 +118,10 @@ def run_cli(args: argparse.Namespace) -> int:
         raise IDMError(f"--limit must be >= 1, got {args.limit}")
     pairs = read_pairs(args.data, *tags, limit=args.limit)
     reference = reference_values(args.reference) if "histogram" in args.methods else None
-    prior = load_prior(args.prior, device=args.device) if set(args.methods) - {"histogram"} else None
+    sampled = [m for m in args.methods if m != "histogram"]
+    if sampled and args.prior is None:
+        raise IDMError(f"{', '.join(sampled)} sample a target-modality prior: give --prior DIR")
+    prior = load_prior(args.prior, device=args.device) if sampled else None
     options = {key: getattr(args, key) for key in TRANSLATE_DEFAULTS}
     runs = {"translate": options, "sdedit": {**options, "scale": 0.0},
             "unguided": {**options, "start": 1.0, "scale": 0.0}}

@@ -18,13 +18,13 @@ from ..errors import IDMError
 
 
 def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argparse.ArgumentParser:
-    from ..medical.translate import DEFAULT_PRIOR, TRANSLATE_DEFAULTS
+    from ..medical.translate import TRANSLATE_DEFAULTS
 
     parser = subparsers.add_parser("translate", help=help_text, description=__doc__.splitlines()[0])
     parser.add_argument("source", metavar="SOURCE", help="the source-modality image (.png, .npy, 2-D .nii[.gz])")
     parser.add_argument("-o", "--output", required=True, help="output file (.png, .npy, .nii, .nii.gz)")
-    parser.add_argument("--prior", default=DEFAULT_PRIOR,
-                        help=f"target-modality prior: folder or shipped name (default {DEFAULT_PRIOR})")
+    parser.add_argument("--prior", required=True,
+                        help="target-modality diffusion prior: a folder (e.g. one trained by idm pretrain on T2 slices)")
     parser.add_argument("--steps", type=int, default=TRANSLATE_DEFAULTS["steps"],
                         help=f"sampling steps (default {TRANSLATE_DEFAULTS['steps']})")
     parser.add_argument("--start", type=float, default=TRANSLATE_DEFAULTS["start"],

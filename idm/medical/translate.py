@@ -35,7 +35,7 @@ from ..zeroshot.common import EpsModel, abar_at, randn, timestep_pairs
 from .lmi import LocalMutualInformation
 
 #: defaults of :func:`sample_translation` (the ``idm translate`` options)
-TRANSLATE_DEFAULTS = {"steps": 50, "start": 0.6, "scale": 0.02, "eta": 0.0}
+TRANSLATE_DEFAULTS = {"steps": 20, "start": 0.45, "scale": 0.003, "eta": 0.0}
 
 
 def check_source(source: torch.Tensor, channels: int) -> None:
@@ -114,14 +114,10 @@ def sample_translation(
     return from_model_range(canvas.crop(x0))
 
 
-#: the shipped target-modality prior of :func:`translate` (T2 brain MRI)
-DEFAULT_PRIOR = "prior-t2"
-
-
-def translate(source: torch.Tensor, prior: object = DEFAULT_PRIOR, *, seed: int = 0, device: str | torch.device = "cpu",
+def translate(source: torch.Tensor, prior: object, *, seed: int = 0, device: str | torch.device = "cpu",
               progress: bool = False, **options: float) -> torch.Tensor:
     """Translate ``source`` ``(B, C, H, W)`` (or ``(C, H, W)``, ``(H, W)``) on [0, 1] into the modality of
-    ``prior`` (a prior directory, shipped name or loaded prior; default ``prior-t2``) → the same shape
+    ``prior`` (a prior directory, shipped name or loaded prior) → the same shape
     on [0, 1], clipped. ``options``: ``steps``, ``start``, ``scale``, ``eta`` of :func:`sample_translation`
     (defaults :data:`TRANSLATE_DEFAULTS`); the noise comes from a CPU generator seeded with ``seed``."""
     from ..priors.prior import load_prior
