@@ -46,7 +46,7 @@ def test_read_scan_from_nifti_contrasts_and_npy(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("array, message", [
     (np.zeros((3, 8, 8), np.float32), "4 contrasts"),
-    (np.full((4, 8, 8), np.nan, np.float32), "finite"),
+    (np.full((4, 8, 8), np.nan, np.float32), "NaN"),
     (np.full((4, 8, 8), 7.0, np.float32), r"\[0, 1\]"),
 ])
 def test_bad_scans_give_one_line_errors(tmp_path: Path, array: np.ndarray, message: str) -> None:
@@ -81,22 +81,27 @@ def test_classifier_takes_any_size_and_learns_a_tiny_set() -> None:
     assert losses[-1] < 0.5 * losses[0]
 
 
-def analytic_model(c: torch.Tensor, schedule: NoiseSchedule):
-    """The exact ε of data that is always ``c`` (prior range): ``(x − √ᾱ c) / √(1 − ᾱ)``."""
+def gaussian_model(mean: torch.Tensor, std: float, schedule: NoiseSchedule):
+    """The exact ε of data x₀ ~ N(mean, std² I) (prior range): ``√(1 − ᾱ)(x − √ᾱ mean) / (ᾱ std² + 1 − ᾱ)``."""
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         abar = schedule.alphas_cumprod[t].view(-1, 1, 1, 1).to(x.dtype)
-        return (x - abar.sqrt() * c) / (1 - abar).sqrt()
+        return (1 - abar).sqrt() * (x - abar.sqrt() * mean) / (abar * std**2 + 1 - abar)
     return eps
 
 
 def test_encoding_inverts_decoding() -> None:
-    """With the exact ε of a point-mass data set, DDIM encoding to L and unguided decoding return x₀."""
+    """With the exact ε of Gaussian data, deterministic DDIM is the probability-flow ODE: encoding to L and
+    unguided decoding return x₀ up to the discretisation error, which shrinks with the step count."""
     schedule = NoiseSchedule()
-    c = scans(1, False) * 2 - 1
-    model = analytic_model(c, schedule)
-    latent = ddim_encode(model, c, schedule, level=400, steps=10)
-    assert float((latent - c).abs().max()) > 0.1  # it moved
-    torch.testing.assert_close(guided_decode(model, None, latent, schedule, 400, 10, 0.0), c, atol=1e-4, rtol=0)
+    mean = scans(1, False) * 2 - 1
+    model = gaussian_model(mean, 0.5, schedule)
+    x0 = mean + 0.5 * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    errors = []
+    for steps in (20, 200):
+        latent = ddim_encode(model, x0, schedule, level=400, steps=steps)
+        assert float((latent - x0).abs().mean()) > 0.1  # it moved
+        errors.append(float((guided_decode(model, None, latent, schedule, 400, steps, 0.0) - x0).abs().max()))
+    assert errors[1] < 0.03 and errors[1] < errors[0] / 5  # first order in the step size
 
 
 def test_guidance_moves_the_result_towards_healthy() -> None:
@@ -104,12 +109,12 @@ def test_guidance_moves_the_result_towards_healthy() -> None:
     schedule = NoiseSchedule()
     net = NoiseAwareClassifier(base_channels=8, channel_mults=(1, 2), groups=4).eval()
     scan = scans(1, True, seed=2)
-    model = analytic_model(scan * 2 - 1, schedule)
+    model = gaussian_model(scan * 2 - 1, 0.1, schedule)
     plain, _ = anomaly_map(model, net, scan, schedule, level=300, steps=5, scale=0.0)
     guided_map, healthy = anomaly_map(model, net, scan, schedule, level=300, steps=5, scale=50.0)
     t0 = torch.zeros(1, dtype=torch.long)
     p = lambda x: float(torch.softmax(net(x * 2 - 1, t0), 1)[0, HEALTHY])  # noqa: E731
-    assert float(plain.max()) < 1e-3 and p(healthy) > p(scan)
+    assert p(healthy) > p(scan) and not torch.allclose(plain, guided_map)
     assert guided_map.shape == (1, 24, 24)
 
 

@@ -99,13 +99,16 @@ def test_admm_without_z_term_on_mri_stays_the_data_consistency_step() -> None:
 
 
 def test_mbir_defaults_follow_the_operator() -> None:
-    """λ, ρ per modality and more CG steps for a limited-angle wedge (explicit angles count as 180°)."""
+    """λ, ρ per modality and more CG steps for a limited-angle wedge (evenly spaced or explicit angles)."""
     from idm.physics import MRI, ParallelBeamCT
     from idm.zeroshot.mbir import CG_ITERATIONS, mbir_defaults
 
     full, wedge = ParallelBeamCT((16, 16), views=8), ParallelBeamCT((16, 16), views=8, angle_range=(0, 90))
-    explicit = ParallelBeamCT((16, 16), angles=[0, 30, 60, 90, 120, 150])
+    explicit = ParallelBeamCT((16, 16), angles=[0, 31, 59, 90, 121, 151])  # uneven, but all round
+    explicit_wedge = ParallelBeamCT((16, 16), angles=[0, 15, 30, 45, 60, 75, 90])
+    assert 175 < explicit.coverage < 180 and explicit_wedge.coverage == 105.0
     assert mbir_defaults(full)["cg_iterations"] == mbir_defaults(explicit)["cg_iterations"] == CG_ITERATIONS["full"]
-    assert mbir_defaults(wedge)["cg_iterations"] == CG_ITERATIONS["limited"] > CG_ITERATIONS["full"]
+    assert mbir_defaults(wedge)["cg_iterations"] == mbir_defaults(explicit_wedge)["cg_iterations"] \
+        == CG_ITERATIONS["limited"] > CG_ITERATIONS["full"]
     mri = MRI((16, 16), acceleration=4, seed=0)
     assert (mbir_defaults(mri)["lam"], mbir_defaults(mri)["rho"]) != (mbir_defaults(full)["lam"], mbir_defaults(full)["rho"])

@@ -85,6 +85,8 @@ def test_the_guidance_step_climbs_the_local_mutual_information(prior) -> None:
     (torch.full((1, 1, 8, 8), float("nan")), {}, "NaN"),
     (torch.rand(1, 1, 8, 8) * 3, {}, r"\[0, 1\]"),
     (torch.rand(2, 1, 1, 8, 8), {}, "shape"),
+    (torch.rand(1, 1, 0, 8), {}, "empty"),
+    (torch.rand(1, 1, 8, 8), {"eta": 2.0}, "eta"),
     (torch.rand(1, 1, 8, 8), {"start": 0.0}, "start"),
     (torch.rand(1, 1, 8, 8), {"scale": -1.0}, "scale"),
     (torch.rand(1, 1, 8, 8), {"strength": 1.0}, "no option"),
@@ -126,8 +128,9 @@ def test_translation_bench_scores_every_method(prior_dir: str, tmp_path: Path, c
     data, reference = tmp_path / "pairs", tmp_path / "reference"
     data.mkdir(), reference.mkdir()
     for k in range(2):
-        np.save(data / f"case-T1-{k}.npy", brain_like(20, 16, seed=k)[0, 0].numpy())
-        np.save(data / f"case-T2-{k}.npy", (1 - brain_like(20, 16, seed=k))[0, 0].numpy())
+        np.save(data / f"case_{k}_t1_w.npy", brain_like(20, 16, seed=k)[0, 0].numpy())
+        np.save(data / f"case_{k}_t2_w.npy", (1 - brain_like(20, 16, seed=k))[0, 0].numpy())
+    np.save(data / "case_0_t1ce_w.npy", brain_like(20, 16)[0, 0].numpy())  # another contrast: not a source
     from idm.data import save_image
 
     save_image(reference / "a.png", 1 - brain_like(20, 16, seed=5)[0])

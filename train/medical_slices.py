@@ -33,12 +33,13 @@ MRI -- every slice is divided by its own 99.9th percentile and clipped to [0, 1]
          320 x 320 (idm eval scores magnitudes).
 
 T2 (the target-modality prior of ``idm translate``; every slice / its 99.9th percentile, clipped) --
-  train  every BraTS2020 t2 slice under mri/brats2020_slices (10, 240 x 240) and the SynDiff T2 slices
-         0-19 (256 x 152).
-  val    the SynDiff pairs 15-19, T1 and T2, where translate's settings were chosen (their T2 slices are
-         training data of the prior, their T1 slices are not).
-  test   the SynDiff pairs 20-24, T1 and T2 (syndiff-T1-20.npy, syndiff-T2-20.npy, ...): held out of
-         the T2 prior; the translation bench's source / truth pairs.
+  train  the BraTS2020 t2 slices of subject 001 (training/, 6 slices, 240 x 240) and the 25 SynDiff T2
+         slices (256 x 152). The SynDiff T1 / T2 files are not slice pairs (same index, other levels),
+         so they cannot score a translation.
+  val    subject 001's co-registered t1 / t2 slices (its t2 is training data, its t1 is not): where
+         translate's settings are chosen.
+  test   the co-registered t1 / t2 slices of the other BraTS subjects (006 slices 080-082, 040 slice
+         087; testing/ folders): held out of the T2 prior; the translation bench's source / truth pairs.
 
 CT -- Hounsfield units windowed [-1000, 1000] HU -> [0, 1] (idm.io.medical.hu_window); axial slices
 in read_volume's NIfTI orientation (row 0 posterior, column 0 the patient's left; DICOM slices,
@@ -85,9 +86,6 @@ MRI_FOREGROUND = 0.05  # MRI foreground: above 5 % of the volume's max
 CT_FOREGROUND_HU = -500.0  # CT foreground (body): above -500 HU
 HELD_OUT = {"ct/totalsegmentator/example_ct.nii.gz": "held out: the CT val / test volume",
             "ct/totalsegmentator/example_ct_sm.nii.gz": "held out: a part of the same scan as example_ct"}
-SYNDIFF_TEST = (20, 21, 22, 23, 24)  # the SynDiff T1 / T2 pairs held out for translation (t2 test)
-SYNDIFF_TRAIN = tuple(range(20))
-SYNDIFF_VAL = (15, 16, 17, 18, 19)  # pairs whose T1 the prior never saw (its T2 it did): translate's settings
 _BRATS_SUBJECT = re.compile(r"brats_train_(\d+)_")
 
 
@@ -147,14 +145,14 @@ SOURCES: dict[tuple[str, str], tuple[Source, ...]] = {
         Source("ct/pydicom_data/693_UNCR.dcm", "{stem}", norm="hu", modality="CT"),
     ),
     ("t2", "train"): (
-        Source(f"{_BRATS}/*/*/*/*.nii.gz", "{stem}", only=r"_t2_\d+"),
-        Source("mri/multicontrast_syndiff_T1T2/T2.mat", "syndiff-{stem}-{index:02d}", views="stack", key="data_fs",
-               indices=SYNDIFF_TRAIN),
+        Source(f"{_BRATS}/Diffusion-based-Segmentation/training/*/*.nii.gz", "{stem}", only=r"_t2_\d+"),
+        Source("mri/multicontrast_syndiff_T1T2/T2.mat", "syndiff-{stem}-{index:02d}", views="stack", key="data_fs"),
     ),
-    ("t2", "val"): (Source("mri/multicontrast_syndiff_T1T2/T[12].mat", "syndiff-{stem}-{index:02d}", views="stack",
-                           key="data_fs", indices=SYNDIFF_VAL),),
-    ("t2", "test"): (Source("mri/multicontrast_syndiff_T1T2/T[12].mat", "syndiff-{stem}-{index:02d}", views="stack",
-                            key="data_fs", indices=SYNDIFF_TEST),),
+    ("t2", "val"): (Source(f"{_BRATS}/Diffusion-based-Segmentation/training/*/*.nii.gz", "{stem}", only=r"_t[12]_\d+"),),
+    ("t2", "test"): (
+        Source(f"{_BRATS}/Diffusion-based-Segmentation/testing/*/*.nii.gz", "{stem}", only=r"_t[12]_\d+"),
+        Source(f"{_BRATS}/diffusion-anomaly/testing/*/*.nii.gz", "{stem}", only=r"_t[12]_\d+"),
+    ),
     ("ct", "val"): (Source(_EXAMPLE_CT, "slice{index:03d}", views="axial", norm="hu", modality="CT",
                            indices=(20, 90)),),
     ("ct", "test"): (Source(_EXAMPLE_CT, "slice{index:03d}", views="axial", norm="hu", modality="CT",

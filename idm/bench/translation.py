@@ -1,8 +1,9 @@
 """``idm bench translation``: cross-modality translation (T1 → T2) against the real paired target.
 
-``--data`` holds paired slices named ``<stem>-<SOURCE>-<id>`` and ``<stem>-<TARGET>-<id>`` (``.npy`` on
-[0, 1] or images; ``--pair SOURCE,TARGET``, default ``T1,T2``: the ``t2 test`` export of
-``train.medical_slices``, the SynDiff pairs held out of ``prior-t2``). Every source is translated by
+``--data`` holds co-registered slices whose names differ only in the contrast tag, set off by ``-`` or
+``_`` (``brats_train_006_t1_080_w.npy`` and ``brats_train_006_t2_080_w.npy``; ``.npy`` on [0, 1] or
+images; ``--pair SOURCE,TARGET``, default ``t1,t2``: the ``t2 test`` export of ``train.medical_slices``,
+BraTS subjects held out of the T2 prior). Every source is translated by
 
 * ``translate`` — LMI-guided sampling of the target prior (:func:`idm.medical.translate.sample_translation`
   with the ``--steps --start --scale --eta`` given);
@@ -15,8 +16,8 @@
 and scored against its real target: PSNR (peak 1), SSIM (:func:`idm.metrics.ssim_skimage`) and MI
 (:func:`idm.metrics.nmi_skimage`, Studholme's normalised MI on [1, 2]), mean over the pairs::
 
-    {"data", "prior", "options", "rows": [{"method", "psnr", "ssim", "mi", "seconds",
-                                          "images": [{"name", "psnr", "ssim", "mi"}]}]}
+    {"data", "pair", "prior", "reference", "seed", "options",
+     "rows": [{"method", "psnr", "ssim", "mi", "seconds", "options", "images": [{"name", "psnr", "ssim", "mi"}]}]}
 
 ``--figure``: source, target and every method's result for each pair.
 """
@@ -43,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..medical.translate import TRANSLATE_DEFAULTS
 
     parser.add_argument("--data", required=True, metavar="DIR", help="folder of paired source / target slices")
-    parser.add_argument("--pair", default="T1,T2", metavar="SOURCE,TARGET",
-                        help="the name tags of source and target files (default T1,T2)")
+    parser.add_argument("--pair", default="t1,t2", metavar="SOURCE,TARGET",
+                        help="the contrast tags of source and target file names (default t1,t2)")
     parser.add_argument("--reference", metavar="DIR", help="target-modality training images for histogram matching")
     parser.add_argument("--prior", help="target-modality diffusion prior (needed by translate, sdedit, unguided)")
     parser.add_argument("--methods", nargs="+", choices=TRANSLATION_METHODS, default=list(TRANSLATION_METHODS),
@@ -60,26 +61,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_pairs(folder: str | Path, source_tag: str, target_tag: str, limit: int | None = None
                ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """``(name, source (1, H, W), target (1, H, W))`` of every file whose name holds ``-<source_tag>-`` and
-    has a partner with ``-<target_tag>-`` in its place; sorted by name, the first ``limit``."""
+    """``(name, source (1, H, W), target (1, H, W))`` of every file whose name holds ``source_tag`` set off
+    by ``-`` / ``_`` and has a partner with ``target_tag`` in its place; sorted by name, the first
+    ``limit``; ``name`` is the source file's stem."""
     from ..cli.translate import read_slice
 
     root = Path(folder)
     if not root.is_dir():
         raise IDMError(f"data folder not found: {root}")
-    pattern = re.compile(rf"-{re.escape(source_tag)}-")
+    pattern = re.compile(rf"(?<=[-_]){re.escape(source_tag)}(?=[-_])")
     pairs = []
-    for path in sorted(p for p in root.iterdir() if p.is_file() and pattern.search(p.name)):
-        partner = path.with_name(pattern.sub(f"-{target_tag}-", path.name, count=1))
+    sources = sorted(p for p in root.iterdir() if p.is_file() and pattern.search(p.name))
+    for path in sources[:limit] if limit is not None else sources:
+        partner = path.with_name(pattern.sub(target_tag, path.name, count=1))
         if not partner.is_file():
             raise IDMError(f"{path.name} has no {target_tag} partner {partner.name} in {root}")
         source, target = read_slice(path, "source"), read_slice(partner, "target")
         if source.shape != target.shape:
             raise IDMError(f"{path.name} is {tuple(source.shape[1:])}, its partner {tuple(target.shape[1:])}")
-        pairs.append((pattern.sub("-", path.name, count=1).split(".")[0], source, target))
+        pairs.append((path.name.split(".")[0], source, target))
     if not pairs:
-        raise IDMError(f"no -{source_tag}- files with -{target_tag}- partners in {root}")
-    return pairs[:limit] if limit is not None else pairs
+        raise IDMError(f"no files tagged {source_tag} with {target_tag} partners in {root}")
+    return pairs
 
 
 def reference_values(folder: str | Path) -> np.ndarray:

@@ -42,22 +42,20 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
 
 
 def read_slice(path: str | Path, what: str) -> torch.Tensor:
-    """A 2-D image ``(1, H, W)`` on [0, 1] from an image file, a ``.npy`` array or a 2-D NIfTI file."""
+    """A real 2-D image ``(1, H, W)`` on [0, 1] from an image file, a ``.npy`` array or a 2-D NIfTI file."""
     from ..data import check_image
     from .common import load_truth
 
     path = Path(path)
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
-        return load_truth(path, "mri" if path.suffix.lower() == ".npy" else "image")
-    from ..io.medical import read_volume
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        from ..io.medical import read_volume, single_slice
 
-    data = read_volume(path).data
-    if data.ndim == 3 and data.shape[0] == 1:
-        data = data[0]
-    if data.ndim != 2 or data.is_complex():
-        raise IDMError(f"{what} {path} holds a {'complex ' if data.is_complex() else ''}array of shape "
-                       f"{tuple(data.shape)}; translate takes one real 2-D slice")
-    return check_image(data[None].float(), name=f"{what} {path}")
+        image = single_slice(read_volume(path).data, path, what)[None]
+    else:
+        image = load_truth(path, "mri" if path.suffix.lower() == ".npy" else "image")
+    if image.is_complex():
+        raise IDMError(f"{what} {path} is complex; translate takes real magnitude images")
+    return check_image(image.float(), name=f"{what} {path}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,8 +68,6 @@ def run(args: argparse.Namespace) -> int:
     if not (output.name.lower().endswith(RAW_SUFFIXES) or output.suffix.lower() in IMAGE_SUFFIXES):
         raise IDMError(f"output must be an image file, .npy or .nii[.gz], got {output}")
     source = read_slice(args.source, "source")
-    if source.is_complex():
-        raise IDMError(f"source {args.source} is complex; translate takes a real magnitude image")
     truth = read_slice(args.truth, "truth") if args.truth else None
     if truth is not None and truth.shape != source.shape:
         raise IDMError(f"truth {args.truth} is {tuple(truth.shape[1:])}, the source {tuple(source.shape[1:])}")

@@ -841,6 +841,15 @@ def _pick_slice(path: Path, array: np.ndarray, slice: int | None) -> np.ndarray:
     return array
 
 
+def single_slice(data: torch.Tensor, path: str | Path, what: str = "image") -> torch.Tensor:
+    """``data`` ``(H, W)`` or ``(1, H, W)`` (a volume of one slice) as ``(H, W)``; :class:`IDMError` otherwise."""
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 2:
+        raise IDMError(f"{what} {path} must be one 2-D slice, it holds shape {tuple(data.shape)}")
+    return data
+
+
 def read_sinogram(path: str | Path, rows: int | slice | None = None,
                   min_transmission: float = MIN_TRANSMISSION) -> Sinogram:
     """Read raw parallel-beam projections (DXchange / TomoPy HDF5) as a −log attenuation sinogram.

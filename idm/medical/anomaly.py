@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import IDMError
-from ..priors.schedule import NoiseSchedule, ddim_step, eps_from_x0, from_model_range, to_model_range, x0_from_eps
+from ..priors.schedule import NoiseSchedule, ddim_step, from_model_range, to_model_range, x0_from_eps
 from ..priors.unet import Downsample, ResBlock, group_norm, timestep_features
 from ..zeroshot.common import EpsModel, abar_at, timestep_pairs
 
@@ -42,27 +42,31 @@ HEALTHY, DISEASED = 0, 1
 
 # --- scans ---------------------------------------------------------------------------------------
 def check_scan(scan: torch.Tensor, what: str = "scan") -> torch.Tensor:
-    """``scan`` as float32 ``(4, H, W)`` on [0, 1]; one-line :class:`IDMError` otherwise."""
+    """``scan`` as float32 ``(4, H, W)`` on [0, 1] (:func:`idm.data.check_image`); one-line :class:`IDMError` otherwise."""
+    from ..data import check_image
+
     if scan.ndim != 3 or scan.shape[0] != len(CONTRASTS):
         raise IDMError(f"{what} must hold the {len(CONTRASTS)} contrasts {', '.join(CONTRASTS)} as (4, H, W), "
                        f"got shape {tuple(scan.shape)}")
-    if scan.is_complex() or not scan.is_floating_point() or not bool(torch.isfinite(scan).all()):
-        raise IDMError(f"{what} must be finite real values (NaN, inf or a non-float dtype found)")
-    if float(scan.min()) < -1e-3 or float(scan.max()) > 1 + 1e-3:
-        raise IDMError(f"{what} must lie on [0, 1], got [{float(scan.min()):.3g}, {float(scan.max()):.3g}]")
-    return scan.float().clamp(0, 1)
+    return check_image(scan, what).float().clamp(0, 1)
 
 
 def read_scan(path: str | Path) -> torch.Tensor:
     """A scan ``(4, H, W)`` on [0, 1]: a folder holding one 2-D NIfTI per contrast (BraTS names,
     ``*_t1_*``, ``*_t1ce_*``, ``*_t2_*``, ``*_flair_*``) or a ``(4, H, W)`` ``.npy`` array."""
-    from ..io.medical import read_volume
+    from ..io.medical import read_volume, single_slice
 
     path = Path(path)
     if path.suffix.lower() == ".npy":
         if not path.is_file():
             raise IDMError(f"scan not found: {path}")
-        return check_scan(torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32)), f"scan {path}")
+        try:
+            array = np.load(path, allow_pickle=False)
+        except Exception as error:
+            raise IDMError(f"cannot read {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        if array.dtype.kind not in "fiu":
+            raise IDMError(f"scan {path} holds {array.dtype} values; a scan is real")
+        return check_scan(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), f"scan {path}")
     if not path.is_dir():
         raise IDMError(f"a scan is a folder of the four contrast NIfTIs or a (4, H, W) .npy: {path} is neither")
     images = []
@@ -71,24 +75,17 @@ def read_scan(path: str | Path) -> torch.Tensor:
                  and re.search(rf"_{contrast}_", p.name.lower())]
         if len(found) != 1:
             raise IDMError(f"scan folder {path} needs exactly one *_{contrast}_*.nii[.gz], found {len(found)}")
-        data = read_volume(found[0]).data
-        images.append(data[0] if data.ndim == 3 and data.shape[0] == 1 else data)
-    if len({tuple(image.shape) for image in images}) != 1 or images[0].ndim != 2:
-        raise IDMError(f"the contrasts in {path} must be 2-D slices of one size, got "
-                       f"{[tuple(image.shape) for image in images]}")
+        images.append(single_slice(read_volume(found[0]).data, found[0], f"contrast {contrast}"))
+    if len({tuple(image.shape) for image in images}) != 1:
+        raise IDMError(f"the contrasts in {path} must be slices of one size, got {[tuple(i.shape) for i in images]}")
     return check_scan(torch.stack(images).float(), f"scan {path}")
 
 
 def read_mask(path: str | Path) -> torch.Tensor:
     """A tumour mask ``(H, W)`` bool: a label map (NIfTI or ``.npy``) whose non-zero labels are tumour."""
-    from ..io.medical import read_volume
+    from ..io.medical import read_volume, single_slice
 
-    data = read_volume(path).data
-    if data.ndim == 3 and data.shape[0] == 1:
-        data = data[0]
-    if data.ndim != 2:
-        raise IDMError(f"a label map is one 2-D slice, {path} holds shape {tuple(data.shape)}")
-    return data != 0
+    return single_slice(read_volume(path).data, path, "label map") != 0
 
 
 # --- the noise-aware classifier ------------------------------------------------------------------
@@ -142,8 +139,9 @@ def ddim_encode(model: EpsModel, x0: torch.Tensor, schedule: NoiseSchedule, leve
 
 def guided_decode(model: EpsModel, classifier: nn.Module | None, x: torch.Tensor, schedule: NoiseSchedule,
                   level: int, steps: int, scale: float, progress: bool = False) -> torch.Tensor:
-    """DDIM (η = 0) from ``x`` at ``level`` down to x̂₀ (prior range), ε shifted by ``scale`` times the
-    classifier's gradient towards healthy (module docstring); ``scale = 0`` or no classifier: unguided."""
+    """DDIM (η = 0) from ``x`` at ``level`` down to x̂₀ (prior range, not clipped: with ``scale = 0`` this
+    walk is the exact reverse of :func:`ddim_encode`), ε shifted by ``scale`` times the classifier's
+    gradient towards healthy (module docstring); ``scale = 0`` or no classifier: unguided."""
     x0 = x
     for t, t_next in tqdm(timestep_pairs(schedule, steps, t_max=level), disable=not progress, desc="decode",
                           leave=False):
@@ -156,8 +154,7 @@ def guided_decode(model: EpsModel, classifier: nn.Module | None, x: torch.Tensor
                 log_p = F.log_softmax(classifier(leaf, timesteps), dim=1)[:, HEALTHY].sum()
                 (grad,) = torch.autograd.grad(log_p, leaf)
             eps = eps - scale * (1 - abar) ** 0.5 * grad
-        x0 = x0_from_eps(x, eps, abar).clamp(-1.0, 1.0)
-        eps = eps_from_x0(x, x0, abar)
+        x0 = x0_from_eps(x, eps, abar)
         x = ddim_step(x0, eps, abar_next)
     return x0
 
@@ -174,7 +171,7 @@ def anomaly_map(model: EpsModel, classifier: nn.Module | None, scan: torch.Tenso
     x0 = to_model_range(canvas.pad(scan, mode="replicate"))
     latent = ddim_encode(model, x0, schedule, level, steps, progress)
     healthy = from_model_range(canvas.crop(guided_decode(model, classifier, latent, schedule, level, steps, scale,
-                                                         progress)))
+                                                         progress))).clamp(0, 1)
     return (scan - healthy).abs().sum(1), healthy
 
 

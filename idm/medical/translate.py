@@ -36,21 +36,28 @@ from .lmi import LocalMutualInformation
 
 #: defaults of :func:`sample_translation` (the ``idm translate`` options)
 TRANSLATE_DEFAULTS = {"steps": 20, "start": 0.45, "scale": 0.003, "eta": 0.0}
+#: their ranges (start: a fraction of T, 1 = pure noise; eta: DDIM η, 1 = DDPM-like)
+TRANSLATE_LIMITS = {"steps": (1, 100_000), "start": (1e-6, 1.0), "scale": (0.0, 10.0), "eta": (0.0, 1.0)}
 
 
 def check_source(source: torch.Tensor, channels: int) -> None:
-    """One-line :class:`IDMError` unless ``source`` is finite ``(B, channels, H, W)`` on [0, 1]."""
+    """One-line :class:`IDMError` unless ``source`` is a finite, non-empty ``(B, channels, H, W)`` batch on
+    [0, 1] (:func:`idm.data.check_image`)."""
+    from ..data import check_image
+
     if source.ndim != 4:
         raise IDMError(f"a source image batch is (B, C, H, W), got shape {tuple(source.shape)}")
+    check_image(source, "the source image")
     if source.shape[1] != channels:
         raise IDMError(f"the prior has {channels} channel(s), the source has {source.shape[1]}")
-    if source.is_complex() or not source.is_floating_point():
-        raise IDMError(f"a source image is real floating point, got {source.dtype}")
-    if not bool(torch.isfinite(source).all()):
-        raise IDMError("the source image contains NaN or inf values")
-    if float(source.min()) < -1e-3 or float(source.max()) > 1 + 1e-3:
-        raise IDMError(f"a source image lies on [0, 1], got values in [{float(source.min()):.3g}, "
-                       f"{float(source.max()):.3g}]")
+
+
+def translate_settings(options: dict) -> dict:
+    """:data:`TRANSLATE_DEFAULTS` updated with ``options``, each checked against :data:`TRANSLATE_LIMITS`
+    (unknown names, wrong types and out-of-range values: :class:`IDMError`)."""
+    from ..registry import checked_options
+
+    return checked_options("translate", TRANSLATE_DEFAULTS, options, TRANSLATE_LIMITS)
 
 
 def lmi_ascent(x0: torch.Tensor, source: torch.Tensor, canvas: Canvas, lmi: LocalMutualInformation,
@@ -88,12 +95,8 @@ def sample_translation(
         eta: DDIM η (0 deterministic, 1 DDPM-like); lmi: the similarity (default
         :class:`~idm.medical.lmi.LocalMutualInformation` ()); generator: the noise (CPU generator).
     """
-    if not 0.0 < start <= 1.0:
-        raise IDMError(f"translate start must lie in (0, 1], got {start!r}")
-    if steps < 1 or int(steps) != steps:
-        raise IDMError(f"translate steps must be a positive integer, got {steps!r}")
-    if scale < 0 or eta < 0:
-        raise IDMError(f"translate scale and eta must be >= 0, got {scale!r}, {eta!r}")
+    settings = translate_settings({"steps": steps, "start": start, "scale": scale, "eta": eta})
+    steps, start, scale, eta = (settings[key] for key in ("steps", "start", "scale", "eta"))
     lmi = LocalMutualInformation() if lmi is None else lmi
     canvas = Canvas.to_multiple(tuple(source.shape[-2:]), size_multiple)
     first = round(start * (schedule.num_steps - 1))
@@ -121,10 +124,8 @@ def translate(source: torch.Tensor, prior: object, *, seed: int = 0, device: str
     on [0, 1], clipped. ``options``: ``steps``, ``start``, ``scale``, ``eta`` of :func:`sample_translation`
     (defaults :data:`TRANSLATE_DEFAULTS`); the noise comes from a CPU generator seeded with ``seed``."""
     from ..priors.prior import load_prior
-    from ..registry import checked_options
 
-    settings = checked_options("translate", TRANSLATE_DEFAULTS, options,
-                               {"steps": (1, 100_000), "start": (1e-6, 1.0), "scale": (0.0, 10.0), "eta": (0.0, 1.0)})
+    settings = translate_settings(options)
     model = load_prior(prior, device=device) if isinstance(prior, (str, bytes)) or hasattr(prior, "__fspath__") else prior
     shape = source.shape
     if source.ndim in (2, 3):

@@ -19,6 +19,7 @@ IEEE Press, 1988 (ch. 3: the Radon transform, the ramp filter of eq. 61, filtere
 from __future__ import annotations
 
 import math
+import statistics
 import numbers
 import warnings
 from collections.abc import Sequence
@@ -186,8 +187,9 @@ class ParallelBeamCT(LinearOperator):
             self.angles = self.explicit_angles
             coverage = 180.0
         self.n_views = len(self.angles)
-        #: degrees the views cover: θ₁ − θ₀ for evenly spaced views (< 180: limited angle), 180 for explicit angles
-        self.coverage = coverage
+        #: degrees the views cover (< 180: limited angle): θ₁ − θ₀ for evenly spaced views; for explicit
+        #: angles 180° less the largest gap between neighbours (mod 180) plus the median gap
+        self.coverage = coverage if self.explicit_angles is None else self._coverage(self.explicit_angles)
         height, width = self.image_size
         longest = max(height, width)
         self.ray_samples = longest + math.ceil(math.sqrt(2) * longest - longest)  # skimage's padded size
@@ -198,6 +200,15 @@ class ParallelBeamCT(LinearOperator):
         self._grids: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
     # --- arguments ----------------------------------------------------------------------
+    @staticmethod
+    def _coverage(angles: Sequence[float]) -> float:
+        """The angular coverage of explicit ``angles`` (degrees, see :attr:`coverage`)."""
+        ordered = sorted(a % 180.0 for a in angles)
+        if len(ordered) < 2:
+            return 0.0
+        gaps = [b - a for a, b in zip(ordered, ordered[1:])] + [ordered[0] + 180.0 - ordered[-1]]
+        return min(180.0, 180.0 - max(gaps) + statistics.median(gaps))
+
     @staticmethod
     def _check_range(angle_range: Any) -> tuple[float, float]:
         try:

@@ -34,13 +34,17 @@ from .common import EpsModel, abar_at, diffused_start, initial_state, randn, tim
 #: missing directions the measurements fill slowly — chosen on the tuning slices z = 16–23 of
 #: ``example_ct`` at 30 steps (docs/mbir.md: at 23 views 20 steps lose 0.3 dB, at 90° they gain 0.9)
 CG_ITERATIONS = {"full": 10, "limited": 20}
+#: CT views covering less than this many degrees are limited angle (explicit angles subsampled from a
+#: full scan cover 180° only up to their uneven spacing)
+LIMITED_ANGLE = 175.0
 
 
 def mbir_defaults(op: LinearOperator) -> dict[str, float | int]:
     """``{"lam", "rho", "cg_iterations"}`` for the operator: the z-TV ADMM's λ, ρ
-    (:func:`idm.physics.volume.ztv_defaults`) and :data:`CG_ITERATIONS` (limited-angle CT or not)."""
+    (:func:`idm.physics.volume.ztv_defaults`) and :data:`CG_ITERATIONS` (limited-angle CT, coverage
+    below :data:`LIMITED_ANGLE`, or not)."""
     lam, rho = ztv_defaults(op)
-    limited = isinstance(op, ParallelBeamCT) and op.coverage < 180.0
+    limited = isinstance(op, ParallelBeamCT) and op.coverage < LIMITED_ANGLE
     return {"lam": lam, "rho": rho, "cg_iterations": CG_ITERATIONS["limited" if limited else "full"]}
 
 
