@@ -197,3 +197,20 @@ def test_denoiser_fine_tuning_starts_from_the_init_and_checks_it(image_dir, tmp_
     assert main([*base, "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "nope")]) == 2
     assert main(["--data", str(image_dir), *TINY_ARGS, "--out", str(tmp_path / "u"), "--random-phase"]) == 2
     assert "--arch dncnn" in capsys.readouterr().err
+
+
+def test_pretrain_takes_multichannel_arrays(tmp_path: Path) -> None:
+    """A folder of (C, H, W) .npy arrays (e.g. the four MRI contrasts) trains a C-channel prior; one-channel
+    architectures refuse it with a one-line error."""
+    data = tmp_path / "scans"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        np.save(data / f"scan{i}.npy", rng.random((4, 24, 20), dtype=np.float32))
+    out = tmp_path / "run"
+    assert main(["--data", str(data), "--out", str(out), *TINY_ARGS]) == 0
+    prior = load_prior(out / "checkpoint")
+    assert prior.channels == 4 and prior.sample(1, 16, steps=2, seed=0).shape == (1, 4, 16, 16)
+    assert (out / "checkpoint" / "samples.png").is_file()
+    assert main(["--data", str(data), "--out", str(tmp_path / "dn"), "--arch", "dncnn", "--steps", "2",
+                 "--patch", "16", "--no-progress"]) == 2

@@ -20,6 +20,8 @@ from ..io.atomic import atomic_path
 
 #: file suffixes read and written (case-insensitive)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: multi-channel training arrays (e.g. the four MRI contrasts of a scan): ``.npy`` ``(C, H, W)`` on [0, 1]
+ARRAY_SUFFIX = ".npy"
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -190,11 +192,28 @@ def save_image(path: str | os.PathLike[str], x: torch.Tensor) -> Path:
     return path
 
 
+def load_array(path: str | os.PathLike[str]) -> torch.Tensor:
+    """A real ``.npy`` array ``(C, H, W)`` (or ``(H, W)``: one channel) on [0, 1] as float32 ``(C, H, W)``;
+    :class:`IDMError` naming the file for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise IDMError(f"array not found: {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as error:
+        raise IDMError(f"cannot read {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    if array.ndim not in (2, 3) or array.dtype.kind not in "fiu":
+        raise IDMError(f"{path} holds {array.dtype} {array.shape}; a training array is real (C, H, W) or (H, W)")
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return check_image(x[None] if x.ndim == 2 else x, name=f"array {path}")
+
+
 class ImageFolder:
     """The image files of a folder (non-recursive), sorted by name, read on access.
 
     ``folder[i]`` is ``(name, image)`` with ``name`` the file stem and ``image`` a ``(1, H, W)``
-    tensor in [0, 1] (see :func:`load_image`).
+    tensor in [0, 1] (see :func:`load_image`); with :data:`ARRAY_SUFFIX` among ``suffixes``, ``.npy``
+    files are read by :func:`load_array` as ``(C, H, W)``.
     """
 
     def __init__(self, root: str | os.PathLike[str], limit: int | None = None,
@@ -219,7 +238,7 @@ class ImageFolder:
 
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor]:
         path = self.paths[index]
-        return path.stem, load_image(path)
+        return path.stem, load_array(path) if path.suffix.lower() == ARRAY_SUFFIX else load_image(path)
 
     def __iter__(self):
         for index in range(len(self)):

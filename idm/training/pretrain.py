@@ -309,6 +309,7 @@ def train(args: argparse.Namespace) -> int:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from ..data import ImageFolder
+    from ..data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES
     from ..medical.mcddpm import MCDDPM
     from ..priors import NoiseSchedule, Prior, UNet, to_model_range
     from ..priors.denoiser import DenoiserPrior
@@ -321,10 +322,16 @@ def train(args: argparse.Namespace) -> int:
 
     set_seed(args.seed)
     schedule = NoiseSchedule(args.schedule)
+    images = ImageFolder(args.data, suffixes=(*IMAGE_SUFFIXES, ARRAY_SUFFIX))
+    channels = int(images[0][1].shape[0])
+    if channels != 1 and (args.arch != "unet" or args.conditional):
+        raise IDMError(f"{images.paths[0].name} has {channels} channels; only the plain U-Net prior (--arch unet, "
+                       "no --conditional) trains on multi-channel arrays")
     if args.arch == "dncnn":
         model, origin = build_denoiser(args)
     else:
-        unet_config = unet_config_from_args(args)
+        unet_config = replace(unet_config_from_args(args), in_channels=channels, out_channels=channels) \
+            if channels != 1 else unet_config_from_args(args)
         model, origin = UNet(unet_config), "from scratch"
         if args.patch % unet_config.size_multiple:
             raise IDMError(f"--patch {args.patch} must be divisible by {unet_config.size_multiple} for this U-Net")
@@ -341,7 +348,6 @@ def train(args: argparse.Namespace) -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(device)
 
-    images = ImageFolder(args.data)
     loader = patch_loader(images, args, progress.step, accelerator)
     noise_gen = torch.Generator(device=device)
 
@@ -413,7 +419,8 @@ def _write_samples(prior: Any, path: Path, args: argparse.Namespace) -> None:
     was_training = prior.unet.training
     images = prior.sample(16, args.patch, steps=50, sampler="ddim", seed=args.seed)
     prior.unet.train(was_training)
-    write_grid(images, path)
+    channels = images.shape[1]  # several channels (e.g. MRI contrasts): one row of channels per sample
+    write_grid(images.reshape(-1, 1, *images.shape[2:]), path, nrow=channels if channels > 1 else None)
 
 
 def _record_training(prior: Any, args: argparse.Namespace, summary: RunSummary, num_images: int, steps_done: int,
