@@ -361,16 +361,12 @@ def load_truth(path: str | Path, kind: str) -> "torch.Tensor":
     import torch
 
     from ..data import check_image, load_image
+    from ..data.images import read_npy
 
     path = Path(path)
     if path.suffix.lower() != ".npy" or kind not in ("mri", "ct"):
         return load_image(path)
-    if not path.is_file():
-        raise IDMError(f"image not found: {path}")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except Exception as error:
-        raise IDMError(f"cannot read {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    array = read_npy(path, "image")
     if array.ndim != 2 or array.dtype.kind not in "fc" + "iu":
         raise IDMError(f"{path} holds {array.dtype} {array.shape}; an image is a 2-D (H, W) real or complex array")
     if np.iscomplexobj(array):

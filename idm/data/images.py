@@ -192,16 +192,22 @@ def save_image(path: str | os.PathLike[str], x: torch.Tensor) -> Path:
     return path
 
 
+def read_npy(path: str | os.PathLike[str], what: str = "array") -> np.ndarray:
+    """The array of a ``.npy`` file (never unpickled); :class:`IDMError` naming the file when it is
+    missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise IDMError(f"{what} not found: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as error:
+        raise IDMError(f"cannot read {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
 def load_array(path: str | os.PathLike[str]) -> torch.Tensor:
     """A real ``.npy`` array ``(C, H, W)`` (or ``(H, W)``: one channel) on [0, 1] as float32 ``(C, H, W)``;
     :class:`IDMError` naming the file for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise IDMError(f"array not found: {path}")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except Exception as error:
-        raise IDMError(f"cannot read {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    array = read_npy(path)
     if array.ndim not in (2, 3) or array.dtype.kind not in "fiu":
         raise IDMError(f"{path} holds {array.dtype} {array.shape}; a training array is real (C, H, W) or (H, W)")
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))

@@ -58,12 +58,9 @@ def read_scan(path: str | Path) -> torch.Tensor:
 
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        if not path.is_file():
-            raise IDMError(f"scan not found: {path}")
-        try:
-            array = np.load(path, allow_pickle=False)
-        except Exception as error:
-            raise IDMError(f"cannot read {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        from ..data.images import read_npy
+
+        array = read_npy(path, "scan")
         if array.dtype.kind not in "fiu":
             raise IDMError(f"scan {path} holds {array.dtype} values; a scan is real")
         return check_scan(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), f"scan {path}")
