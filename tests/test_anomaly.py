@@ -126,3 +126,18 @@ def test_scores_on_known_masks() -> None:
     assert pixel_auroc(scores, truth) == 1.0 and pixel_auroc(-scores, truth) == 0.0
     assert pixel_auroc(torch.ones(6, 6), truth) == 0.5
     assert torch.equal(otsu_mask(scores), truth)
+
+
+def test_real_brats_scans_split_by_subject(shared_data: Path, tmp_path: Path) -> None:
+    """train: subjects 001 (labelled) and 040 (scan only); test: subject 006 slices 081 / 082 with labels;
+    006 slice 080 (the test slices' neighbour) is left out."""
+    from train.anomaly_scans import export
+
+    manifest = export(shared_data, tmp_path / "brats4", "test")
+    by_split = {s: sorted(Path(r["scan"]).stem for r in manifest["files"] if r["split"] == s) for s in ("train", "test")}
+    assert by_split["test"] == ["brats_006_081", "brats_006_082"]
+    assert all(name.startswith(("brats_001_", "brats_040_")) for name in by_split["train"]) and len(by_split["train"]) == 7
+    assert list(manifest["left_out"]) == ["brats_006_080"]
+    scan = np.load(tmp_path / "brats4" / "test" / "scans" / "brats_006_081.npy")
+    mask = np.load(tmp_path / "brats4" / "test" / "masks" / "brats_006_081.npy")
+    assert scan.shape == (4, 240, 240) and mask.shape == (240, 240) and 0 < mask.mean() < 0.2
