@@ -4,6 +4,7 @@ classifier guidance, and the scores (Dice, pixel AUROC, Otsu)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,27 @@ def test_anomaly_cli_writes_a_map_and_scores_it(tmp_path: Path, capsys) -> None:
     assert main([*argv, "-o", str(tmp_path / "never.npy")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "4 contrasts" in err and not (tmp_path / "never.npy").exists()
+
+
+def test_anomaly_bench_compares_scales(tmp_path: Path) -> None:
+    from conftest import tiny_prior, tiny_unet_config
+    from idm.cli import main
+    from idm.io.checkpoint import save_checkpoint
+    from idm.training.classifier import ARCHITECTURE
+
+    prior = tiny_prior(tiny_unet_config(in_channels=4, out_channels=4), seed=0)
+    prior.save(tmp_path / "prior", "# tiny", dtype=None)
+    net = NoiseAwareClassifier(base_channels=8, channel_mults=(1, 2), groups=4)
+    save_checkpoint(tmp_path / "cls", net.state_dict(), {"architecture": ARCHITECTURE, "classifier": net.config}, "# tiny")
+    (tmp_path / "data" / "scans").mkdir(parents=True), (tmp_path / "data" / "masks").mkdir()
+    for k in range(2):
+        scan = scans(1, True, size=20, seed=k)[0]
+        np.save(tmp_path / "data" / "scans" / f"c{k}.npy", scan.numpy())
+        np.save(tmp_path / "data" / "masks" / f"c{k}.npy", (scan[3] > 0.8).numpy().astype(np.uint8))
+    out = tmp_path / "a.json"
+    assert main(["bench", "anomaly", "--data", str(tmp_path / "data"), "--prior", str(tmp_path / "prior"),
+                 "--classifier", str(tmp_path / "cls"), "--scales", "0", "5", "--level", "50", "--steps", "2",
+                 "--json", str(out), "--figure", str(tmp_path / "f.png")]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["scale"] for r in rows] == [0.0, 5.0] and all(len(r["images"]) == 2 for r in rows)
+    assert (tmp_path / "f.png").stat().st_size > 0

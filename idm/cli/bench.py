@@ -9,6 +9,7 @@ import importlib
 
 #: benchmark name → (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
+    "anomaly": ("idm.bench.anomaly", "classifier-guided anomaly detection: Dice and pixel AUROC against the unguided baseline"),
     "memory": ("idm.bench.memory", "training-step memory and time of a T-step sampler per memory mode"),
     "quality": ("idm.bench.quality", "reconstruction quality of the methods"),
     "speed": ("idm.bench.speed", "reconstruction speed of the methods"),
