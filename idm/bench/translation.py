@@ -10,8 +10,9 @@ BraTS subjects held out of the T2 prior). Every source is translated by
 * ``sdedit`` — the same run without guidance (``scale = 0``): the source noised to ``--start`` and
   denoised by the target prior (Meng et al., ICLR 2022);
 * ``unguided`` — the target prior sampled from pure noise (``start = 1``, ``scale = 0``): the floor;
-* ``histogram`` — the source's histogram matched to the pooled histogram of ``--reference`` (a folder of
-  target-modality training images; scikit-image ``match_histograms``), when given;
+* ``histogram`` — the source's foreground histogram matched to the pooled foreground histogram of
+  ``--reference`` (a folder of target-modality training images; scikit-image ``match_histograms``;
+  :func:`histogram_match`), when given;
 
 and scored against its real target: PSNR (peak 1), SSIM (:func:`idm.metrics.ssim_skimage`) and MI
 (:func:`idm.metrics.nmi_skimage`, Studholme's normalised MI on [1, 2]), mean over the pairs::
@@ -98,12 +99,17 @@ def reference_values(folder: str | Path) -> np.ndarray:
 
 
 def histogram_match(source: torch.Tensor, reference: np.ndarray) -> torch.Tensor:
-    """``source`` with the histogram of ``reference`` (scikit-image ``match_histograms``)."""
+    """``source`` with the histogram of ``reference`` over the foreground (scikit-image ``match_histograms``
+    of the source's non-zero pixels to the reference's non-zero pixels; zero background stays zero, so a
+    skull-stripped scan is not matched to the background share of another data set)."""
     from skimage.exposure import match_histograms
 
     image = source.numpy()
-    matched = match_histograms(image.ravel(), reference).reshape(image.shape)
-    return torch.from_numpy(np.ascontiguousarray(matched, dtype=np.float32))
+    out = np.zeros_like(image, dtype=np.float32)
+    foreground, values = image > 0, reference[reference > 0]
+    if foreground.any() and values.size:
+        out[foreground] = match_histograms(image[foreground], values)
+    return torch.from_numpy(out)
 
 
 def run_cli(args: argparse.Namespace) -> int:

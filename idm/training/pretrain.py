@@ -448,7 +448,7 @@ def export(prior: Any, directory: Path, args: argparse.Namespace, summary: RunSu
     lines = [
         "# idm diffusion prior (ε-prediction U-Net)",
         "",
-        f"Gray-scale DDPM prior; images on [0, 1] are mapped to [-1, 1] (`2x - 1`). "
+        f"{'Gray-scale' if cfg.in_channels == 1 else f'{cfg.in_channels}-channel'} DDPM prior; images on [0, 1] are mapped to [-1, 1] (`2x - 1`). "
         f"{count_parameters(prior.unet) / 1e6:.2f} M parameters, EMA weights (decay {args.ema_decay}) "
         f"stored as {args.export_dtype}. Load with `idm.priors.load_prior(path)`.",
         "",
