@@ -63,6 +63,17 @@ def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+def resumed_like_straight(args, tmp_path: Path) -> Path:
+    """Run ``args(run_dir, *extra)`` straight through and as two invocations (``--stop-after 2``, then
+    ``--resume``); assert their loss logs are equal; return the straight run's folder."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(args(straight)) == 0
+    assert main(args(split, "--stop-after", "2")) == 0
+    assert main(args(split, "--resume")) == 0
+    assert losses(split) == losses(straight)
+    return straight
+
+
 @pytest.fixture(scope="module")
 def exported(workspace: Path) -> Path:
     run = workspace / "run-export"
@@ -250,11 +261,7 @@ def test_medical_finetune_exports_a_checkpoint_the_idm_method_picks_and_resumes_
                 "--sampling-steps", "2", "--levels", "none", "--val-every", "0", "--save-every", "2", "--threads", "1",
                 "--no-progress", *extra]
 
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(args(straight)) == 0
-    assert main(args(split, "--stop-after", "2")) == 0
-    assert main(args(split, "--resume")) == 0
-    assert losses(split) == losses(straight)
+    straight = resumed_like_straight(args, tmp_path)
     config = read_checkpoint_config(straight / "checkpoint")
     assert config["operator"] == operator and config["trained_operator"] == trained
     assert config["ratio"] is None and config["block_size"] is None and "matrix_seed" not in config
@@ -307,11 +314,7 @@ def test_volume_chunk_finetune_with_ztv_resumes_exactly(denoiser_prior: Path, tm
                 "--batch", "1", "--patch", "32", "--sampling-steps", "2", "--levels", "both", "--val-every", "0",
                 "--save-every", "2", "--threads", "1", "--no-progress", *extra]
 
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(args(straight)) == 0
-    assert main(args(split, "--stop-after", "2")) == 0
-    assert main(args(split, "--resume")) == 0
-    assert losses(split) == losses(straight)
+    straight = resumed_like_straight(args, tmp_path)
     config = read_checkpoint_config(straight / "checkpoint")
     assert config["idm"]["ztv"] == [0.1, 10.0]
     card = (straight / "checkpoint" / "README.md").read_text()

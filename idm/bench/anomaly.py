@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     from ..data.images import load_array, read_npy
-    from ..medical.anomaly import anomaly_map, check_scan, dice, otsu_mask, pixel_auroc
+    from ..medical.anomaly import anomaly_map, check_scan, check_settings, dice, otsu_mask, pixel_auroc
     from ..priors.prior import load_prior
     from ..training.classifier import load_classifier
 
@@ -51,8 +51,8 @@ def run_cli(args: argparse.Namespace) -> int:
     paths = sorted(p for p in scans_dir.glob("*.npy") if (masks_dir / p.name).is_file()) if scans_dir.is_dir() else []
     if not paths:
         raise IDMError(f"no scans with masks in {args.data} (expected scans/*.npy and masks/*.npy)")
-    if any(s < 0 for s in args.scales) or not 0 < args.level < 1000 or args.steps < 1:
-        raise IDMError("--scales must be >= 0, --level in (0, 1000) and --steps >= 1")
+    for scale in args.scales:
+        check_settings(args.level, args.steps, scale)
     prior = load_prior(args.prior, device=args.device)
     classifier = load_classifier(args.classifier, device=args.device)
     cases = [(p.stem, check_scan(load_array(p), f"scan {p}"), torch.from_numpy(read_npy(masks_dir / p.name) > 0))

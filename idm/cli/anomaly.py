@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -43,19 +42,14 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..medical.anomaly import anomaly_map, dice, otsu_mask, pixel_auroc, read_mask, read_scan
+    from ..medical.anomaly import anomaly_map, check_settings, dice, otsu_mask, pixel_auroc, read_mask, read_scan
     from ..priors.prior import load_prior
     from ..training.classifier import load_classifier
-    from .common import RAW_SUFFIXES, write_result
-    from ..data.images import IMAGE_SUFFIXES
+    from .common import check_output_path, is_raw_output, write_result
 
-    outputs = [Path(p) for p in (args.output, args.segmentation) if p]
-    for path in outputs:
-        if not (path.name.lower().endswith(RAW_SUFFIXES) or path.suffix.lower() in IMAGE_SUFFIXES):
-            raise IDMError(f"output must be .npy, .nii[.gz] or an image file, got {path}")
-    if not 0 < args.level < 1000 or args.steps < 1 or args.scale < 0:
-        raise IDMError(f"--level must lie in (0, 1000), --steps be >= 1 and --scale >= 0; got {args.level}, "
-                       f"{args.steps}, {args.scale:g}")
+    output = check_output_path(args.output)
+    segmentation_path = check_output_path(args.segmentation) if args.segmentation else None
+    check_settings(args.level, args.steps, args.scale)
     scan = read_scan(args.scan)
     truth = read_mask(args.truth) if args.truth else None
     if truth is not None and tuple(truth.shape) != tuple(scan.shape[1:]):
@@ -72,10 +66,9 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     amap = amap[0].cpu()
     segmentation = otsu_mask(amap)
-    write_result(Path(args.output), amap[None] if amap.max() <= 0 or Path(args.output).name.lower().endswith(RAW_SUFFIXES)
-                 else (amap / amap.max())[None])
-    if args.segmentation:
-        write_result(Path(args.segmentation), segmentation.float()[None])
+    write_result(output, amap[None] if amap.max() <= 0 or is_raw_output(output) else (amap / amap.max())[None])
+    if segmentation_path is not None:
+        write_result(segmentation_path, segmentation.float()[None])
     report = f"anomaly: {tuple(scan.shape[1:])} in {seconds:.1f} s → {args.output}"
     if truth is not None:
         report += f" (Dice {dice(segmentation, truth):.3f}, pixel AUROC {pixel_auroc(amap, truth):.3f})"

@@ -388,6 +388,17 @@ def is_raw_output(path: Path) -> bool:
     return path.name.lower().endswith(RAW_SUFFIXES)
 
 
+def check_output_path(path: str | Path) -> Path:
+    """``path`` as a :class:`Path` if :func:`write_result` can write it (an image file, ``.npy`` or NIfTI);
+    else :class:`IDMError` — checked before any work, so a bad name fails fast."""
+    from ..data.images import IMAGE_SUFFIXES
+
+    path = Path(path)
+    if not (is_raw_output(path) or path.suffix.lower() in IMAGE_SUFFIXES):
+        raise IDMError(f"output must be an image file, .npy or .nii[.gz], got {path}")
+    return path
+
+
 def write_result(path: Path, x: "torch.Tensor") -> None:
     """Write one reconstruction ``(C, H, W)``: ``.npy`` and NIfTI (``.nii``, ``.nii.gz``; the extra
     ``medical``) keep the raw values (complex for MRI; one channel as an (H, W) array), image formats

@@ -59,14 +59,11 @@ def read_slice(path: str | Path, what: str) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.images import IMAGE_SUFFIXES
     from ..medical.translate import translate
     from ..metrics import nmi_skimage, psnr, ssim_skimage
-    from .common import RAW_SUFFIXES, write_result
+    from .common import check_output_path, write_result
 
-    output = Path(args.output)
-    if not (output.name.lower().endswith(RAW_SUFFIXES) or output.suffix.lower() in IMAGE_SUFFIXES):
-        raise IDMError(f"output must be an image file, .npy or .nii[.gz], got {output}")
+    output = check_output_path(args.output)
     source = read_slice(args.source, "source")
     truth = read_slice(args.truth, "truth") if args.truth else None
     if truth is not None and truth.shape != source.shape:

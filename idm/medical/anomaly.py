@@ -119,6 +119,14 @@ class NoiseAwareClassifier(nn.Module):
 
 
 # --- encode, guided decode -----------------------------------------------------------------------
+def check_settings(level: int, steps: int, scale: float, num_steps: int = 1000) -> None:
+    """One-line :class:`IDMError` unless 0 < ``level`` < ``num_steps`` (the schedule's), ``steps`` ≥ 1 and ``scale`` ≥ 0."""
+    if not 0 < level < num_steps or steps < 1 or scale < 0:
+        raise IDMError(f"the encoding level must lie in (0, {num_steps}), the steps be >= 1 and the scale >= 0; "
+                       f"got {level}, {steps}, {scale:g}")
+
+
+
 def ddim_encode(model: EpsModel, x0: torch.Tensor, schedule: NoiseSchedule, level: int, steps: int,
                 progress: bool = False) -> torch.Tensor:
     """Deterministic DDIM inversion of ``x0`` (prior range) from t = 0 up to ``level`` over the
@@ -164,6 +172,7 @@ def anomaly_map(model: EpsModel, classifier: nn.Module | None, scan: torch.Tenso
     padded at the bottom / right to ``size_multiple`` (replicated edges) and cropped back."""
     from ..physics.canvas import Canvas
 
+    check_settings(level, steps, scale, schedule.num_steps)
     canvas = Canvas.to_multiple(tuple(scan.shape[-2:]), size_multiple)
     x0 = to_model_range(canvas.pad(scan, mode="replicate"))
     latent = ddim_encode(model, x0, schedule, level, steps, progress)
