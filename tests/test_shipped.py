@@ -165,3 +165,28 @@ def test_shipped_mcddpm_card_and_reconstruction() -> None:
     posterior = get_method("mcddpm").build(samples=2, steps=3).with_uncertainty(y, op)
     assert float((op.A(posterior.x) - y).abs().max()) <= 1e-4 * float(y.abs().max())
     assert posterior.std.shape == x.shape and float(posterior.std.max()) > 0
+
+
+def test_shipped_anomaly_checkpoints_cards_and_defaults() -> None:
+    """``ddpm-brats4`` + ``classifier-brats4``, the defaults of ``idm anomaly``: cards say the data size and
+    the measured use, both load by name, and they map a small scan (few steps) to a finite, non-negative map."""
+    from idm.cli import build_parser
+    from idm.medical.anomaly import anomaly_map
+    from idm.priors.prior import load_prior
+    from idm.training.classifier import load_classifier
+
+    for name in ("ddpm-brats4", "classifier-brats4"):
+        card = (CHECKPOINTS / name / "README.md").read_text()
+        missing = [field for field in ("Command", "hardware", "wall time", "one", "held-out", "Dice", "AUROC")
+                   if field.lower() not in card.lower()]
+        assert not missing, f"model card of {name} lacks {missing}"
+        assert (CHECKPOINTS / name / "model.safetensors").stat().st_size < 4 * 2**20
+    args = build_parser("anomaly").parse_args(["anomaly", "scan.npy", "-o", "map.npy"])
+    assert (args.prior, args.classifier) == ("ddpm-brats4", "classifier-brats4")
+    prior, classifier = load_prior(args.prior), load_classifier(args.classifier)
+    assert prior.channels == 4
+    scan = torch.rand(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        amap, _ = anomaly_map(prior, classifier, scan, prior.schedule, level=100, steps=2, scale=100.0,
+                              size_multiple=prior.size_multiple, progress=False)
+    assert amap.shape == (1, 32, 32) and bool(torch.isfinite(amap).all()) and float(amap.min()) >= 0

@@ -30,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli.anomaly import ANOMALY_DEFAULTS
 
     parser.add_argument("--data", required=True, metavar="DIR", help="folder with scans/ and masks/")
-    parser.add_argument("--prior", required=True, help="the four-contrast diffusion prior (folder)")
-    parser.add_argument("--classifier", required=True, help="the noise-aware classifier checkpoint (folder)")
+    parser.add_argument("--prior", default="ddpm-brats4",
+                        help="the four-contrast diffusion prior (checkpoint name or folder; default ddpm-brats4)")
+    parser.add_argument("--classifier", default="classifier-brats4",
+                        help="the noise-aware classifier (checkpoint name or folder; default classifier-brats4)")
     parser.add_argument("--scales", type=float, nargs="+", default=[0.0, ANOMALY_DEFAULTS["scale"]],
                         help=f"guidance scales, 0 = the unguided baseline (default 0 {ANOMALY_DEFAULTS['scale']:g})")
     parser.add_argument("--level", type=int, default=ANOMALY_DEFAULTS["level"], help="encoding timestep L")

@@ -1,4 +1,4 @@
-"""``idm anomaly SCAN --prior PRIOR --classifier CLS -o MAP``: where a brain scan differs from its
+"""``idm anomaly SCAN -o MAP [--prior PRIOR --classifier CLS]``: where a brain scan differs from its
 "healthy" reconstruction (:mod:`idm.medical.anomaly`: DDIM encoding to ``--level``, classifier-guided
 decoding with ``--scale``, the map Σ_c |x − x̂|).
 
@@ -25,8 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
     parser = subparsers.add_parser("anomaly", help=help_text, description=__doc__.splitlines()[0])
     parser.add_argument("scan", metavar="SCAN", help="a folder of the four contrast NIfTIs, or a (4, H, W) .npy")
     parser.add_argument("-o", "--output", required=True, help="anomaly map (.npy, .nii[.gz] or an image)")
-    parser.add_argument("--prior", required=True, help="the four-contrast diffusion prior (folder)")
-    parser.add_argument("--classifier", required=True, help="the noise-aware classifier checkpoint (folder)")
+    parser.add_argument("--prior", default="ddpm-brats4",
+                        help="the four-contrast diffusion prior (checkpoint name or folder; default ddpm-brats4)")
+    parser.add_argument("--classifier", default="classifier-brats4",
+                        help="the noise-aware classifier (checkpoint name or folder; default classifier-brats4)")
     parser.add_argument("--level", type=int, default=ANOMALY_DEFAULTS["level"],
                         help=f"encoding timestep L (default {ANOMALY_DEFAULTS['level']})")
     parser.add_argument("--steps", type=int, default=ANOMALY_DEFAULTS["steps"],

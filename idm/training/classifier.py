@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import IDMError
-from .common import (Progress, RunLog, RunSummary, add_run_control_arguments, add_run_folder_arguments,
-                     checked_state_path, command_line, export_directory, final_loss, hardware,
-                     load_run_state, mean_loss, new_accelerator, optimizer_step, patch_loader, resume_progress,
-                     resumed_batches, run_script, save_training_state, time_is_up, trajectory_args, warmup_cosine)
+from .common import (Progress, RunSummary, add_run_control_arguments, add_run_folder_arguments, checked_state_path,
+                     command_line, export_directory, final_loss, hardware, load_run_state, mean_loss, new_accelerator,
+                     optimizer_step, patch_loader, resume_progress, resumed_batches, run_script, run_steps,
+                     save_training_state, trajectory_args, warmup_cosine)
 
 MODULE = "idm.training.classifier"
 STATE_FILE, LOG_FILE = "state.safetensors", "log.jsonl"
@@ -147,43 +146,33 @@ def train(args: argparse.Namespace) -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = patch_loader(images, args, progress.step, accelerator)
     noise_gen = torch.Generator(device=device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    stop = args.steps if args.stop_after is None else min(args.steps, progress.step + args.stop_after)
-    step, out_of_time = progress.step, False
     model.train()
-    with RunLog(run_dir / LOG_FILE, main=accelerator.is_main_process, total=args.steps, initial=progress.step,
-                desc="classifier", show=not args.no_progress) as log:
-        for batch in resumed_batches(loader, progress.rng):
-            if step >= stop:
-                break
-            batch = batch.to(device)
-            noise_gen.manual_seed((args.seed * 1_000_003 + step) * world + rank)
-            x0, target = to_model_range(batch[:, :4]), labels(batch[:, 4], args.min_tumour)
-            t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=noise_gen, device=device)
-            x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=noise_gen, device=device))
-            loss = balanced_loss(model(x_t, t).float(), target)
-            lr = optimizer_step(accelerator, model, optimizer, scheduler, loss, args.grad_clip)
-            step += 1
-            wall = progress.wall_time + time.monotonic() - t0
-            log.record({"step": step, "loss": mean_loss(accelerator, loss, step), "lr": lr,
-                        "diseased": int((target == 1).sum()), "healthy": int((target == 0).sum()),
-                        "wall_s": round(wall, 3)})
-            out_of_time = time_is_up(t0, args.max_minutes, world)
-            if step % args.save_every == 0 or step == stop or out_of_time:
-                save_training_state(state_path, accelerator, progress, step=step, wall_time=wall,
-                                    args=trajectory_args(args, TRAJECTORY_OPTIONS), optimizer=optimizer,
-                                    scheduler=scheduler, model=accelerator.unwrap_model(model).state_dict())
-            if out_of_time:
-                break
-    if step < args.steps and not out_of_time:
-        accelerator.print(f"stopped at step {step}/{args.steps}; continue with the same command plus --resume")
+
+    def step_fn(batch: torch.Tensor, step: int) -> dict[str, Any]:
+        batch = batch.to(device)
+        noise_gen.manual_seed((args.seed * 1_000_003 + step) * world + rank)
+        x0, target = to_model_range(batch[:, :4]), labels(batch[:, 4], args.min_tumour)
+        t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=noise_gen, device=device)
+        x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=noise_gen, device=device))
+        loss = balanced_loss(model(x_t, t).float(), target)
+        lr = optimizer_step(accelerator, model, optimizer, scheduler, loss, args.grad_clip)
+        return {"loss": mean_loss(accelerator, loss, step + 1), "lr": lr,
+                "diseased": int((target == 1).sum()), "healthy": int((target == 0).sum())}
+
+    def save(step: int, wall: float) -> None:
+        save_training_state(state_path, accelerator, progress, step=step, wall_time=wall,
+                            args=trajectory_args(args, TRAJECTORY_OPTIONS), optimizer=optimizer,
+                            scheduler=scheduler, model=accelerator.unwrap_model(model).state_dict())
+
+    end = run_steps(args, accelerator, progress, resumed_batches(loader, progress.rng), step_fn, save,
+                    log_path=run_dir / LOG_FILE, desc="classifier")
+    if not end.ready_to_export(args, accelerator, when_out_of_time=True):
         return 0
     if accelerator.is_main_process:
-        summary = RunSummary(progress.command, hardware(world, device), progress.wall_time + time.monotonic() - t0,
-                             progress.resumes, final_loss(run_dir / LOG_FILE))
-        export(accelerator.unwrap_model(model), export_directory(args), args, summary, len(images), step)
-        accelerator.print(f"exported the classifier after {step} steps to {export_directory(args)}")
+        summary = RunSummary(progress.command, hardware(world, device), end.wall_time, progress.resumes,
+                             final_loss(run_dir / LOG_FILE))
+        export(accelerator.unwrap_model(model), export_directory(args), args, summary, len(images), end.step)
+        accelerator.print(f"exported the classifier after {end.step} steps to {export_directory(args)}")
     return 0
 
 
@@ -209,11 +198,12 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
 
 
 def load_classifier(source: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A classifier checkpoint (:func:`export`) as an eval-mode :class:`~idm.medical.anomaly.NoiseAwareClassifier`."""
-    from ..io.checkpoint import load_checkpoint
+    """A classifier checkpoint (:func:`export`; a folder or a shipped name such as ``classifier-brats4``)
+    as an eval-mode :class:`~idm.medical.anomaly.NoiseAwareClassifier`."""
+    from ..io.checkpoint import load_checkpoint, resolve_checkpoint
     from ..medical.anomaly import NoiseAwareClassifier
 
-    tensors, config = load_checkpoint(source, expect={"architecture": ARCHITECTURE}, device=device)
+    tensors, config = load_checkpoint(resolve_checkpoint(source), expect={"architecture": ARCHITECTURE}, device=device)
     model = NoiseAwareClassifier(**config["classifier"])
     model.load_state_dict(tensors)
     return model.to(device).eval()

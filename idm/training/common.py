@@ -1,8 +1,9 @@
-"""What the training entry points (:mod:`idm.training.pretrain`, :mod:`idm.training.finetune`) share.
+"""What the training entry points (:mod:`idm.training.pretrain`, :mod:`idm.training.finetune`,
+:mod:`idm.training.classifier`, ...) share.
 
-Both train one network on random patches of an image folder with :mod:`accelerate`, in a run folder
+Each trains on random patches of images or volumes with :mod:`accelerate`, in a run folder
 holding ``state.safetensors`` (saved every ``--save-every`` steps; ``--resume`` continues bit for bit)
-and ``log.jsonl`` (one line per step), and end by exporting a checkpoint with a model card. Exact
+and ``log.jsonl`` (one line per step), and ends by exporting a checkpoint with a model card. Exact
 resumption rests on three things kept here: the data of step ``s`` are a function of ``s``
 (:class:`StepBatches` over position-indexed patches), the RNG states are saved with the model, and
 log lines written after the last saved state are dropped on resume (:func:`truncate_log`).
@@ -361,6 +362,56 @@ def mean_loss(accelerator: Any, loss: torch.Tensor, step: int) -> float:
     if not math.isfinite(value):
         raise IDMError(f"training diverged: loss is {value} at step {step}; lower --lr or use fp32")
     return value
+
+
+@dataclass(frozen=True)
+class LoopEnd:
+    """Where :func:`run_steps` stopped."""
+
+    step: int  # optimizer steps done, over all invocations
+    out_of_time: bool  # stopped by --max-minutes
+    wall_time: float  # seconds, over all invocations
+
+    def ready_to_export(self, args: argparse.Namespace, accelerator: Any, *, when_out_of_time: bool) -> bool:
+        """Whether the run should export now: it reached ``--steps``, or (``when_out_of_time``) ran out of
+        ``--max-minutes``; otherwise say how to continue."""
+        if self.step < args.steps:
+            accelerator.print(f"stopped at step {self.step}/{args.steps}; continue with the same command plus --resume")
+        return self.step >= args.steps or (when_out_of_time and self.out_of_time)
+
+
+def run_steps(args: argparse.Namespace, accelerator: Any, progress: Progress, batches: Iterable[Any],
+              step_fn: Callable[[Any, int], dict[str, Any]], save: Callable[[int, float], None], *,
+              log_path: Path, desc: str, shown: Callable[[], dict[str, str]] | None = None) -> LoopEnd:
+    """The training loop every trainer shares (pre-training, fine-tuning, classifier, registration, HA-GAN).
+
+    From ``progress.step`` up to ``--steps`` (at most ``--stop-after`` steps in this invocation), for each
+    batch of ``batches`` (batch ``s`` must depend only on ``s``: :func:`patch_loader` + :func:`resumed_batches`):
+    ``entry = step_fn(batch, s)`` does optimizer step ``s`` (0-based) and returns its log entry (``"loss"``,
+    ``"lr"``, anything else); the line ``{"step": s + 1, **entry, "wall_s": ...}`` goes to ``log_path`` and
+    the progress bar (with ``shown()`` beside the loss). ``save(step, wall_time)`` writes the training
+    state (:func:`save_training_state`; every process calls it) every ``--save-every`` steps, after the
+    last step of this invocation and when ``--max-minutes`` are up, which ends the loop.
+    """
+    t0 = time.monotonic()
+    stop = args.steps if args.stop_after is None else min(args.steps, progress.step + args.stop_after)
+    step, out_of_time, world = progress.step, False, accelerator.num_processes
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with RunLog(log_path, main=accelerator.is_main_process, total=args.steps, initial=progress.step,
+                desc=desc, show=not args.no_progress) as log:
+        for batch in batches:
+            if step >= stop:
+                break
+            entry = step_fn(batch, step)
+            step += 1
+            wall = progress.wall_time + time.monotonic() - t0
+            log.record({"step": step, **entry, "wall_s": round(wall, 3)}, **(shown() if shown else {}))
+            out_of_time = time_is_up(t0, args.max_minutes, world)
+            if step % args.save_every == 0 or step == stop or out_of_time:
+                save(step, wall)
+            if out_of_time:
+                break
+    return LoopEnd(step, out_of_time, progress.wall_time + time.monotonic() - t0)
 
 
 def time_is_up(started: float, max_minutes: float | None, world: int) -> bool:

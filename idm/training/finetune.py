@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,10 +50,10 @@ from ..network.config import STARTS
 from ..invertible.diffusers import PRUNE_PRESETS
 from .tasks import LEVEL_NAMES, TASK_KINDS, StepOperators, check_task_args, checkpoint_fields, describe, run_label, validation_factory
 from .common import (
-    EXPORT_DTYPES, LOG_FILE, Progress, RunLog, RunSummary, add_run_control_arguments, add_run_folder_arguments,
+    EXPORT_DTYPES, LOG_FILE, Progress, RunSummary, add_run_control_arguments, add_run_folder_arguments,
     check_training_args, checked_state_path, command_line, data_row, export_directory, final_loss, hardware,
     load_run_state, mean_loss, new_accelerator, optimizer_step, patch_loader, resume_progress, resumed_batches,
-    save_training_state, script_main, script_parser, time_is_up, trajectory_args, warmup_cosine,
+    run_steps, save_training_state, script_main, script_parser, trajectory_args, warmup_cosine,
 )
 
 VAL_FILE = "val.jsonl"
@@ -403,46 +402,34 @@ def train(args: argparse.Namespace) -> int:
                             args=trajectory_args(args, TRAJECTORY_OPTIONS), optimizer=optimizer, scheduler=scheduler,
                             provenance=provenance, net_config=net.config.to_dict(), model=net.unique_state_dict())
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    stop = args.steps if args.stop_after is None else min(args.steps, progress.step + args.stop_after)
-    step, last_val = progress.step, None
-    with RunLog(run_dir / LOG_FILE, main=accelerator.is_main_process, total=args.steps, initial=progress.step,
-                desc=f"{args.arch} {run_label(args)}", show=not args.no_progress) as log:
-        for batch in resumed_batches(loader, progress.rng):
-            if step >= stop:
-                break
-            x = batch.to(device, non_blocking=True)
-            if args.chunk_depth is not None:  # (1, D, P, P) → a volume of D slices (D, 1, P, P)
-                x = x.transpose(0, 1)
-            op = step_operator(step)
-            y = op.A(x)
-            loss = (model(y, op) - x).abs().float().mean()  # L1 (on the modulus for complex MRI images)
-            lr = optimizer_step(accelerator, model, optimizer, scheduler, loss, args.grad_clip)
-            step += 1
+    last_val: dict[str, float] | None = None
 
-            value = mean_loss(accelerator, loss, step)
-            if args.val_every and step % args.val_every == 0 and step < args.steps:
-                if accelerator.is_main_process:
-                    last_val = run_validation(step)
-                accelerator.wait_for_everyone()
-            log.record({"step": step, "loss": value, "lr": lr},
-                       **({"val_psnr": f"{last_val['psnr']:.2f}"} if last_val else {}))
+    def step_fn(batch: torch.Tensor, step: int) -> dict[str, Any]:
+        nonlocal last_val
+        x = batch.to(device, non_blocking=True)
+        if args.chunk_depth is not None:  # (1, D, P, P) → a volume of D slices (D, 1, P, P)
+            x = x.transpose(0, 1)
+        op = step_operator(step)
+        loss = (model(op.A(x), op) - x).abs().float().mean()  # L1 (on the modulus for complex MRI images)
+        lr = optimizer_step(accelerator, model, optimizer, scheduler, loss, args.grad_clip)
+        done = step + 1
+        value = mean_loss(accelerator, loss, done)
+        if args.val_every and done % args.val_every == 0 and done < args.steps:
+            if accelerator.is_main_process:
+                last_val = run_validation(done)
+            accelerator.wait_for_everyone()
+        return {"loss": value, "lr": lr}
 
-            wall = progress.wall_time + time.monotonic() - t0
-            out_of_time = time_is_up(t0, args.max_minutes, world)
-            if step % args.save_every == 0 or step == stop or out_of_time:
-                checkpoint_state(step, wall)
-            if out_of_time:
-                break
-
-    if step < args.steps:
-        accelerator.print(f"stopped at step {step}/{args.steps}; continue with the same command plus --resume")
+    end = run_steps(args, accelerator, progress, resumed_batches(loader, progress.rng), step_fn, checkpoint_state,
+                    log_path=run_dir / LOG_FILE, desc=f"{args.arch} {run_label(args)}",
+                    shown=lambda: {"val_psnr": f"{last_val['psnr']:.2f}"} if last_val else {})
+    if not end.ready_to_export(args, accelerator, when_out_of_time=False):
         return 0
+    step = end.step
     if accelerator.is_main_process:
         scores = run_validation(step)
-        summary = RunSummary(progress.command, hardware(world, device), progress.wall_time + time.monotonic() - t0,
-                             progress.resumes, final_loss(run_dir / LOG_FILE))
+        summary = RunSummary(progress.command, hardware(world, device), end.wall_time, progress.resumes,
+                             final_loss(run_dir / LOG_FILE))
         export_dir = export_directory(args)
         export(net, export_dir, args, summary, num_images=len(train_images), provenance=provenance, validation=scores)
         accelerator.print(f"exported the trained network to {export_dir}"

@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -49,10 +48,10 @@ import torch.nn.functional as F
 
 from ..errors import IDMError
 from .common import (
-    EXPORT_DTYPES, LOG_FILE, Progress, RunLog, RunSummary, add_run_control_arguments, add_run_folder_arguments,
+    EXPORT_DTYPES, LOG_FILE, Progress, RunSummary, add_run_control_arguments, add_run_folder_arguments,
     check_training_args, checked_state_path, command_line, data_row, export_directory, final_loss, hardware,
     load_run_state, mean_loss, new_accelerator, optimizer_step, patch_loader, resume_progress, resumed_batches,
-    save_training_state, script_main, script_parser, time_is_up, trajectory_args,
+    run_steps, save_training_state, script_main, script_parser, trajectory_args,
 )
 from .common import STATE_FILE  # noqa: F401  (re-exported: the run folder's training state)
 from .common import warmup_cosine as lr_factor  # the LR schedule of pre-training
@@ -351,53 +350,42 @@ def train(args: argparse.Namespace) -> int:
     loader = patch_loader(images, args, progress.step, accelerator)
     noise_gen = torch.Generator(device=device)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    stop = args.steps if args.stop_after is None else min(args.steps, progress.step + args.stop_after)
-    step, out_of_time = progress.step, False
     model.train()
-    with RunLog(run_dir / LOG_FILE, main=accelerator.is_main_process, total=args.steps, initial=progress.step,
-                desc="pretrain", show=not args.no_progress) as log:
-        for batch in resumed_batches(loader, progress.rng):
-            if step >= stop:
-                break
-            batch = batch.to(device, non_blocking=True)
-            noise_gen.manual_seed((args.seed * 1_000_003 + step) * world + rank)
-            if args.arch == "dncnn":
-                loss = denoiser_loss(model, batch, noise_gen, args)
-            elif args.conditional:
-                loss = conditional_mri_loss(model, batch, noise_gen, args, schedule, unet_config.size_multiple)
-            else:
-                x0 = to_model_range(batch)
-                t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=noise_gen, device=device)
-                noise = torch.randn(x0.shape, generator=noise_gen, device=device)
-                x_t = schedule.q_sample(x0, t, noise)
-                loss = F.mse_loss(model(x_t, t).float(), noise)
-            lr = optimizer_step(accelerator, model, optimizer, scheduler, loss, args.grad_clip)
-            ema.update_parameters(accelerator.unwrap_model(model))
-            step += 1
 
-            value = mean_loss(accelerator, loss, step)
-            wall = progress.wall_time + time.monotonic() - t0
-            log.record({"step": step, "loss": value, "lr": lr, "wall_s": round(wall, 3)})
-            out_of_time = time_is_up(t0, args.max_minutes, world)
-            if step % args.save_every == 0 or step == stop or out_of_time:
-                save_training_state(state_path, accelerator, progress, step=step, wall_time=wall,
-                                    args=trajectory_args(args, TRAJECTORY_OPTIONS), optimizer=optimizer,
-                                    scheduler=scheduler, model=accelerator.unwrap_model(model).state_dict(),
-                                    ema=ema.state_dict())
-            if args.arch == "unet" and not args.conditional and args.sample_every and step % args.sample_every == 0 and accelerator.is_main_process:
-                _write_samples(Prior(ema.module, schedule), run_dir / "samples" / f"step_{step:07d}.png", args)
-            if out_of_time:
-                break
+    def step_fn(batch: torch.Tensor, step: int) -> dict[str, Any]:
+        batch = batch.to(device, non_blocking=True)
+        noise_gen.manual_seed((args.seed * 1_000_003 + step) * world + rank)
+        if args.arch == "dncnn":
+            loss = denoiser_loss(model, batch, noise_gen, args)
+        elif args.conditional:
+            loss = conditional_mri_loss(model, batch, noise_gen, args, schedule, unet_config.size_multiple)
+        else:
+            x0 = to_model_range(batch)
+            t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=noise_gen, device=device)
+            noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+            loss = F.mse_loss(model(schedule.q_sample(x0, t, noise), t).float(), noise)
+        lr = optimizer_step(accelerator, model, optimizer, scheduler, loss, args.grad_clip)
+        ema.update_parameters(accelerator.unwrap_model(model))
+        done = step + 1
+        if (args.arch == "unet" and not args.conditional and args.sample_every and done % args.sample_every == 0
+                and accelerator.is_main_process):
+            _write_samples(Prior(ema.module, schedule), run_dir / "samples" / f"step_{done:07d}.png", args)
+        return {"loss": mean_loss(accelerator, loss, done), "lr": lr}
 
-    if step < args.steps:
-        accelerator.print(f"stopped at step {step}/{args.steps}; continue with the same command plus --resume")
-        if not out_of_time:
-            return 0
+    def save(step: int, wall: float) -> None:
+        save_training_state(state_path, accelerator, progress, step=step, wall_time=wall,
+                            args=trajectory_args(args, TRAJECTORY_OPTIONS), optimizer=optimizer,
+                            scheduler=scheduler, model=accelerator.unwrap_model(model).state_dict(),
+                            ema=ema.state_dict())
+
+    end = run_steps(args, accelerator, progress, resumed_batches(loader, progress.rng), step_fn, save,
+                    log_path=run_dir / LOG_FILE, desc="pretrain")
+    if not end.ready_to_export(args, accelerator, when_out_of_time=True):
+        return 0
+    step = end.step
     if accelerator.is_main_process:  # finished, or out of --max-minutes: export the EMA weights so far
-        summary = RunSummary(progress.command, hardware(world, device), progress.wall_time + time.monotonic() - t0,
-                             progress.resumes, final_loss(run_dir / LOG_FILE))
+        summary = RunSummary(progress.command, hardware(world, device), end.wall_time, progress.resumes,
+                             final_loss(run_dir / LOG_FILE))
         export_dir = export_directory(args)
         if args.arch == "dncnn":
             export_denoiser(DenoiserPrior(ema.module, schedule), export_dir, args, summary, num_images=len(images),
