@@ -65,7 +65,7 @@ def read_pairs(folder: str | Path, source_tag: str, target_tag: str, limit: int 
     """``(name, source (1, H, W), target (1, H, W))`` of every file whose name holds ``source_tag`` set off
     by ``-`` / ``_`` and has a partner with ``target_tag`` in its place; sorted by name, the first
     ``limit``; ``name`` is the source file's stem."""
-    from ..cli.translate import read_slice
+    from ..cli.common import read_slice
 
     root = Path(folder)
     if not root.is_dir():

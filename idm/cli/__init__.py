@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                  "fine-tune the IDM network for block CS at one ratio or a ratio range, from a prior or a checkpoint"),
     "translate": ("idm.cli.translate", "translate a 2-D image into another modality (T1 → T2) with an LMI-guided diffusion prior"),
     "anomaly": ("idm.cli.anomaly", "map where a brain scan departs from its classifier-guided healthy reconstruction"),
+    "register": ("idm.cli.register", "register a moving 2-D image to a fixed one (DiffuseMorph), with the continuous deformation"),
     "sample": ("idm.cli.sample", "draw samples from a diffusion prior into a PNG grid"),
     "bench": ("idm.cli.bench", "run a benchmark (memory, ...)"),
 }

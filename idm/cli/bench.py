@@ -12,6 +12,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "anomaly": ("idm.bench.anomaly", "classifier-guided anomaly detection: Dice and pixel AUROC against the unguided baseline"),
     "memory": ("idm.bench.memory", "training-step memory and time of a T-step sampler per memory mode"),
     "quality": ("idm.bench.quality", "reconstruction quality of the methods"),
+    "registration": ("idm.bench.registration", "deformable registration: DiffuseMorph vs VoxelMorph-style vs demons (NCC, EPE, folding, s)"),
     "speed": ("idm.bench.speed", "reconstruction speed of the methods"),
     "translation": ("idm.bench.translation", "cross-modality translation (T1 → T2) against the real paired target"),
     "uncertainty": ("idm.bench.uncertainty", "does a method's per-pixel std point at its errors (Spearman, calibration)"),

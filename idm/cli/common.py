@@ -383,6 +383,23 @@ def load_truth(path: str | Path, kind: str) -> "torch.Tensor":
 RAW_SUFFIXES = (".npy", ".nii", ".nii.gz")
 
 
+def read_slice(path: str | Path, what: str) -> "torch.Tensor":
+    """A real 2-D image ``(1, H, W)`` on [0, 1] from an image file, a ``.npy`` array or a 2-D NIfTI file
+    (``idm translate``, ``idm register``, their benchmarks); ``what`` names it in errors."""
+    from ..data import check_image
+
+    path = Path(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        from ..io.medical import read_volume, single_slice
+
+        image = single_slice(read_volume(path).data, path, what)[None]
+    else:
+        image = load_truth(path, "mri" if path.suffix.lower() == ".npy" else "image")
+    if image.is_complex():
+        raise IDMError(f"{what} {path} is complex; a real magnitude image is expected")
+    return check_image(image.float(), name=f"{what} {path}")
+
+
 def is_raw_output(path: Path) -> bool:
     """Whether ``path`` is written with raw values (:data:`RAW_SUFFIXES`)."""
     return path.name.lower().endswith(RAW_SUFFIXES)

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
-
-import torch
 
 from ..errors import IDMError
 
@@ -41,27 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
     return parser
 
 
-def read_slice(path: str | Path, what: str) -> torch.Tensor:
-    """A real 2-D image ``(1, H, W)`` on [0, 1] from an image file, a ``.npy`` array or a 2-D NIfTI file."""
-    from ..data import check_image
-    from .common import load_truth
-
-    path = Path(path)
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        from ..io.medical import read_volume, single_slice
-
-        image = single_slice(read_volume(path).data, path, what)[None]
-    else:
-        image = load_truth(path, "mri" if path.suffix.lower() == ".npy" else "image")
-    if image.is_complex():
-        raise IDMError(f"{what} {path} is complex; translate takes real magnitude images")
-    return check_image(image.float(), name=f"{what} {path}")
-
-
 def run(args: argparse.Namespace) -> int:
     from ..medical.translate import translate
     from ..metrics import nmi_skimage, psnr, ssim_skimage
-    from .common import check_output_path, write_result
+    from .common import check_output_path, read_slice, write_result
 
     output = check_output_path(args.output)
     source = read_slice(args.source, "source")

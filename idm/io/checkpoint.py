@@ -135,6 +135,17 @@ def load_checkpoint(
     return out, config
 
 
+def load_model(source: str | os.PathLike[str], architecture: str, build: Any,
+               device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The network of the checkpoint ``source`` (a folder or a shipped name, :func:`resolve_checkpoint`)
+    whose config records ``architecture``: ``build(config)`` makes the empty module, the weights are
+    loaded (fp32) and it is returned on ``device`` in eval mode."""
+    tensors, config = load_checkpoint(resolve_checkpoint(source), expect={"architecture": architecture}, device=device)
+    model = build(config)
+    model.load_state_dict(tensors)
+    return model.to(device).eval()
+
+
 def checkpoint_search_dirs() -> list[Path]:
     """Folders searched, in this order, for checkpoints named by a bare name such as ``"idm-multi"``:
 

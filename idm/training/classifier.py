@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import IDMError
 from .common import (Progress, RunSummary, add_run_control_arguments, add_run_folder_arguments, checked_state_path,
                      command_line, export_directory, final_loss, hardware, load_run_state, mean_loss, new_accelerator,
-                     optimizer_step, patch_loader, resume_progress, resumed_batches, run_script, run_steps,
+                     optimizer_step, patch_loader, resume_progress, resumed_batches, run_steps, script_main,
                      save_training_state, trajectory_args, warmup_cosine)
 
 MODULE = "idm.training.classifier"
@@ -115,7 +115,7 @@ def balanced_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (losses * weights).sum() / weights.sum()
 
 
-def train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from accelerate.utils import set_seed
 
     from ..medical.anomaly import NoiseAwareClassifier
@@ -200,19 +200,13 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
 def load_classifier(source: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """A classifier checkpoint (:func:`export`; a folder or a shipped name such as ``classifier-brats4``)
     as an eval-mode :class:`~idm.medical.anomaly.NoiseAwareClassifier`."""
-    from ..io.checkpoint import load_checkpoint, resolve_checkpoint
+    from ..io.checkpoint import load_model
     from ..medical.anomaly import NoiseAwareClassifier
 
-    tensors, config = load_checkpoint(resolve_checkpoint(source), expect={"architecture": ARCHITECTURE}, device=device)
-    model = NoiseAwareClassifier(**config["classifier"])
-    model.load_state_dict(tensors)
-    return model.to(device).eval()
+    return load_model(source, ARCHITECTURE, lambda config: NoiseAwareClassifier(**config["classifier"]), device)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    return run_script(add_arguments(parser), train, argv)
+main = script_main(MODULE)
 
 
 if __name__ == "__main__":

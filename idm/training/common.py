@@ -244,10 +244,18 @@ def patch_loader(images: Any, args: argparse.Namespace, start_step: int,
     slices of the volumes ``images`` (``(B, depth, P, P)``, :class:`~idm.data.RandomPatches`)."""
     from ..data import RandomPatches
 
-    world = accelerator.num_processes
     patches = RandomPatches(images, args.patch, length=args.steps * args.batch, seed=args.seed, depth=depth)
+    return step_loader(patches, args, start_step, accelerator)
+
+
+def step_loader(items: torch.utils.data.Dataset, args: argparse.Namespace, start_step: int,
+                accelerator: Any) -> torch.utils.data.DataLoader:
+    """This process's batches for steps ``[start_step, --steps)`` of a position-indexed dataset ``items``
+    (item ``i`` a function of ``i`` and ``--seed``, ``--steps × --batch`` long): :class:`StepBatches`,
+    stacked by :func:`collate_patches`."""
+    world = accelerator.num_processes
     return torch.utils.data.DataLoader(
-        patches,
+        items,
         batch_sampler=StepBatches(start_step, args.steps, args.batch // world, accelerator.process_index, world),
         collate_fn=collate_patches,
         num_workers=args.workers,

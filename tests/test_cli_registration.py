@@ -1,0 +1,170 @@
+"""Registration training (exact resume, export, errors), ``idm register`` and ``idm bench registration``
+on tiny runs; the classical baseline; the data preparation (skipped without ../shared)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from idm.cli import main as idm_main
+from idm.medical.registration import random_field, warp
+from idm.training.registration import main as train_main
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = ["--batch", "2", "--features", "8,8", "--base-channels", "8", "--channel-mults", "1,2", "--warmup", "2",
+        "--no-progress", "--threads", "1"]
+
+
+def _slices(folder: Path, size: int = 32) -> Path:
+    """Two 'sources' of smooth random slices at three depths (<source>_z<depth>.npy)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for source in ("a", "b"):
+        for z in (10, 11, 12):
+            x = torch.nn.functional.interpolate(torch.rand(1, 1, size // 4, size // 4, generator=g), size=(size, size),
+                                                mode="bilinear", align_corners=True)
+            np.save(folder / f"{source}_z{z}.npy", x[0, 0].numpy())
+    return folder
+
+
+def _pairs(folder: Path, size: int = 32) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    moving = torch.nn.functional.interpolate(torch.rand(1, 1, 8, 8, generator=g), size=(size, size), mode="bilinear",
+                                             align_corners=True)
+    field = random_field((size, size), amplitude=1.0, generator=g)
+    np.save(folder / "p_moving.npy", moving[0, 0].numpy())
+    np.save(folder / "p_fixed.npy", warp(moving, field)[0, 0].numpy())
+    np.save(folder / "p_field.npy", field[0].numpy())
+    np.save(folder / "q_moving.npy", moving[0, 0].numpy())
+    np.save(folder / "q_fixed.npy", moving[0, 0].flip(-1).numpy())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("reg")
+    data, val = _slices(root / "slices"), _pairs(root / "pairs")
+    out = {}
+    for arch in ("ddm", "voxelmorph"):
+        run = root / arch
+        assert train_main(["--data", str(data), "--val", str(val), "--arch", arch, "--out", str(run), "--steps", "4",
+                           *TINY]) == 0
+        out[arch] = run / "checkpoint"
+    return {"data": data, "val": val, **out}
+
+
+@pytest.mark.parametrize("arch", ["ddm", "voxelmorph"])
+def test_training_resumes_exactly(arch: str, tmp_path: Path, trained) -> None:
+    from safetensors.torch import load_file
+
+    common = ["--data", str(trained["data"]), "--arch", arch, "--steps", "4", *TINY]
+    assert train_main([*common, "--out", str(tmp_path / "straight")]) == 0
+    assert train_main([*common, "--out", str(tmp_path / "split"), "--stop-after", "2"]) == 0
+    assert not (tmp_path / "split" / "checkpoint").exists()
+    assert train_main([*common, "--out", str(tmp_path / "split"), "--resume"]) == 0
+    a = load_file(str(tmp_path / "straight" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("straight", "split")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+def test_checkpoint_card_reports_the_held_out_pairs(trained) -> None:
+    config = json.loads((trained["ddm"] / "config.json").read_text())
+    assert config["architecture"] == "registration" and config["registration"]["architecture"] == "ddm"
+    assert set(config["validation"]) == {"ncc", "epe", "folding_percent"}
+    card = (trained["ddm"] / "README.md").read_text()
+    assert "Measured (held-out pairs)" in card and "steps x batch" in card
+
+
+def test_training_errors(tmp_path: Path) -> None:
+    data = _slices(tmp_path / "s", size=30)  # not a multiple of the networks' 4
+    assert train_main(["--data", str(data), "--out", str(tmp_path / "r"), "--steps", "2", *TINY]) == 2
+    lonely = tmp_path / "one"
+    lonely.mkdir()
+    np.save(lonely / "a_z1.npy", np.zeros((32, 32), np.float32))
+    assert train_main(["--data", str(lonely), "--out", str(tmp_path / "r2"), "--steps", "2", *TINY]) == 2
+    assert train_main(["--data", str(data), "--out", str(tmp_path / "r3"), "--steps", "2", "--synthetic", "2",
+                       *TINY]) == 2
+
+
+def test_register_cli_writes_warp_field_and_frames(trained, tmp_path: Path, capsys) -> None:
+    val = trained["val"]
+    out = tmp_path / "warped.png"
+    code = idm_main(["register", str(val / "p_moving.npy"), str(val / "p_fixed.npy"), "-o", str(out),
+                     "--field", str(tmp_path / "field.npy"), "--frames", "4", "--checkpoint", str(trained["ddm"])])
+    assert code == 0 and out.is_file()
+    assert np.load(tmp_path / "field.npy").shape == (2, 32, 32)
+    assert sorted(p.name for p in (tmp_path / "warped_frames").iterdir()) == [f"frame_0{k}.png" for k in range(4)]
+    assert (tmp_path / "warped_frames.gif").is_file() and (tmp_path / "warped_frames.png").is_file()
+    assert "NCC" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--frames", "1"], "--frames"),
+    (["--field", "field.png"], "--field"),
+    (["-o", "out.txt"], "output must be"),
+])
+def test_register_cli_errors(trained, tmp_path: Path, capsys, argv, message) -> None:
+    val = trained["val"]
+    base = ["register", str(val / "p_moving.npy"), str(val / "p_fixed.npy"), "--checkpoint", str(trained["ddm"])]
+    args = base + (argv if "-o" in argv else ["-o", str(tmp_path / "w.npy"), *argv])
+    assert idm_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w.npy").exists()
+
+
+def test_register_cli_mismatched_sizes(trained, tmp_path: Path, capsys) -> None:
+    np.save(tmp_path / "small.npy", np.zeros((16, 16), np.float32))
+    assert idm_main(["register", str(trained["val"] / "p_moving.npy"), str(tmp_path / "small.npy"), "-o",
+                     str(tmp_path / "w.npy"), "--checkpoint", str(trained["ddm"])]) == 2
+    assert "fixed image" in capsys.readouterr().err
+
+
+def test_bench_registration(trained, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("SimpleITK")
+    out = tmp_path / "reg.json"
+    assert idm_main(["bench", "registration", "--data", str(trained["val"]), "--checkpoints", str(trained["ddm"]),
+                     str(trained["voxelmorph"]), "--repeats", "1", "--json", str(out),
+                     "--figure", str(tmp_path / "reg.png")]) == 0
+    result = json.loads(out.read_text())
+    methods = [row["method"] for row in result["rows"]]
+    assert methods == ["identity (no registration)", f"ddm ({trained['ddm']})", f"voxelmorph ({trained['voxelmorph']})",
+                       "demons"]
+    ddm = result["rows"][1]
+    assert ddm["gamma"]["pairs"] == 2 and len(ddm["gamma"]["ncc"][0]) == 11
+    assert all(key in ddm for key in ("ncc", "epe", "folding_percent", "seconds", "seconds_256"))
+    assert (tmp_path / "reg.png").is_file()
+
+
+def test_demons_recovers_a_smooth_deformation() -> None:
+    pytest.importorskip("SimpleITK")
+    from idm.medical.registration import demons, endpoint_error, ncc
+
+    g = torch.Generator().manual_seed(0)
+    moving = torch.nn.functional.interpolate(torch.rand(1, 1, 12, 12, generator=g), size=(64, 64), mode="bicubic",
+                                             align_corners=True).clamp(0, 1)
+    truth = random_field((64, 64), amplitude=1.5, generator=g)
+    fixed = warp(moving, truth)
+    field = demons(moving, fixed)
+    assert float(ncc(warp(moving, field), fixed)) > float(ncc(moving, fixed))
+    assert float(endpoint_error(field, truth)) < 0.5 * float(endpoint_error(torch.zeros_like(truth), truth))
+
+
+@pytest.mark.skipif(not (SHARED / "mri" / "brain_3d_templates").is_dir(), reason="needs ../shared/data (brain templates)")
+@pytest.mark.slow
+def test_registration_slices_split(tmp_path: Path) -> None:
+    from train.registration_slices import HELD_OUT_Z, main
+
+    assert main(["--data", str(SHARED), "--out", str(tmp_path / "reg")]) == 0
+    manifest = json.loads((tmp_path / "reg" / "manifest.json").read_text())
+    assert not any(item.get("z") in HELD_OUT_Z for item in manifest["train"])
+    assert len(manifest["test"]) == 22
+    assert np.load(tmp_path / "reg" / "train" / manifest["train"][0]["file"]).shape == (128, 128)

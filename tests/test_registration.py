@@ -1,0 +1,140 @@
+"""Deformable registration (idm.medical.registration): the spatial transformer, the measures, the
+networks (DiffuseMorph and the VoxelMorph-style baseline) and their errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from idm.errors import IDMError
+from idm.medical.registration import (FieldNet, Registration, RegistrationConfig, compose, endpoint_error,
+                                      folding_fraction, jacobian_determinant, local_ncc, ncc, random_field, register,
+                                      smoothness, training_loss, warp)
+
+
+def _image(size=(32, 32), seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 1, size[0] // 4, size[1] // 4, generator=g)
+    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 17, 23), (1, 1, 6, 9, 11)])
+def test_identity_field_leaves_the_image_unchanged(shape) -> None:
+    image = torch.rand(shape)
+    field = torch.zeros(shape[0], len(shape) - 2, *shape[2:])
+    assert torch.allclose(warp(image, field), image, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_known_shift_is_applied_by_the_spatial_transformer(axis) -> None:
+    image = torch.rand(1, 1, 20, 24)
+    field = torch.zeros(1, 2, 20, 24)
+    field[:, axis] = 3.0  # sample 3 pixels further along the axis
+    out = warp(image, field)
+    expected = image[:, :, 3:, :] if axis == 0 else image[:, :, :, 3:]
+    got = out[:, :, :-3, :] if axis == 0 else out[:, :, :, :-3]
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_a_known_shift_in_3d() -> None:
+    image = torch.rand(1, 1, 8, 9, 10)
+    field = torch.zeros(1, 3, 8, 9, 10)
+    field[:, 0] = 2.0
+    assert torch.allclose(warp(image, field)[:, :, :-2], image[:, :, 2:], atol=1e-5)
+
+
+def test_compose_of_two_shifts_is_their_sum() -> None:
+    a, b = torch.zeros(1, 2, 16, 16), torch.zeros(1, 2, 16, 16)
+    a[:, 0], b[:, 1] = 1.5, -2.0
+    assert torch.allclose(compose(a, b)[:, :, 4:-4, 4:-4], (a + b)[:, :, 4:-4, 4:-4], atol=1e-5)
+
+
+def test_jacobian_and_folding_on_constructed_fields() -> None:
+    size = 16
+    grid = torch.arange(size, dtype=torch.float32)
+    stretch = torch.zeros(1, 2, size, size)
+    stretch[:, 0] = 0.5 * grid[:, None]  # u_0 = x_0 / 2: det = 1.5 everywhere
+    assert torch.allclose(jacobian_determinant(stretch), torch.full((1, size, size), 1.5), atol=1e-5)
+    assert float(folding_fraction(stretch)) == 0.0
+    flip = torch.zeros(1, 2, size, size)
+    flip[:, 0, :, : size // 4] = -2.0 * grid[:, None]  # x_0 ↦ −x_0 on a quarter of the columns: det = −1 there
+    assert float(folding_fraction(flip)) == pytest.approx(0.25)
+    mask = torch.zeros(1, size, size, dtype=torch.bool)
+    mask[:, :, size // 2:] = True
+    assert float(folding_fraction(flip, mask)) == 0.0
+
+
+def test_measures() -> None:
+    a = _image()
+    assert float(ncc(a, a)) == pytest.approx(1.0, abs=1e-6) and float(ncc(a, 1 - a)) == pytest.approx(-1.0, abs=1e-6)
+    assert float(local_ncc(a, 2 * a + 1)) > 0.98 and float(local_ncc(a, _image(seed=1))) < 0.6
+    u, v = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8)
+    v[:, 0], v[:, 1] = 3.0, 4.0
+    assert float(endpoint_error(u, v)) == pytest.approx(5.0)
+    assert float(smoothness(v)) == 0.0 and float(smoothness(random_field((16, 16), amplitude=2.0))) > 0
+
+
+def test_random_field_is_seeded_and_smooth() -> None:
+    a = random_field((32, 32), amplitude=1.0, generator=torch.Generator().manual_seed(1))
+    b = random_field((32, 32), amplitude=1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == (1, 2, 32, 32)
+    assert float(folding_fraction(a)) == 0.0
+
+
+@pytest.mark.parametrize("architecture", ["ddm", "voxelmorph"])
+def test_gamma_zero_is_the_identity_and_registration_is_deterministic(architecture) -> None:
+    torch.manual_seed(0)
+    model = Registration(RegistrationConfig(architecture=architecture, features=(8, 8), base_channels=8,
+                                            channel_mults=(1, 2))).eval()
+    with torch.no_grad():  # make the outputs (zero-initialised heads) visibly non-zero
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    moving, fixed = _image((20, 28), 0), _image((20, 28), 1)  # not multiples of the network's: padded
+    warped, fields = register(model, moving, fixed, gammas=[0.0, 0.5, 1.0])
+    assert torch.equal(fields[0], torch.zeros_like(fields[0])) and torch.allclose(warped[0], moving, atol=1e-6)
+    assert fields[2].shape == (1, 2, 20, 28) and float(fields[2].abs().max()) > 0
+    again = register(model, moving, fixed, gammas=[0.0, 0.5, 1.0])[1]
+    assert all(torch.equal(x, y) for x, y in zip(fields, again))
+
+
+def test_training_reduces_the_loss_on_a_shifted_pair() -> None:
+    torch.manual_seed(0)
+    model = Registration(RegistrationConfig(architecture="voxelmorph", features=(8, 8)))
+    moving = _image((32, 32))
+    fixed = warp(moving, random_field((32, 32), amplitude=2.0, generator=torch.Generator().manual_seed(0)))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss, parts = training_loss(model, moving, fixed, weight=1.0, smooth=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.02 and set(parts) == {"ncc", "smooth"}
+
+
+def test_ddm_loss_has_the_noise_term_and_is_seeded() -> None:
+    torch.manual_seed(0)
+    model = Registration(RegistrationConfig(features=(8, 8), base_channels=8, channel_mults=(1, 2)))
+    m, f = _image((16, 16)), _image((16, 16), 1)
+    a = training_loss(model, m, f, weight=20.0, smooth=1.0, generator=torch.Generator().manual_seed(3))
+    b = training_loss(model, m, f, weight=20.0, smooth=1.0, generator=torch.Generator().manual_seed(3))
+    assert set(a[1]) == {"eps", "ncc", "smooth"} and torch.equal(a[0], b[0])
+
+
+def test_bad_inputs_give_one_line_errors() -> None:
+    model = Registration(RegistrationConfig(architecture="voxelmorph", features=(8,)))
+    with pytest.raises(IDMError, match="moving image is"):
+        register(model, torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 20))
+    with pytest.raises(IDMError, match=r"\(B, 1, H, W\)"):
+        register(model, torch.rand(16, 16), torch.rand(16, 16))
+    with pytest.raises(IDMError, match="NaN"):
+        register(model, torch.full((1, 1, 8, 8), float("nan")), torch.rand(1, 1, 8, 8))
+    with pytest.raises(IDMError, match="2-D"):
+        register(model, torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8))
+    with pytest.raises(IDMError, match="displacement"):
+        warp(torch.rand(1, 1, 8, 8), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(IDMError, match="architecture"):
+        RegistrationConfig(architecture="syn")
+    with pytest.raises(IDMError, match="2-D or 3-D"):
+        FieldNet(ndim=4)
