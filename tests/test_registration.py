@@ -81,11 +81,11 @@ def test_random_field_is_seeded_and_smooth() -> None:
     assert float(folding_fraction(a)) == 0.0
 
 
-@pytest.mark.parametrize("architecture", ["ddm", "voxelmorph"])
-def test_gamma_zero_is_the_identity_and_registration_is_deterministic(architecture) -> None:
+@pytest.mark.parametrize(("architecture", "code_channels"), [("ddm", 1), ("ddm", 4), ("voxelmorph", 1)])
+def test_gamma_zero_is_the_identity_and_registration_is_deterministic(architecture, code_channels) -> None:
     torch.manual_seed(0)
     model = Registration(RegistrationConfig(architecture=architecture, features=(8, 8), base_channels=8,
-                                            channel_mults=(1, 2))).eval()
+                                            channel_mults=(1, 2), code_channels=code_channels)).eval()
     with torch.no_grad():  # make the outputs (zero-initialised heads) visibly non-zero
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
@@ -136,5 +136,7 @@ def test_bad_inputs_give_one_line_errors() -> None:
         warp(torch.rand(1, 1, 8, 8), torch.zeros(1, 3, 8, 8))
     with pytest.raises(IDMError, match="architecture"):
         RegistrationConfig(architecture="syn")
+    with pytest.raises(IDMError, match="code_channels"):
+        RegistrationConfig(code_channels=0)
     with pytest.raises(IDMError, match="2-D or 3-D"):
         FieldNet(ndim=4)

@@ -190,3 +190,28 @@ def test_shipped_anomaly_checkpoints_cards_and_defaults() -> None:
         amap, _ = anomaly_map(prior, classifier, scan, prior.schedule, level=100, steps=2, scale=100.0,
                               size_multiple=prior.size_multiple, progress=False)
     assert amap.shape == (1, 32, 32) and bool(torch.isfinite(amap).all()) and float(amap.min()) >= 0
+
+
+@pytest.mark.parametrize("name", ["ddm-brain", "vm-brain"])
+def test_shipped_registration_checkpoints(name: str) -> None:
+    """``ddm-brain`` (default of ``idm register``) and its VoxelMorph-style baseline ``vm-brain``: cards say
+    the data and the held-out measure, both load by name, γ = 0 is the identity and the full warp
+    undoes a seeded smooth deformation of a sample image better than no registration."""
+    from idm.cli import build_parser
+    from idm.medical.registration import ncc, random_field, register, warp
+    from idm.training.registration import load_registration
+
+    card = (CHECKPOINTS / name / "README.md").read_text()
+    missing = [field for field in ("Command", "hardware", "wall time", "three brains", "held-out", "NCC")
+               if field.lower() not in card.lower()]
+    assert not missing, f"model card of {name} lacks {missing}"
+    assert (CHECKPOINTS / name / "model.safetensors").stat().st_size < 2**20
+    assert build_parser("register").parse_args(["register", "m.png", "f.png", "-o", "w.png"]).checkpoint == "ddm-brain"
+    assert build_parser("bench").parse_args(["bench", "registration", "--data", "d"]).checkpoints == ["ddm-brain",
+                                                                                                      "vm-brain"]
+    moving = sample_images(size=128)["camera"][None]
+    fixed = warp(moving, random_field((128, 128), amplitude=3.0, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        warped, fields = register(load_registration(name), moving, fixed, gammas=[0.0, 1.0])
+    assert torch.equal(fields[0], torch.zeros_like(fields[0]))
+    assert float(ncc(warped[1], fixed)) > float(ncc(moving, fixed)) + 0.05

@@ -37,7 +37,7 @@ LOG_FILE = "log.jsonl"
 ARCHITECTURE = "registration"
 #: options that fix the training trajectory (checked on --resume)
 TRAJECTORY_OPTIONS = ("data", "arch", "steps", "batch", "lr", "warmup", "grad_clip", "weight", "smooth", "synthetic",
-                      "amplitude", "seed", "features", "base_channels", "channel_mults")
+                      "amplitude", "seed", "features", "base_channels", "channel_mults", "code_channels")
 _DEPTH = re.compile(r"^(?P<source>.+?)_z(?P<z>\d+)$")
 
 
@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     net = parser.add_argument_group("network size")
     net.add_argument("--features", type=_int_tuple, default=(16, 32, 32, 32), help="field network widths (default 16,32,32,32)")
     net.add_argument("--base-channels", type=int, default=16, help="diffusion U-Net base channels (ddm; default 16)")
+    net.add_argument("--code-channels", type=int, default=8,
+                     help="ddm code channels: the noise estimate plus free channels (default 8; 1 = the paper's "
+                     "single score channel, docs/registration.md)")
     net.add_argument("--channel-mults", type=_int_tuple, default=(1, 2, 2, 2), help="diffusion U-Net multipliers (default 1,2,2,2)")
     add_run_control_arguments(parser.add_argument_group("run control"),
                               max_minutes_help="stop, save and export after this many minutes")
@@ -190,15 +193,15 @@ def run(args: argparse.Namespace) -> int:
     val_pairs = read_pairs(args.val) if args.val else None
     set_seed(args.seed)
     config = RegistrationConfig(architecture=args.arch, features=args.features, base_channels=args.base_channels,
-                                channel_mults=args.channel_mults)
+                                channel_mults=args.channel_mults, code_channels=args.code_channels)
     model = Registration(config)
     if slices.shape[-1] % model.size_multiple or slices.shape[-2] % model.size_multiple:
         raise IDMError(f"training slices {tuple(slices.shape[-2:])} must be multiples of {model.size_multiple}")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.steps))
-    progress = Progress(command=command_line("train.registration", args, (*TRAJECTORY_OPTIONS, "out")))
+    progress = Progress(command=command_line("train.registration", args, (*TRAJECTORY_OPTIONS, "val", "out")))
     if args.resume:
-        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS)
+        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS, added={"code_channels": 1})
         model.load_state_dict(state["model"])
         progress = resume_progress(state, accelerator, optimizer, scheduler, logs=[run_dir / LOG_FILE])
     model, optimizer = accelerator.prepare(model, optimizer)
