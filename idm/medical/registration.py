@@ -239,8 +239,10 @@ class Registration(nn.Module):
         from ..priors.unet import UNet, UNetConfig
 
         self.config = config or RegistrationConfig()
-        code_channels = self.config.code_channels if self.config.architecture == "ddm" else 1
-        self.field_net = FieldNet(1 + code_channels, self.config.features, ndim=2)
+        code_channels = self.config.code_channels
+        # the field network sees [M, c] (ddm) or [M, F] (voxelmorph)
+        beside_moving = code_channels if self.config.architecture == "ddm" else 1
+        self.field_net = FieldNet(1 + beside_moving, self.config.features, ndim=2)
         self.schedule = NoiseSchedule(self.config.schedule)
         self.diffusion = None
         if self.config.architecture == "ddm":
