@@ -263,10 +263,14 @@ def resolve_unet_config(name: str) -> UNetConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=("idm", "hagan"), default="idm",
+                        help="idm (default): the IDM network per memory mode; hagan: HA-GAN against a full-resolution "
+                        "3D GAN per volume size (idm.bench.memory_hagan, its options below)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8], metavar="T",
                         help="sampler step counts T (default 1 2 3 4 6 8)")
-    parser.add_argument("--size", type=int, nargs="+", default=[128], metavar="PX",
-                        help="square image sides in pixels (default 128)")
+    parser.add_argument("--size", type=int, nargs="+", metavar="PX",
+                        help="square image sides in pixels (default 128; --model hagan: cubic volume sides, "
+                        "default 32 64 128 256)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument("--modes", nargs="+", default=list(BENCH_MODES), choices=BENCH_MODES, metavar="MODE",
                         help=f"memory modes (default all: {' '.join(BENCH_MODES)})")
@@ -288,9 +292,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "stable timings on a loaded machine")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="write a PNG plot of memory vs steps")
+    from .memory_hagan import add_hagan_arguments
+
+    add_hagan_arguments(parser)
+
+
+def write_outputs(args: argparse.Namespace, result: dict[str, Any], summary: list[str],
+                  plot: Callable[[str | Path, dict[str, Any]], None]) -> int:
+    """Print the ``summary`` lines of a memory study, write ``--json`` and ``--plot`` (with ``plot``); 0."""
+    for line in summary:
+        print(line)
+    if args.json:
+        write_json(args.json, result)
+        print(f"results written to {args.json}")
+    if args.plot:
+        plot(args.plot, result)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def checked_device(args: argparse.Namespace) -> torch.device:
+    """The memory study's ``--device`` (cpu or cuda, one-line :class:`IDMError` otherwise), after checking
+    ``--plot`` (a .png) and applying ``--threads``; shared by ``--model idm`` and ``--model hagan``."""
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        raise IDMError(f"--plot must name a .png file, got {args.plot}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise IDMError(f"unknown device {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise IDMError("--device cuda requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise IDMError(f"memory accounting supports cpu and cuda devices, got {args.device!r}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise IDMError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return device
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if args.model == "hagan":
+        from .memory_hagan import run_cli as run_hagan
+
+        return run_hagan(args)
+    args.size = args.size or [128]
     if min(args.steps) < 1:
         raise IDMError(f"--steps must be >= 1, got {min(args.steps)}")
     if args.batch < 1 or args.repeats < 1:
@@ -319,20 +365,7 @@ def run_cli(args: argparse.Namespace) -> int:
     bad = [s for s in args.size if s < 1 or s % multiple]
     if bad:
         raise IDMError(f"--size {bad[0]} must be a positive multiple of {multiple} for this network")
-    if args.plot and Path(args.plot).suffix.lower() != ".png":
-        raise IDMError(f"--plot must name a .png file, got {args.plot}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise IDMError(f"unknown device {args.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise IDMError("--device cuda requested but CUDA is not available")
-    if device.type not in ("cpu", "cuda"):
-        raise IDMError(f"memory accounting supports cpu and cuda devices, got {args.device!r}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise IDMError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    device = checked_device(args)
     print(f"{what}: {params / 1e6:.2f}M parameters; device {device} "
           f"({torch.get_num_threads()} threads, {args.memory_format}); "
           "peak = tensor bytes allocated by one forward+backward above the start "
@@ -343,12 +376,4 @@ def run_cli(args: argparse.Namespace) -> int:
         factory=factory, repeats=args.repeats, memory_format=args.memory_format,
         progress=lambda row: print(format_row(row), flush=True),
     )
-    for line in format_summary(result["rows"]):
-        print(line)
-    if args.json:
-        write_json(args.json, result)
-        print(f"results written to {args.json}")
-    if args.plot:
-        write_plot(args.plot, result)
-        print(f"plot written to {args.plot}")
-    return 0
+    return write_outputs(args, result, format_summary(result["rows"]), write_plot)

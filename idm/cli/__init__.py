@@ -33,6 +33,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "anomaly": ("idm.cli.anomaly", "map where a brain scan departs from its classifier-guided healthy reconstruction"),
     "register": ("idm.cli.register", "register a moving 2-D image to a fixed one (DiffuseMorph), with the continuous deformation"),
     "sample": ("idm.cli.sample", "draw samples from a diffusion prior into a PNG grid"),
+    "generate": ("idm.cli.generate", "generate whole 3-D volumes from an HA-GAN checkpoint (NIfTI + mid-plane figures)"),
+    "encode": ("idm.cli.encode", "encode a volume into its HA-GAN latent and reconstruct it (PSNR)"),
     "bench": ("idm.cli.bench", "run a benchmark (memory, ...)"),
 }
 

@@ -10,6 +10,7 @@ import importlib
 #: benchmark name → (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
     "anomaly": ("idm.bench.anomaly", "classifier-guided anomaly detection: Dice and pixel AUROC against the unguided baseline"),
+    "hagan": ("idm.bench.hagan", "HA-GAN generated volumes against real ones (intensity, mid-plane histograms) and encoder PSNR"),
     "memory": ("idm.bench.memory", "training-step memory and time of a T-step sampler per memory mode"),
     "quality": ("idm.bench.quality", "reconstruction quality of the methods"),
     "registration": ("idm.bench.registration", "deformable registration: DiffuseMorph vs VoxelMorph-style vs demons (NCC, EPE, folding, s)"),
