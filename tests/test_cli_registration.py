@@ -108,6 +108,7 @@ def test_register_cli_writes_warp_field_and_frames(trained, tmp_path: Path, caps
 
 @pytest.mark.parametrize("argv, message", [
     (["--frames", "1"], "--frames"),
+    (["--passes", "0"], "--passes"),
     (["--field", "field.png"], "--field"),
     (["-o", "out.txt"], "output must be"),
 ])
@@ -136,8 +137,9 @@ def test_bench_registration(trained, tmp_path: Path, capsys) -> None:
                      "--figure", str(tmp_path / "reg.png")]) == 0
     result = json.loads(out.read_text())
     methods = [row["method"] for row in result["rows"]]
-    assert methods == ["identity (no registration)", f"ddm ({trained['ddm']})", f"voxelmorph ({trained['voxelmorph']})",
-                       "demons"]
+    assert methods == ["identity (no registration)", f"ddm ({trained['ddm']})", f"ddm ({trained['ddm']}) x2",
+                       f"voxelmorph ({trained['voxelmorph']})", f"voxelmorph ({trained['voxelmorph']}) x2", "demons"]
+    assert "gamma" in result["rows"][2] and "gamma" not in result["rows"][3]  # one curve per DiffuseMorph row
     ddm = result["rows"][1]
     assert ddm["gamma"]["pairs"] == 2 and len(ddm["gamma"]["ncc"][0]) == 11
     assert all(key in ddm for key in ("ncc", "epe", "folding_percent", "seconds", "seconds_256"))

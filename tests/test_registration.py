@@ -81,20 +81,43 @@ def test_random_field_is_seeded_and_smooth() -> None:
     assert float(folding_fraction(a)) == 0.0
 
 
-@pytest.mark.parametrize(("architecture", "code_channels"), [("ddm", 1), ("ddm", 4), ("voxelmorph", 1)])
-def test_gamma_zero_is_the_identity_and_registration_is_deterministic(architecture, code_channels) -> None:
+def _perturbed(architecture: str, code_channels: int = 1) -> Registration:
     torch.manual_seed(0)
     model = Registration(RegistrationConfig(architecture=architecture, features=(8, 8), base_channels=8,
                                             channel_mults=(1, 2), code_channels=code_channels)).eval()
     with torch.no_grad():  # make the outputs (zero-initialised heads) visibly non-zero
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+@pytest.mark.parametrize(("architecture", "code_channels"), [("ddm", 1), ("ddm", 4), ("voxelmorph", 1)])
+def test_gamma_zero_is_the_identity_and_registration_is_deterministic(architecture, code_channels, passes) -> None:
+    model = _perturbed(architecture, code_channels)
     moving, fixed = _image((20, 28), 0), _image((20, 28), 1)  # not multiples of the network's: padded
-    warped, fields = register(model, moving, fixed, gammas=[0.0, 0.5, 1.0])
+    warped, fields = register(model, moving, fixed, gammas=[0.0, 0.5, 1.0], passes=passes)
     assert torch.equal(fields[0], torch.zeros_like(fields[0])) and torch.allclose(warped[0], moving, atol=1e-6)
     assert fields[2].shape == (1, 2, 20, 28) and float(fields[2].abs().max()) > 0
-    again = register(model, moving, fixed, gammas=[0.0, 0.5, 1.0])[1]
+    again = register(model, moving, fixed, gammas=[0.0, 0.5, 1.0], passes=passes)[1]
     assert all(torch.equal(x, y) for x, y in zip(fields, again))
+
+
+@pytest.mark.parametrize("architecture", ["ddm", "voxelmorph"])
+def test_a_cascade_composes_the_passes(architecture) -> None:
+    """passes = 2: the second pass registers the once-warped image, and the result is the composition
+    u₁ ∘ u₂ (u(x) = u₂(x) + u₁(x + u₂(x))); warping by it equals warping twice, up to interpolation."""
+    model = _perturbed(architecture)
+    moving, fixed = _image((32, 32), 0), _image((32, 32), 1)
+    first = register(model, moving, fixed, passes=1)[1][0]
+    second = register(model, warp(moving, first), fixed, passes=1)[1][0]
+    cascade = register(model, moving, fixed, passes=2)[1][0]
+    assert torch.allclose(cascade, compose(first, second), atol=1e-5)
+    assert not torch.allclose(cascade, first, atol=1e-3)
+    twice = warp(warp(moving, first), second)
+    assert float((warp(moving, cascade) - twice).abs().mean()) < 0.02
+    with pytest.raises(IDMError, match="passes"):
+        register(model, moving, fixed, passes=0)
 
 
 def test_training_reduces_the_loss_on_a_shifted_pair() -> None:

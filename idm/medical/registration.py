@@ -39,6 +39,9 @@ from ..errors import IDMError
 
 #: registration network kinds (:func:`build_registration`)
 ARCHITECTURES = ("ddm", "voxelmorph")
+#: network passes of :func:`register` (a recursive cascade; 1 = the paper's single pass): 2 lifts the held-out
+#: NCC of ``ddm-brain`` from 0.903 to 0.944 at twice the seconds (docs/registration.md)
+PASSES = 2
 
 
 # --- checks ---------------------------------------------------------------------------------------
@@ -343,17 +346,31 @@ def demons(moving: torch.Tensor, fixed: torch.Tensor, *, iterations: int = 200, 
 
 # --- inference -----------------------------------------------------------------------------------
 def register(model: Registration, moving: torch.Tensor, fixed: torch.Tensor,
-             gammas: list[float] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+             gammas: list[float] | None = None, passes: int = PASSES) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Register ``moving`` to ``fixed`` (``(B, 1, H, W)`` on [0, 1], any size: padded at the bottom / right to
     the network's size multiple by edge replication, cropped back) → per γ of ``gammas`` (default
-    ``[1]``) the warped images and displacements (pixels)."""
+    ``[1]``) the warped images and displacements (pixels).
+
+    ``passes`` > 1 applies the network again to the moving image warped so far (a recursive cascade, Zhao
+    et al., ICCV 2019) and composes the displacements, ``u = u₁ ∘ … ∘ u_P`` (:func:`compose`); the
+    paper's DiffuseMorph is ``passes = 1``. The continuous deformation of a cascade keeps every pass's
+    input from the full (γ = 1) cascade and composes the passes' γ-fields, so γ = 0 is still exactly the
+    identity."""
     from ..physics.canvas import Canvas
 
     if check_pair(moving, fixed) != 2:
         raise IDMError("the learned registration is 2-D; register volumes slice by slice or with the classical baseline")
+    if passes < 1:
+        raise IDMError(f"passes must be >= 1, got {passes}")
     gammas = [1.0] if gammas is None else list(gammas)
     canvas = Canvas.to_multiple(tuple(moving.shape[-2:]), model.size_multiple)
     m, f = canvas.pad(moving, mode="replicate"), canvas.pad(fixed, mode="replicate")
+    current, full, per_gamma = m, None, None
     with torch.no_grad():
-        fields = [canvas.crop(u) for u in model.displacements(m, f, gammas)]
+        for _ in range(passes):
+            *fields, last = model.displacements(current, f, gammas + [1.0])
+            full = last if full is None else compose(full, last)
+            per_gamma = fields if per_gamma is None else [compose(a, b) for a, b in zip(per_gamma, fields)]
+            current = warp(m, full)
+    fields = [canvas.crop(u) for u in per_gamma]
     return [warp(moving, u) for u in fields], fields

@@ -158,14 +158,15 @@ def read_pairs(folder: str | Path) -> list[dict[str, Any]]:
     return pairs
 
 
-def evaluate(model: Any, pairs: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean NCC (brain: moving or fixed > 0.05), endpoint error (synthetic pairs) and folding % of ``model``."""
-    from ..medical.registration import endpoint_error, folding_fraction, ncc, register
+def evaluate(model: Any, pairs: list[dict[str, Any]], passes: int | None = None) -> dict[str, float]:
+    """Mean NCC (brain: moving or fixed > 0.05), endpoint error (synthetic pairs) and folding % of ``model``
+    registering with ``passes`` network passes (default :data:`~idm.medical.registration.PASSES`)."""
+    from ..medical.registration import PASSES, endpoint_error, folding_fraction, ncc, register
 
     scores: dict[str, list[float]] = {"ncc": [], "epe": [], "folding_percent": []}
     for pair in pairs:
         mask = (pair["moving"] > 0.05) | (pair["fixed"] > 0.05)
-        warped, fields = register(model, pair["moving"], pair["fixed"])
+        warped, fields = register(model, pair["moving"], pair["fixed"], passes=passes or PASSES)
         scores["ncc"].append(float(ncc(warped[0], pair["fixed"], mask)))
         scores["folding_percent"].append(100 * float(folding_fraction(fields[0], mask)))
         if "field" in pair:
@@ -244,6 +245,7 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
            steps_done: int, scores: dict[str, float] | None) -> Path:
     """The registration network as a checkpoint: safetensors weights, config and model card."""
     from ..io.checkpoint import save_checkpoint
+    from ..medical.registration import PASSES
     from .common import EXPORT_DTYPES
 
     title = "DiffuseMorph (diffusion code + field network)" if args.arch == "ddm" else "VoxelMorph-style field network"
@@ -253,7 +255,7 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
                            "num_slices": num_slices, "weight": args.weight, "smooth": args.smooth,
                            "synthetic": args.synthetic, "amplitude": args.amplitude, "seed": args.seed}}
     measured = (["", "## Measured (held-out pairs)", "",
-                 f"`{args.val}`: NCC {scores['ncc']:.4f}"
+                 f"`{args.val}`, {PASSES} passes (`idm register`'s default): NCC {scores['ncc']:.4f}"
                  + (f", endpoint error {scores['epe']:.3f} px (synthetic pairs)" if "epe" in scores else "")
                  + f", folding {scores['folding_percent']:.3f} % of brain pixels; `idm bench registration` compares "
                  "it with the other methods (docs/registration.md)."] if scores else [])
