@@ -244,3 +244,22 @@ def test_shipped_hagan_ct(tmp_path: Path) -> None:
     image = read_volume(tmp_path / "sample_000.nii.gz")
     assert tuple(image.data.shape) == (128, 128, 128) and -1000 <= float(image.data.min())
     assert (tmp_path / "sample_000.png").is_file()
+
+
+def test_shipped_hagan_brain(tmp_path: Path) -> None:
+    """``hagan-brain`` (HA-GAN on two T1 brain templates): the card says how little data it saw, it loads by
+    name as an MRI model on [0, 1], and a generated volume is finite, not flat, and equal chunked or not."""
+    from idm.training.hagan import load_hagan
+
+    card = (CHECKPOINTS / "hagan-brain" / "README.md").read_text()
+    missing = [field for field in ("Very little data", "Command", "hardware", "wall time", "held-out",
+                                   "histogram distance", "PSNR") if field.lower() not in card.lower()]
+    assert not missing, f"model card of hagan-brain lacks {missing}"
+    assert (CHECKPOINTS / "hagan-brain" / "model.safetensors").stat().st_size < 8 * 2**20
+    model = load_hagan("hagan-brain")
+    assert model.config.modality == "MRI" and model.config.shape == (128, 128, 128)
+    z = model.sample_latent(1, torch.Generator().manual_seed(0))
+    volume = model.generate(z)
+    assert volume.shape == (1, 1, 128, 128, 128) and bool(torch.isfinite(volume).all())
+    assert 0.0 <= float(volume.min()) and float(volume.max()) <= 1.0 and float(volume.std()) > 0.05
+    assert torch.allclose(model.generate(z, chunk=model.config.low_shape[0]), volume, atol=1e-5)
