@@ -54,14 +54,11 @@ def format_table(metrics: dict[str, Any]) -> list[str]:
 
 def run_cli(args: argparse.Namespace) -> int:
     from ..training.hagan import evaluate, load_hagan, load_volumes
-    from .memory import write_json
+    from .memory import apply_threads, write_json
 
     if args.n < 1:
         raise IDMError(f"-n must be >= 1, got {args.n}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise IDMError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     model = load_hagan(args.checkpoint, device=args.device)
     _, real = load_volumes(args.data)
     val = load_volumes(args.val) if args.val else None

@@ -324,11 +324,17 @@ def checked_device(args: argparse.Namespace) -> torch.device:
         raise IDMError("--device cuda requested but CUDA is not available")
     if device.type not in ("cpu", "cuda"):
         raise IDMError(f"memory accounting supports cpu and cuda devices, got {args.device!r}")
+    apply_threads(args)
+    return device
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """``torch.set_num_threads(args.threads)`` when ``--threads`` is given (one-line :class:`IDMError` below 1);
+    shared by the memory and HA-GAN benches."""
     if args.threads is not None:
         if args.threads < 1:
             raise IDMError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return device
 
 
 def run_cli(args: argparse.Namespace) -> int:

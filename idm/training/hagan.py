@@ -274,7 +274,7 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
     card = "\n".join([
         f"# hagan: HA-GAN, whole {c.modality} volumes {'×'.join(map(str, c.shape))} at {c.spacing[0]:g} mm", "",
         f"`idm.generative.hagan.HAGAN` (Sun et al., JBHI 2022): latent ({c.latent_dim}) → whole volume "
-        f"{'×'.join(map(str, c.shape))} on [0, 1] (CT: [−1000, 1000] HU), low resolution "
+        f"{'×'.join(map(str, c.shape))} on [0, 1]{' (CT: [−1000, 1000] HU)' if c.modality.upper() == 'CT' else ''}, low resolution "
         f"{'×'.join(map(str, c.low_shape))} (s = {c.factor}), trained on one {'×'.join(map(str, c.sub_shape))} "
         "sub-volume per iteration; `idm generate`, `idm encode`.", "",
         f"**Very little data**: {len(names)} training volumes ({', '.join(names)}) — crops of "
