@@ -192,6 +192,27 @@ def test_shipped_anomaly_checkpoints_cards_and_defaults() -> None:
     assert amap.shape == (1, 32, 32) and bool(torch.isfinite(amap).all()) and float(amap.min()) >= 0
 
 
+def test_shipped_t2_prior_card_and_translation_default() -> None:
+    """``prior-t2``, the default of ``idm translate`` / ``idm bench translation``: the card says the data
+    size and the held-out measure; it loads by name and translates a small brain-like image by default."""
+    from idm.cli import build_parser
+    from idm.medical.translate import translate
+    from idm.priors.prior import load_prior
+
+    card = (CHECKPOINTS / "prior-t2" / "README.md").read_text()
+    missing = [field for field in ("Command", "hardware", "wall time", "31 slices", "held-out", "SSIM", "histogram")
+               if field.lower() not in card.lower()]
+    assert not missing, f"model card of prior-t2 lacks {missing}"
+    assert (CHECKPOINTS / "prior-t2" / "model.safetensors").stat().st_size < 3 * 2**20
+    args = build_parser("translate").parse_args(["translate", "t1.npy", "-o", "t2.npy"])
+    assert args.prior == "prior-t2" and args.init == "contrast"
+    prior = load_prior("prior-t2")
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 40), torch.linspace(-1, 1, 36), indexing="ij")
+    source = ((x**2 + y**2) < 0.6).float() * (0.4 + 0.4 * (x**2 + y**2 > 0.1).float() + 0.1 * torch.cos(6 * x))
+    out = translate(source, prior, seed=0)
+    assert out.shape == source.shape and bool(torch.isfinite(out).all())
+
+
 @pytest.mark.parametrize("name", ["ddm-brain", "vm-brain"])
 def test_shipped_registration_checkpoints(name: str) -> None:
     """``ddm-brain`` (default of ``idm register``) and its VoxelMorph-style baseline ``vm-brain``: cards say

@@ -13,7 +13,8 @@ import torch
 from idm.cli import main
 from idm.errors import IDMError
 from idm.medical.lmi import LocalMutualInformation
-from idm.medical.translate import sample_translation, translate
+from idm.medical.translate import (contrast_candidates, contrast_map, foreground, histogram_match, interior,
+                                   prior_energy, sample_translation, translate)
 from idm.priors.samplers import sample_ddim
 from idm.priors.schedule import to_model_range
 
@@ -43,7 +44,7 @@ def brain_like(height: int = 24, width: int = 20, seed: int = 0) -> torch.Tensor
 
 def test_without_guidance_it_is_sdedit_the_priors_ddim_from_the_noised_source(prior) -> None:
     source = brain_like()
-    ours = sample_translation(prior, source, prior.schedule, steps=6, start=0.5, scale=0.0,
+    ours = sample_translation(prior, source, prior.schedule, steps=6, start=0.5, scale=0.0, init="source",
                               generator=torch.Generator().manual_seed(4))
     first = round(0.5 * (prior.schedule.num_steps - 1))
     abar = float(prior.schedule.alphas_cumprod[first])
@@ -90,6 +91,7 @@ def test_the_guidance_step_climbs_the_local_mutual_information(prior) -> None:
     (torch.rand(1, 1, 8, 8), {"start": 0.0}, "start"),
     (torch.rand(1, 1, 8, 8), {"scale": -1.0}, "scale"),
     (torch.rand(1, 1, 8, 8), {"strength": 1.0}, "no option"),
+    (torch.rand(1, 1, 8, 8), {"init": "noise"}, "init"),
 ])
 def test_bad_translation_inputs_give_one_line_errors(prior, source, options, message) -> None:
     with pytest.raises(IDMError, match=message):
@@ -138,10 +140,126 @@ def test_translation_bench_scores_every_method(prior_dir: str, tmp_path: Path, c
     assert main(["bench", "translation", "--data", str(data), "--reference", str(reference), "--prior", prior_dir,
                  "--steps", "2", "--json", str(out), "--figure", str(tmp_path / "f.png")]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["translate", "sdedit", "unguided", "histogram"]
+    assert [r["method"] for r in rows] == ["translate", "sdedit", "unguided", "contrast", "histogram"]
     assert all(len(r["images"]) == 2 and {"psnr", "ssim", "mi"} <= set(r) for r in rows)
     assert (tmp_path / "f.png").stat().st_size > 0
-    assert main(["bench", "translation", "--data", str(data), "--prior", prior_dir]) == 2
+    assert main(["bench", "translation", "--data", str(data), "--prior", prior_dir, "--methods", "histogram"]) == 2
     assert "--reference" in capsys.readouterr().err
-    assert main(["bench", "translation", "--data", str(data), "--methods", "sdedit"]) == 2
-    assert "--prior" in capsys.readouterr().err
+    assert main(["bench", "translation", "--data", str(data), "--methods", "sdedit", "--prior", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+
+
+# --- the contrast map ------------------------------------------------------------------------------
+class DiracPrior:
+    """The exact ε-predictor of a prior whose every image is ``mode`` (B, 1, H, W) on [0, 1]:
+    ε̂ = (x_t − √ᾱ_t · mode) / √(1 − ᾱ_t); its denoising loss is 0 at ``mode`` only."""
+
+    def __init__(self, mode: torch.Tensor, schedule) -> None:
+        self.mode, self.schedule = to_model_range(mode), schedule
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = self.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+        mode = torch.nn.functional.pad(self.mode, (0, x.shape[-1] - self.mode.shape[-1], 0, x.shape[-2] - self.mode.shape[-2]),
+                                       value=-1.0)
+        return (x - abar.sqrt() * mode) / (1 - abar).sqrt()
+
+
+def test_contrast_candidates_reorder_the_tissue_classes_and_match_the_histogram() -> None:
+    source = brain_like(30, 26)[0, 0]
+    reference = np.linspace(0.1, 0.9, 500)
+    labels, candidates = contrast_candidates(source, reference, classes=3)
+    assert len(labels) == len(set(labels)) == 12 and candidates.shape == (12, 1, 30, 26)
+    foreground = source > 0
+    assert torch.all(candidates[:, 0][:, ~foreground] == 0)  # the background stays black
+    plain, inverted = candidates[labels.index("0-1-2+"), 0], candidates[labels.index("2-1-0-"), 0]
+    torch.testing.assert_close(plain, histogram_match(source, reference))
+    values, up, down = source[foreground], plain[foreground], inverted[foreground]
+    order = torch.argsort(values)
+    assert torch.all(torch.diff(up[order]) >= 0) and torch.all(torch.diff(down[order]) <= 0)
+    with pytest.raises(IDMError, match="distinct"):
+        contrast_candidates(torch.full((8, 8), 0.5), reference)
+
+
+def test_prior_energy_is_lowest_where_the_prior_puts_its_mass(prior) -> None:
+    mode = 1 - brain_like(20, 16)
+    dirac = DiracPrior(mode, prior.schedule)
+    images = torch.cat([mode, brain_like(20, 16), torch.rand(1, 1, 20, 16)])
+    energy = prior_energy(dirac, images, prior.schedule, size_multiple=8, generator=torch.Generator().manual_seed(0))
+    assert energy.shape == (3,) and float(energy[0]) < 1e-8 < float(energy[1:].min())
+    again = prior_energy(dirac, images, prior.schedule, size_multiple=8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(energy, again)
+    # a mask scores only its pixels: where the image equals the mode there, the energy is 0
+    wrong_outside = mode.clone()
+    wrong_outside[..., :, :8] = 0.3
+    mask = torch.zeros(20, 16, dtype=torch.bool)
+    mask[:, 8:] = True
+    masked = prior_energy(dirac, wrong_outside, prior.schedule, size_multiple=8, mask=mask,
+                          generator=torch.Generator().manual_seed(0))
+    assert float(masked[0]) < 1e-8 < float(prior_energy(dirac, wrong_outside, prior.schedule, size_multiple=8)[0])
+    with pytest.raises(IDMError, match="mask"):
+        prior_energy(dirac, images, prior.schedule, size_multiple=8, mask=torch.zeros(20, 16))
+
+
+def test_foreground_fills_holes_but_not_the_background() -> None:
+    image = np.zeros((2, 1, 12, 12))
+    image[:, :, 2:10, 2:10] = 0.5
+    image[:, :, 5, 5] = 0.0  # a clipped pixel inside the brain
+    image[1, :, 2:10, 2] = 0.0  # a notch open to the background stays background
+    inside = foreground(image)
+    assert inside.shape == image.shape and bool(inside[0, 0, 5, 5]) and bool(inside[1, 0, 5, 5])
+    assert int(inside[0].sum()) == 64 and int(inside[1].sum()) == 56 and not inside[..., 0, :].any()
+    with pytest.raises(IDMError, match="2-D"):
+        foreground(np.ones(5))
+
+
+def test_interior_is_the_eroded_foreground_with_fallbacks() -> None:
+    image = torch.zeros(21, 21)
+    image[2:19, 2:19] = 0.5
+    inner = interior(image, radius=4)
+    assert inner.dtype == torch.bool and int(inner.sum()) == 9 * 9 and bool(inner[10, 10]) and not bool(inner[5, 10])
+    small = torch.zeros(21, 21)
+    small[10, 10] = 0.5
+    assert interior(small, radius=4).sum() == 1  # erosion leaves nothing: the foreground itself
+    assert bool(interior(torch.zeros(5, 5)).all())  # no foreground: every pixel
+
+
+def test_contrast_map_takes_the_candidate_the_prior_prefers(prior) -> None:
+    source = brain_like(30, 26)
+    reference = np.linspace(0.1, 0.9, 500)
+    labels, candidates = contrast_candidates(source[0, 0], reference)
+    for label in ("2-1-0-", "1-0-2+"):
+        dirac = DiracPrior(candidates[labels.index(label)][None], prior.schedule)
+        mapped, chosen = contrast_map(dirac, source, reference, prior.schedule, size_multiple=8,
+                                      generator=torch.Generator().manual_seed(0))
+        assert chosen == [label]
+        torch.testing.assert_close(mapped[0], candidates[labels.index(label)])
+    with pytest.raises(IDMError, match="one-channel"):
+        contrast_map(dirac, torch.rand(1, 2, 8, 8), reference, prior.schedule)
+
+
+def test_contrast_start_is_seeded_and_needs_a_reference(prior) -> None:
+    source = brain_like(23, 17)
+    reference = np.linspace(0.1, 0.9, 500)
+    a = translate(source, prior, seed=1, steps=2, start=0.2, init="contrast", reference=reference)
+    b = translate(source, prior, seed=1, steps=2, start=0.2, init="contrast", reference=reference)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.equal(a, translate(source, prior, seed=1, steps=2, start=0.2))
+    assert translate(source, prior, seed=1, steps=2, init="contrast").shape == source.shape  # the prior's own histogram
+    with pytest.raises(IDMError, match="reference"):
+        sample_translation(prior, source, prior.schedule, steps=2, init="contrast")
+
+
+def test_cli_translates_from_the_contrast_map(prior_dir: str, tmp_path: Path, capsys) -> None:
+    from idm.data import save_image
+
+    source, reference = tmp_path / "t1.npy", tmp_path / "ref"
+    reference.mkdir()
+    save_image(reference / "a.png", 1 - brain_like(20, 16, seed=5)[0])
+    np.save(source, brain_like(20, 16)[0, 0].numpy())
+    out = tmp_path / "t2-hat.npy"
+    assert main(["translate", str(source), "--prior", prior_dir, "-o", str(out), "--init", "contrast",
+                 "--reference", str(reference), "--steps", "2", "--start", "0.1", "--no-progress"]) == 0
+    assert np.load(out).shape == (20, 16)
+    assert main(["translate", str(source), "--prior", prior_dir, "-o", str(out), "--init", "contrast",
+                 "--reference", str(tmp_path / "missing"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("error: no reference images")

@@ -6,19 +6,25 @@ images; ``--pair SOURCE,TARGET``, default ``t1,t2``: the ``t2 test`` export of `
 BraTS subjects held out of the T2 prior). Every source is translated by
 
 * ``translate`` — LMI-guided sampling of the target prior (:func:`idm.medical.translate.sample_translation`
-  with the ``--steps --start --scale --eta`` given);
-* ``sdedit`` — the same run without guidance (``scale = 0``): the source noised to ``--start`` and
-  denoised by the target prior (Meng et al., ICLR 2022);
-* ``unguided`` — the target prior sampled from pure noise (``start = 1``, ``scale = 0``): the floor;
+  with the ``--steps --start --scale --eta --init`` given; ``--init contrast`` starts from the contrast
+  map below, matched to ``--reference`` when given, else to the prior's own samples);
+* ``sdedit`` — the same sampler without guidance, from the source itself (``scale = 0``, ``init = source``):
+  the source noised to ``--sdedit-start`` and denoised in ``--sdedit-steps`` by the target prior (Meng et al.,
+  ICLR 2022);
+* ``unguided`` — the target prior sampled from pure noise (``start = 1``, ``scale = 0``, ``--sdedit-steps``): the floor;
+* ``contrast`` — :func:`idm.medical.translate.contrast_map` alone, no sampling: of the source's tissue-class
+  re-orderings, histogram-matched, the one the prior scores most likely (what ``--init contrast`` starts from);
 * ``histogram`` — the source's foreground histogram matched to the pooled foreground histogram of
   ``--reference`` (a folder of target-modality training images; scikit-image ``match_histograms``;
-  :func:`histogram_match`), when given;
+  :func:`idm.medical.translate.histogram_match`), when given;
 
 and scored against its real target: PSNR (peak 1), SSIM (:func:`idm.metrics.ssim_skimage`) and MI
 (:func:`idm.metrics.nmi_skimage`, Studholme's normalised MI on [1, 2]), mean over the pairs::
 
     {"data", "pair", "prior", "reference", "seed", "options",
      "rows": [{"method", "psnr", "ssim", "mi", "seconds", "options", "images": [{"name", "psnr", "ssim", "mi"}]}]}
+
+(``contrast`` images also carry ``choice``, the chosen class order and direction, e.g. ``"2-1-0-"``: inverted.)
 
 ``--figure``: source, target and every method's result for each pair.
 """
@@ -37,22 +43,35 @@ import torch
 from ..errors import IDMError
 from ..io.atomic import save_figure
 
+#: the SDEdit baseline's start (fraction of T) and steps, its own settings whatever translate's: below a
+#: start of ~0.2 it returns the T1 unchanged, above 0.45 it loses the anatomy (docs/translation.md)
+SDEDIT = {"start": 0.45, "steps": 20}
+
 #: the methods of the bench, in table order
-TRANSLATION_METHODS = ("translate", "sdedit", "unguided", "histogram")
+TRANSLATION_METHODS = ("translate", "sdedit", "unguided", "contrast", "histogram")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..medical.translate import TRANSLATE_DEFAULTS
+    from ..medical.translate import TRANSLATE_DEFAULTS, TRANSLATE_INITS
 
     parser.add_argument("--data", required=True, metavar="DIR", help="folder of paired source / target slices")
     parser.add_argument("--pair", default="t1,t2", metavar="SOURCE,TARGET",
                         help="the contrast tags of source and target file names (default t1,t2)")
     parser.add_argument("--reference", metavar="DIR", help="target-modality training images for histogram matching")
-    parser.add_argument("--prior", help="target-modality diffusion prior (needed by translate, sdedit, unguided)")
+    parser.add_argument("--prior", default="prior-t2",
+                        help="target-modality diffusion prior of translate, sdedit, unguided, contrast (default prior-t2)")
     parser.add_argument("--methods", nargs="+", choices=TRANSLATION_METHODS, default=list(TRANSLATION_METHODS),
                         help="methods to run (default all; histogram needs --reference)")
     for key, value in TRANSLATE_DEFAULTS.items():
-        parser.add_argument(f"--{key}", type=type(value), default=value, help=f"translate / sdedit {key} (default {value:g})")
+        if key == "init":
+            parser.add_argument("--init", choices=TRANSLATE_INITS, default=value,
+                                help=f"what translate starts from (default {value}; sdedit always the source)")
+        else:
+            parser.add_argument(f"--{key}", type=type(value), default=value, help=f"translate / sdedit {key} (default {value:g})")
+    parser.add_argument("--sdedit-start", type=float, default=SDEDIT["start"],
+                        help=f"the SDEdit baseline's start as a fraction of T (default {SDEDIT['start']:g})")
+    parser.add_argument("--sdedit-steps", type=int, default=SDEDIT["steps"],
+                        help=f"the SDEdit baseline's sampling steps (default {SDEDIT['steps']})")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N pairs (sorted by name)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of every sampler (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
@@ -86,34 +105,9 @@ def read_pairs(folder: str | Path, source_tag: str, target_tag: str, limit: int 
     return pairs
 
 
-def reference_values(folder: str | Path) -> np.ndarray:
-    """Every pixel of the images in ``folder`` (:func:`idm.data.load_image`, gray [0, 1]) as one 1-D array."""
-    from ..data import load_image
-    from ..data.images import IMAGE_SUFFIXES
-
-    root = Path(folder)
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
-    if not files:
-        raise IDMError(f"no reference images in {root}")
-    return np.concatenate([load_image(p).numpy().ravel() for p in files])
-
-
-def histogram_match(source: torch.Tensor, reference: np.ndarray) -> torch.Tensor:
-    """``source`` with the histogram of ``reference`` over the foreground (scikit-image ``match_histograms``
-    of the source's non-zero pixels to the reference's non-zero pixels; zero background stays zero, so a
-    skull-stripped scan is not matched to the background share of another data set)."""
-    from skimage.exposure import match_histograms
-
-    image = source.numpy()
-    out = np.zeros_like(image, dtype=np.float32)
-    foreground, values = image > 0, reference[reference > 0]
-    if foreground.any() and values.size:
-        out[foreground] = match_histograms(image[foreground], values)
-    return torch.from_numpy(out)
-
-
 def run_cli(args: argparse.Namespace) -> int:
-    from ..medical.translate import TRANSLATE_DEFAULTS, translate
+    from ..medical.translate import (TRANSLATE_DEFAULTS, contrast_map, histogram_match, prior_reference,
+                                     reference_values, translate)
     from ..metrics import nmi_skimage, psnr, ssim_skimage
     from ..priors.prior import load_prior
 
@@ -126,30 +120,36 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise IDMError(f"--limit must be >= 1, got {args.limit}")
     pairs = read_pairs(args.data, *tags, limit=args.limit)
-    reference = reference_values(args.reference) if "histogram" in args.methods else None
+    reference = reference_values(args.reference) if args.reference is not None else None
     sampled = [m for m in args.methods if m != "histogram"]
-    if sampled and args.prior is None:
-        raise IDMError(f"{', '.join(sampled)} sample a target-modality prior: give --prior DIR")
     prior = load_prior(args.prior, device=args.device) if sampled else None
     options = {key: getattr(args, key) for key in TRANSLATE_DEFAULTS}
-    runs = {"translate": options, "sdedit": {**options, "scale": 0.0},
-            "unguided": {**options, "start": 1.0, "scale": 0.0}}
+    runs = {"translate": options, "sdedit": {**options, "start": args.sdedit_start, "steps": args.sdedit_steps, "scale": 0.0,
+                       "init": "source"},
+            "unguided": {**options, "start": 1.0, "steps": args.sdedit_steps, "scale": 0.0, "init": "source"}}
     rows, results = [], {}
     for method in args.methods:
         images, outputs, seconds = [], [], 0.0
         for name, source, target in pairs:
-            start = time.perf_counter()
+            start, extra = time.perf_counter(), {}
             if method == "histogram":
                 out = histogram_match(source, reference)
+            elif method == "contrast":
+                values = reference if reference is not None else prior_reference(prior, tuple(source.shape[-2:]), args.seed)
+                mapped, chosen = contrast_map(prior, source[None].to(args.device), values, prior.schedule,
+                                              size_multiple=prior.size_multiple,
+                                              generator=torch.Generator().manual_seed(args.seed))
+                out, extra = mapped[0].cpu(), {"choice": chosen[0]}
             else:
-                out = translate(source[None], prior, seed=args.seed, device=args.device, **runs[method])[0].cpu()
+                out = translate(source[None], prior, seed=args.seed, device=args.device, reference=reference,
+                                **runs[method])[0].cpu()
             seconds += time.perf_counter() - start
             pair = out.clamp(0, 1)[None], target[None]
             scores = {"psnr": float(psnr(*pair)[0]), "ssim": float(ssim_skimage(*pair)[0]), "mi": float(nmi_skimage(*pair)[0])}
-            images.append({"name": name, **scores})
+            images.append({"name": name, **scores, **extra})
             outputs.append(out)
-            print(f"  {method}: {name}: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f}, MI {scores['mi']:.4f}",
-                  flush=True)
+            print(f"  {method}: {name}: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f}, MI {scores['mi']:.4f}"
+                  + (f" (classes {extra['choice']})" if extra else ""), flush=True)
         mean = {key: float(np.mean([image[key] for image in images])) for key in ("psnr", "ssim", "mi")}
         rows.append({"method": method, **mean, "seconds": seconds / len(pairs), "images": images,
                      "options": runs.get(method, {})})

@@ -15,13 +15,13 @@ from ..errors import IDMError
 
 
 def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argparse.ArgumentParser:
-    from ..medical.translate import TRANSLATE_DEFAULTS
+    from ..medical.translate import TRANSLATE_DEFAULTS, TRANSLATE_INITS
 
     parser = subparsers.add_parser("translate", help=help_text, description=__doc__.splitlines()[0])
     parser.add_argument("source", metavar="SOURCE", help="the source-modality image (.png, .npy, 2-D .nii[.gz])")
     parser.add_argument("-o", "--output", required=True, help="output file (.png, .npy, .nii, .nii.gz)")
-    parser.add_argument("--prior", required=True,
-                        help="target-modality diffusion prior: a folder (e.g. one trained by idm pretrain on T2 slices)")
+    parser.add_argument("--prior", default="prior-t2",
+                        help="target-modality diffusion prior: shipped name or folder (default prior-t2, brain T2 slices)")
     parser.add_argument("--steps", type=int, default=TRANSLATE_DEFAULTS["steps"],
                         help=f"sampling steps (default {TRANSLATE_DEFAULTS['steps']})")
     parser.add_argument("--start", type=float, default=TRANSLATE_DEFAULTS["start"],
@@ -30,6 +30,11 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
                         help=f"LMI guidance step per sampling step on [0, 1]; 0 = SDEdit (default {TRANSLATE_DEFAULTS['scale']:g})")
     parser.add_argument("--eta", type=float, default=TRANSLATE_DEFAULTS["eta"],
                         help=f"DDIM eta: 0 deterministic, 1 DDPM-like (default {TRANSLATE_DEFAULTS['eta']:g})")
+    parser.add_argument("--init", choices=TRANSLATE_INITS, default=TRANSLATE_DEFAULTS["init"],
+                        help="start from the source itself or from its contrast map: the re-ordering of its tissue "
+                             f"classes the prior finds most likely (default {TRANSLATE_DEFAULTS['init']})")
+    parser.add_argument("--reference", metavar="DIR",
+                        help="target-modality images whose histogram the contrast map takes (default: the prior's own samples)")
     parser.add_argument("--truth", help="the real target-modality image: report PSNR / SSIM / MI against it")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
@@ -39,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..medical.translate import translate
+    from ..medical.translate import reference_values, translate
     from ..metrics import nmi_skimage, psnr, ssim_skimage
     from .common import check_output_path, read_slice, write_result
 
@@ -49,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
     if truth is not None and truth.shape != source.shape:
         raise IDMError(f"truth {args.truth} is {tuple(truth.shape[1:])}, the source {tuple(source.shape[1:])}")
     start = time.perf_counter()
+    reference = reference_values(args.reference) if args.reference else None
     result = translate(source[None], args.prior, seed=args.seed, device=args.device, progress=not args.no_progress,
-                       steps=args.steps, start=args.start, scale=args.scale, eta=args.eta)[0]
+                       reference=reference, steps=args.steps, start=args.start, scale=args.scale, eta=args.eta,
+                       init=args.init)[0]
     seconds = time.perf_counter() - start
     write_result(output, result)
     report = f"translate: {tuple(source.shape[1:])} in {seconds:.1f} s → {output}"
