@@ -170,3 +170,72 @@ def test_registration_slices_split(tmp_path: Path) -> None:
     assert not any(item.get("z") in HELD_OUT_Z for item in manifest["train"])
     assert len(manifest["test"]) == 22
     assert np.load(tmp_path / "reg" / "train" / manifest["train"][0]["file"]).shape == (128, 128)
+
+
+def test_demons_registers_volumes_with_our_axis_order() -> None:
+    """3-D demons: a shift along the depth axis comes back in channel 0 (our axis order, not SimpleITK's
+    x, y, z), and a smooth volume deformation is undone better than by no registration."""
+    pytest.importorskip("SimpleITK")
+    from idm.medical.registration import demons, endpoint_error, ncc
+
+    g = torch.Generator().manual_seed(0)
+    moving = torch.nn.functional.interpolate(torch.rand(1, 1, 5, 6, 5, generator=g), size=(20, 24, 20),
+                                             mode="trilinear", align_corners=True)
+    shift = torch.zeros(1, 3, 20, 24, 20)
+    shift[:, 0] = 1.0
+    field = demons(moving, warp(moving, shift), iterations=60, levels=1)
+    inner = field[:, :, 4:-4, 4:-4, 4:-4].mean(dim=(2, 3, 4))[0]
+    assert float(inner[0]) > 0.5 and float(inner[1:].abs().max()) < 0.25
+    truth = random_field((20, 24, 20), amplitude=1.0, control=3, generator=g)
+    fixed = warp(moving, truth)
+    field = demons(moving, fixed, iterations=60, levels=2)
+    assert float(ncc(warp(moving, field), fixed)) > float(ncc(moving, fixed))
+    assert float(endpoint_error(field, truth)) < float(endpoint_error(torch.zeros_like(truth), truth))
+
+
+def test_training_on_volumes_exports_a_3d_network(tmp_path: Path) -> None:
+    """--ndim 3: volumes as data (every two an inter-subject pair, and synthetic warps), an exported
+    checkpoint that registers volumes (γ = 0 the identity) and refuses slices; 2-D slices refused."""
+    from idm.medical.registration import register
+    from idm.training.registration import load_registration
+
+    data, val = tmp_path / "volumes", tmp_path / "pairs"
+    data.mkdir(), val.mkdir()
+    g = torch.Generator().manual_seed(0)
+    volumes = [torch.nn.functional.interpolate(torch.rand(1, 1, 4, 4, 4, generator=g), size=(16, 16, 16),
+                                               mode="trilinear", align_corners=True) for _ in range(2)]
+    for name, volume in zip("ab", volumes):
+        np.save(data / f"{name}.npy", volume[0, 0].numpy())
+    np.save(val / "p_moving.npy", volumes[0][0, 0].numpy())
+    np.save(val / "p_fixed.npy", volumes[1][0, 0].numpy())
+    for arch in ("ddm", "voxelmorph"):
+        assert train_main(["--data", str(data), "--val", str(val), "--ndim", "3", "--arch", arch,
+                           "--out", str(tmp_path / arch), "--steps", "2", *TINY]) == 0
+        model = load_registration(tmp_path / arch / "checkpoint")
+        assert model.config.ndim == 3 and "3-D brain registration" in (tmp_path / arch / "checkpoint" / "README.md").read_text()
+        warped, fields = register(model, volumes[0], volumes[1], gammas=[0.0, 1.0])
+        assert fields[1].shape == (1, 3, 16, 16, 16) and torch.equal(fields[0], torch.zeros_like(fields[0]))
+    assert train_main(["--data", str(_slices(tmp_path / "slices")), "--ndim", "3", "--out", str(tmp_path / "bad"),
+                       "--steps", "2", *TINY]) == 2
+    # idm register on volumes: warped volume, (3, D, H, W) field, middle-plane frames; PNG output refused
+    moving, fixed = data / "a.npy", data / "b.npy"
+    out, field = tmp_path / "reg" / "warped.npy", tmp_path / "reg" / "field.npy"
+    assert idm_main(["register", str(moving), str(fixed), "-o", str(out), "--field", str(field), "--frames", "3",
+                     "--checkpoint", str(tmp_path / "ddm" / "checkpoint")]) == 0
+    assert np.load(out).shape == (16, 16, 16) and np.load(field).shape == (3, 16, 16, 16)
+    assert (tmp_path / "reg" / "warped_frames.gif").is_file()
+    assert idm_main(["register", str(moving), str(fixed), "-o", str(tmp_path / "w.png"),
+                     "--checkpoint", str(tmp_path / "ddm" / "checkpoint")]) == 2
+
+
+@pytest.mark.skipif(not (SHARED / "mri" / "brain_3d_templates").is_dir(), reason="needs ../shared/data (brain templates)")
+@pytest.mark.slow
+def test_registration_volumes_hold_out_icbm152(tmp_path: Path) -> None:
+    from train.registration_volumes import HELD_OUT, SHAPE, main
+
+    assert main(["--data", str(SHARED), "--out", str(tmp_path / "reg3d")]) == 0
+    manifest = json.loads((tmp_path / "reg3d" / "manifest.json").read_text())
+    assert HELD_OUT not in {item["file"].split(".")[0] for item in manifest["train"]} and len(manifest["test"]) == 7
+    assert all(HELD_OUT in item["name"] for item in manifest["test"])
+    assert np.load(tmp_path / "reg3d" / "train" / "ch2.npy").shape == SHAPE
+    assert np.load(tmp_path / "reg3d" / "test" / "icbm-synthetic0_field.npy").shape == (3, *SHAPE)

@@ -120,6 +120,27 @@ def test_unet_rejects_bad_inputs() -> None:
         UNetConfig(attention_levels=(7,))
 
 
+def test_unet_in_three_dimensions() -> None:
+    """``dims = 3``: the same structure from 3-D layers on (B, C, D, H, W); a 2-D config still loads without
+    the key; attention runs over all D·H·W positions; gradients reach every parameter; clear errors."""
+    cfg = UNetConfig(**{**TINY.to_dict(), "dims": 3, "attention_levels": (1,)})
+    unet = randomized(UNet(cfg))
+    x = torch.randn(2, 1, 8, 12, 4)
+    out = unet(x, torch.tensor([3, 700]))
+    assert out.shape == x.shape and not torch.allclose(out[0], unet(x, torch.tensor([700, 700]))[0])
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in unet.parameters())
+    assert isinstance(unet.input_conv, torch.nn.Conv3d) and UNetConfig.from_dict(cfg.to_dict()) == cfg
+    legacy = {k: v for k, v in TINY.to_dict().items() if k != "dims"}
+    assert UNetConfig.from_dict(legacy).dims == 2
+    with pytest.raises(IDMError, match="D, H, W"):
+        unet(torch.randn(1, 1, 8, 8), torch.zeros(1))
+    with pytest.raises(IDMError, match="divisible"):
+        unet(torch.randn(1, 1, 8, 8, 6), torch.zeros(1))
+    with pytest.raises(IDMError, match="dims"):
+        UNetConfig(dims=4)
+
+
 def test_config_round_trip() -> None:
     cfg = UNetConfig(base_channels=16, channel_mults=(1, 2), attention_levels=(), dropout=0.1)
     assert UNetConfig.from_dict(cfg.to_dict()) == cfg

@@ -13,9 +13,11 @@ from idm.medical.registration import (FieldNet, Registration, RegistrationConfig
 
 
 def _image(size=(32, 32), seed=0) -> torch.Tensor:
+    """A smooth random image (2-D) or volume (3-D) of ``size``, ``(1, 1, *size)``."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(1, 1, size[0] // 4, size[1] // 4, generator=g)
-    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    x = torch.rand(1, 1, *[max(s // 4, 2) for s in size], generator=g)
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    return torch.nn.functional.interpolate(x, size=size, mode=mode, align_corners=True)
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 17, 23), (1, 1, 6, 9, 11)])
@@ -81,24 +83,26 @@ def test_random_field_is_seeded_and_smooth() -> None:
     assert float(folding_fraction(a)) == 0.0
 
 
-def _perturbed(architecture: str, code_channels: int = 1) -> Registration:
+def _perturbed(architecture: str, code_channels: int = 1, ndim: int = 2) -> Registration:
     torch.manual_seed(0)
     model = Registration(RegistrationConfig(architecture=architecture, features=(8, 8), base_channels=8,
-                                            channel_mults=(1, 2), code_channels=code_channels)).eval()
+                                            channel_mults=(1, 2), code_channels=code_channels, ndim=ndim)).eval()
     with torch.no_grad():  # make the outputs (zero-initialised heads) visibly non-zero
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     return model
 
 
+@pytest.mark.parametrize("size", [(20, 28), (6, 10, 7)])
 @pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize(("architecture", "code_channels"), [("ddm", 1), ("ddm", 4), ("voxelmorph", 1)])
-def test_gamma_zero_is_the_identity_and_registration_is_deterministic(architecture, code_channels, passes) -> None:
-    model = _perturbed(architecture, code_channels)
-    moving, fixed = _image((20, 28), 0), _image((20, 28), 1)  # not multiples of the network's: padded
+def test_gamma_zero_is_the_identity_and_registration_is_deterministic(architecture, code_channels, passes, size) -> None:
+    """Slices and volumes (the same code, ndim = 3): γ = 0 is exactly the identity, seeded runs repeat."""
+    model = _perturbed(architecture, code_channels, ndim=len(size))
+    moving, fixed = _image(size, 0), _image(size, 1)  # not multiples of the network's: padded
     warped, fields = register(model, moving, fixed, gammas=[0.0, 0.5, 1.0], passes=passes)
     assert torch.equal(fields[0], torch.zeros_like(fields[0])) and torch.allclose(warped[0], moving, atol=1e-6)
-    assert fields[2].shape == (1, 2, 20, 28) and float(fields[2].abs().max()) > 0
+    assert fields[2].shape == (1, len(size), *size) and float(fields[2].abs().max()) > 0
     again = register(model, moving, fixed, gammas=[0.0, 0.5, 1.0], passes=passes)[1]
     assert all(torch.equal(x, y) for x, y in zip(fields, again))
 
@@ -153,8 +157,13 @@ def test_bad_inputs_give_one_line_errors() -> None:
         register(model, torch.rand(16, 16), torch.rand(16, 16))
     with pytest.raises(IDMError, match="NaN"):
         register(model, torch.full((1, 1, 8, 8), float("nan")), torch.rand(1, 1, 8, 8))
-    with pytest.raises(IDMError, match="2-D"):
+    with pytest.raises(IDMError, match="registers 2-D slices, got 3-D volumes"):
         register(model, torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8))
+    volumes = Registration(RegistrationConfig(architecture="voxelmorph", features=(8,), ndim=3))
+    with pytest.raises(IDMError, match="registers 3-D volumes, got 2-D slices"):
+        register(volumes, torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8))
+    with pytest.raises(IDMError, match="2-D or 3-D"):
+        RegistrationConfig(ndim=1)
     with pytest.raises(IDMError, match="displacement"):
         warp(torch.rand(1, 1, 8, 8), torch.zeros(1, 3, 8, 8))
     with pytest.raises(IDMError, match="architecture"):

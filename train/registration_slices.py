@@ -100,13 +100,15 @@ def brats_slices(root: Path) -> list[tuple[str, str, np.ndarray]]:
     return out
 
 
-def synthetic_pair(moving: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(fixed, field)``: ``moving`` warped by a seeded random smooth field (``fixed = moving ∘ (id + field)``)."""
+def synthetic_pair(moving: np.ndarray, seed: int, amplitude: float = FIELD_AMPLITUDE,
+                   control: int = FIELD_CONTROL) -> tuple[np.ndarray, np.ndarray]:
+    """``(fixed, field)``: ``moving`` (a slice or a volume) warped by a seeded random smooth field
+    (``fixed = moving ∘ (id + field)``)."""
     import torch
 
     from idm.medical.registration import random_field, warp
 
-    field = random_field((SIZE, SIZE), amplitude=FIELD_AMPLITUDE, control=FIELD_CONTROL,
+    field = random_field(moving.shape, amplitude=amplitude, control=control,
                          generator=torch.Generator().manual_seed(seed))
     fixed = warp(torch.from_numpy(moving)[None, None], field)[0, 0]
     return fixed.numpy(), field[0].numpy()
@@ -160,18 +162,25 @@ def export(data: Path, out: Path) -> dict:
     return manifest
 
 
-def run(args: argparse.Namespace) -> int:
-    manifest = export(Path(args.data), Path(args.out))
-    print(f"{len(manifest['train'])} training slices, {len(manifest['test'])} test pairs → {args.out}")
-    return 0
+def data_script(tool: str, doc: str, default_out: str, export_fn, unit: str):
+    """The ``main(argv)`` of a registration data tool: ``--data``, ``--out``, ``export_fn(data, out)`` → manifest."""
+
+    def run(args: argparse.Namespace) -> int:
+        manifest = export_fn(Path(args.data), Path(args.out))
+        print(f"{len(manifest['train'])} training {unit}, {len(manifest['test'])} test pairs → {args.out}")
+        return 0
+
+    def main(argv: list[str] | None = None) -> int:
+        parser = argparse.ArgumentParser(prog=f"python -m {tool}", description=doc,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--data", default="../shared/data", help="the shared data folder (default ../shared/data)")
+        parser.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
+        return run_script(parser, run, argv)
+
+    return main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {TOOL}", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data", help="the shared data folder (default ../shared/data)")
-    parser.add_argument("--out", default="runs/data/reg", help="output folder (default runs/data/reg)")
-    return run_script(parser, run, argv)
+main = data_script(TOOL, __doc__, "runs/data/reg", export, "slices")
 
 
 if __name__ == "__main__":

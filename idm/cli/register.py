@@ -1,4 +1,4 @@
-"""``idm register MOVING FIXED -o WARPED``: deformable 2-D registration with DiffuseMorph
+"""``idm register MOVING FIXED -o WARPED``: deformable registration with DiffuseMorph
 (:mod:`idm.medical.registration`), and the continuous deformation between the two images.
 
 MOVING, FIXED: 2-D images of one size (image files, ``.npy`` or 2-D NIfTI on [0, 1]; the shipped
@@ -7,6 +7,10 @@ MOVING ∘ φ (``.png``, ``.npy`` or ``.nii[.gz]``). ``--field``: the displaceme
 (channel 0 rows, 1 columns; ``.npy`` or NIfTI). ``--frames N``: MOVING warped by φ_γ for N values of γ
 from 0 (identity) to 1 (the full warp), as ``<WARPED>_frames/frame_KK.png``, an animated
 ``<WARPED>_frames.gif`` and a strip ``<WARPED>_frames.png``.
+
+A 3-D checkpoint (``--checkpoint ddm-brain3d``, trained on 4 mm brain volumes) registers volumes: MOVING,
+FIXED are ``(D, H, W)`` ``.npy`` or 3-D NIfTI on [0, 1]; WARPED and ``--field`` ``(3, D, H, W)`` are
+``.npy`` / NIfTI; the frames show the middle plane (``D // 2``).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def write_frames(output: Path, frames: list) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from ..medical.registration import PASSES, folding_fraction, ncc, register
     from ..training.registration import load_registration
-    from .common import check_output_path, is_raw_output, read_slice, write_result
+    from .common import check_output_path, is_raw_output, read_slice, read_volume_input, write_result
 
     output = check_output_path(args.output)
     field_path = check_output_path(args.field) if args.field else None
@@ -74,10 +78,15 @@ def run(args: argparse.Namespace) -> int:
         raise IDMError(f"--passes must be >= 1, got {passes}")
     if args.frames != 0 and args.frames < 2:
         raise IDMError(f"--frames must be at least 2 (γ = 0 and 1), got {args.frames}")
-    moving, fixed = read_slice(args.moving, "moving image"), read_slice(args.fixed, "fixed image")
+    model = load_registration(args.checkpoint, device=args.device)
+    if model.config.ndim == 3:
+        if not is_raw_output(output):
+            raise IDMError(f"a 3-D registration writes volumes: -o must be .npy or .nii[.gz], got {output}")
+        moving, fixed = read_volume_input(args.moving, "moving volume"), read_volume_input(args.fixed, "fixed volume")
+    else:
+        moving, fixed = read_slice(args.moving, "moving image"), read_slice(args.fixed, "fixed image")
     if moving.shape != fixed.shape:
         raise IDMError(f"the moving image is {tuple(moving.shape[1:])} but the fixed image {tuple(fixed.shape[1:])}")
-    model = load_registration(args.checkpoint, device=args.device)
     gammas = [k / (args.frames - 1) for k in range(args.frames)] if args.frames else [1.0]
     start = time.perf_counter()
     warped, fields = register(model, moving[None].to(args.device), fixed[None].to(args.device), gammas, passes)
@@ -88,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         write_result(field_path, field)
     written = [output, *([field_path] if field_path else [])]
     if args.frames:
-        written += write_frames(output, [w[0].cpu() for w in warped])
+        planes = [w[0].cpu() if model.config.ndim == 2 else w[0, :, w.shape[2] // 2].cpu() for w in warped]
+        written += write_frames(output, planes)
     mask = (moving > 0.05) | (fixed > 0.05)
     before, after = float(ncc(moving[None], fixed[None], mask[None])), float(ncc(final[None], fixed[None], mask[None]))
     print(f"register: {tuple(moving.shape[1:])} in {seconds:.2f} s ({passes} pass{'es' if passes > 1 else ''}), NCC {before:.4f} → {after:.4f}, "

@@ -217,8 +217,11 @@ class RegistrationConfig:
     channel_mults: tuple[int, ...] = (1, 2, 2, 2)
     schedule: str = "linear"
     code_channels: int = 1  # ddm: channel 0 is the noise estimate, the rest free code channels
+    ndim: int = 2  # 2: slices (B, 1, H, W); 3: volumes (B, 1, D, H, W)
 
     def __post_init__(self) -> None:
+        if self.ndim not in (2, 3):
+            raise IDMError(f"a registration network is 2-D or 3-D, got ndim={self.ndim}")
         if self.architecture not in ARCHITECTURES:
             raise IDMError(f"unknown registration architecture {self.architecture!r}; choose one of {ARCHITECTURES}")
         if int(self.code_channels) < 1:
@@ -231,7 +234,8 @@ class RegistrationConfig:
 
 
 class Registration(nn.Module):
-    """A learned 2-D registration: ``register(M, F, γ) → (warped, displacement)`` (module docstring).
+    """A learned 2-D or 3-D (``config.ndim``) registration: ``register(M, F, γ) → (warped, displacement)``
+    (module docstring); the same code for slices and volumes (3-D convolutions, trilinear warping).
 
     ``architecture='ddm'``: DiffuseMorph (diffusion U-Net code + field network, continuous in γ);
     ``'voxelmorph'``: the field network on ``[M, F]`` (γ scales its displacement)."""
@@ -245,13 +249,13 @@ class Registration(nn.Module):
         code_channels = self.config.code_channels
         # the field network sees [M, c] (ddm) or [M, F] (voxelmorph)
         beside_moving = code_channels if self.config.architecture == "ddm" else 1
-        self.field_net = FieldNet(1 + beside_moving, self.config.features, ndim=2)
+        self.field_net = FieldNet(1 + beside_moving, self.config.features, ndim=self.config.ndim)
         self.schedule = NoiseSchedule(self.config.schedule)
         self.diffusion = None
         if self.config.architecture == "ddm":
             self.diffusion = UNet(UNetConfig(in_channels=3, out_channels=code_channels, base_channels=self.config.base_channels,
                                              channel_mults=self.config.channel_mults, num_res_blocks=1,
-                                             attention_levels=(), groups=8))
+                                             attention_levels=(), groups=8, dims=self.config.ndim))
 
     @property
     def size_multiple(self) -> int:
@@ -262,7 +266,7 @@ class Registration(nn.Module):
 
     def code(self, moving: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor,
              noise: torch.Tensor | None = None) -> torch.Tensor:
-        """DiffuseMorph's code ``c = G([M, F, F_t], t)``, ``(B, code_channels, H, W)``; channel 0 is the noise
+        """DiffuseMorph's code ``c = G([M, F, F_t], t)``, ``(B, code_channels, *S)``; channel 0 is the noise
         estimate (``noise`` None: ``t = 0`` and ``F_t = 2F − 1``)."""
         from ..priors.schedule import to_model_range
 
@@ -277,7 +281,7 @@ class Registration(nn.Module):
         return full - zero
 
     def displacements(self, moving: torch.Tensor, fixed: torch.Tensor, gammas: list[float]) -> list[torch.Tensor]:
-        """The displacement ``(B, 2, H, W)`` for each γ of ``gammas`` (sizes must be multiples of
+        """The displacement ``(B, n, *S)`` for each γ of ``gammas`` (sizes must be multiples of
         :attr:`size_multiple`; :func:`register` pads)."""
         if self.diffusion is None:
             field = self.field_net(torch.cat([moving, fixed], 1))
@@ -316,15 +320,15 @@ def demons(moving: torch.Tensor, fixed: torch.Tensor, *, iterations: int = 200, 
            levels: int = 3) -> torch.Tensor:
     """Classical registration (SimpleITK's diffeomorphic demons, Vercauteren et al. 2009, on a
     ``levels``-level pyramid; displacement smoothed by a Gaussian of ``sigma`` pixels each iteration) of
-    ``(1, 1, H, W)`` images → displacement ``(1, 2, H, W)`` in pixels, our convention (``warp(moving, u)
-    ≈ fixed``). Needs the ``SimpleITK`` package (extra ``medical``)."""
+    one pair ``(1, 1, *S)``, ``S`` 2-D or 3-D → displacement ``(1, n, *S)`` in pixels, our convention
+    (``warp(moving, u) ≈ fixed``). Needs the ``SimpleITK`` package (extra ``medical``)."""
     try:
         import SimpleITK as sitk
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise IDMError("the classical baseline needs SimpleITK: pip install 'idm[medical]'") from exc
-    check_pair(moving, fixed)
-    if moving.ndim != 4 or moving.shape[0] != 1:
-        raise IDMError(f"demons registers one 2-D pair (1, 1, H, W), got {tuple(moving.shape)}")
+    ndim = check_pair(moving, fixed)
+    if moving.shape[0] != 1:
+        raise IDMError(f"demons registers one pair (1, 1, *S), got {tuple(moving.shape)}")
     f = sitk.GetImageFromArray(fixed[0, 0].double().numpy())
     m = sitk.GetImageFromArray(moving[0, 0].double().numpy())
     solver = sitk.DiffeomorphicDemonsRegistrationFilter()
@@ -334,21 +338,23 @@ def demons(moving: torch.Tensor, fixed: torch.Tensor, *, iterations: int = 200, 
     field = None
     for level in range(max(levels, 1) - 1, -1, -1):  # coarse to fine, each level from the one before
         shrink = 2 ** level
-        fl, ml = (sitk.Shrink(f, [shrink, shrink]), sitk.Shrink(m, [shrink, shrink])) if shrink > 1 else (f, m)
+        fl, ml = (sitk.Shrink(f, [shrink] * ndim), sitk.Shrink(m, [shrink] * ndim)) if shrink > 1 else (f, m)
         if field is None:
             field = solver.Execute(fl, ml)
         else:
             field = solver.Execute(fl, ml, sitk.Resample(field, fl, sitk.Transform(), sitk.sitkLinear, 0.0,
                                                          field.GetPixelID()))
-    array = torch.from_numpy(sitk.GetArrayFromImage(field)).float()  # (H, W, 2): physical (x, y) = (col, row)
-    return array.flip(-1).permute(2, 0, 1)[None].contiguous()
+    # (*S, n): SimpleITK's physical axes (x, y[, z]) are our axes reversed (column, row[, slice])
+    array = torch.from_numpy(sitk.GetArrayFromImage(field)).float()
+    return array.flip(-1).permute(ndim, *range(ndim))[None].contiguous()
 
 
 # --- inference -----------------------------------------------------------------------------------
 def register(model: Registration, moving: torch.Tensor, fixed: torch.Tensor,
              gammas: list[float] | None = None, passes: int = PASSES) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Register ``moving`` to ``fixed`` (``(B, 1, H, W)`` on [0, 1], any size: padded at the bottom / right to
-    the network's size multiple by edge replication, cropped back) → per γ of ``gammas`` (default
+    """Register ``moving`` to ``fixed`` (``(B, 1, *S)`` on [0, 1], ``S`` of the network's ``ndim``, any size:
+    padded at the end of each axis to the network's size multiple by edge replication, cropped back) → per
+    γ of ``gammas`` (default
     ``[1]``) the warped images and displacements (pixels).
 
     ``passes`` > 1 applies the network again to the moving image warped so far (a recursive cascade, Zhao
@@ -358,12 +364,14 @@ def register(model: Registration, moving: torch.Tensor, fixed: torch.Tensor,
     identity."""
     from ..physics.canvas import Canvas
 
-    if check_pair(moving, fixed) != 2:
-        raise IDMError("the learned registration is 2-D; register volumes slice by slice or with the classical baseline")
+    ndim = check_pair(moving, fixed)
+    if ndim != model.config.ndim:
+        kinds = {2: "2-D slices", 3: "3-D volumes"}
+        raise IDMError(f"this registration network registers {kinds[model.config.ndim]}, got {kinds[ndim]}")
     if passes < 1:
         raise IDMError(f"passes must be >= 1, got {passes}")
     gammas = [1.0] if gammas is None else list(gammas)
-    canvas = Canvas.to_multiple(tuple(moving.shape[-2:]), model.size_multiple)
+    canvas = Canvas.to_multiple(tuple(moving.shape[2:]), model.size_multiple)
     m, f = canvas.pad(moving, mode="replicate"), canvas.pad(fixed, mode="replicate")
     current, full, per_gamma = m, None, None
     with torch.no_grad():

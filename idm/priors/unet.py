@@ -3,7 +3,9 @@
 ``UNet(config)(x, t) -> eps``: ``x`` is a noisy image ``(B, C, H, W)`` on the model range [-1, 1]
 (see :mod:`idm.priors.schedule`), ``t`` a ``(B,)`` tensor of (integer or float) timesteps in
 [0, 1000); the output has the shape of ``x``. ``H`` and ``W`` must be divisible by
-``2 ** (len(channel_mults) - 1)``.
+``2 ** (len(channel_mults) - 1)``. With ``config.dims = 3`` the same network is built from 3-D layers
+and takes volumes ``(B, C, D, H, W)`` (every spatial size a multiple); the invertible conversion and
+the lean ResBlock path are 2-D.
 
 Structure (built for the invertible conversion in :mod:`idm.invertible`)::
 
@@ -71,6 +73,7 @@ class UNetConfig:
     dropout: float = 0.0
     groups: int = 32
     num_heads: int = 4
+    dims: int = 2  # spatial dimensions: 2 (images) or 3 (volumes)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
@@ -86,6 +89,8 @@ class UNetConfig:
             raise IDMError(f"U-Net attention_levels {bad} outside 0..{len(self.channel_mults) - 1}")
         if not 0.0 <= self.dropout < 1.0:
             raise IDMError(f"U-Net dropout must lie in [0, 1), got {self.dropout}")
+        if self.dims not in (2, 3):
+            raise IDMError(f"U-Net dims must be 2 or 3, got {self.dims}")
 
     @property
     def levels(self) -> int:
@@ -101,12 +106,14 @@ class UNetConfig:
         return 4 * self.base_channels
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise :class:`IDMError` unless ``x`` is ``(B, in_channels, H, W)`` with H, W multiples of ``size_multiple``."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise IDMError(f"U-Net expects input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        """Raise :class:`IDMError` unless ``x`` is ``(B, in_channels, H, W)`` (``dims = 3``: ``(B, in_channels, D,
+        H, W)``) with every spatial size a multiple of ``size_multiple``."""
+        if x.ndim != 2 + self.dims or x.shape[1] != self.in_channels:
+            axes = "H, W" if self.dims == 2 else "D, H, W"
+            raise IDMError(f"U-Net expects input (B, {self.in_channels}, {axes}), got {tuple(x.shape)}")
         m = self.size_multiple
-        if x.shape[-2] % m or x.shape[-1] % m:
-            raise IDMError(f"U-Net input size {tuple(x.shape[-2:])} must be divisible by {m}; pad the image first")
+        if any(size % m for size in x.shape[2:]):
+            raise IDMError(f"U-Net input size {tuple(x.shape[2:])} must be divisible by {m}; pad the image first")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -128,6 +135,11 @@ def _groups(channels: int, groups: int) -> int:
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(_groups(channels, groups), channels, eps=1e-6)
+
+
+def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    """``nn.Conv2d`` (``dims = 2``) or ``nn.Conv3d`` (``dims = 3``) with the given arguments."""
+    return (nn.Conv2d, nn.Conv3d)[dims - 2](*args, **kwargs)
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -153,18 +165,19 @@ class ResBlock(nn.Module):
     branch's (not held while that branch's backward runs). Values are the same in every mode.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, *, dropout: float = 0.0, groups: int = 32) -> None:
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, *, dropout: float = 0.0, groups: int = 32,
+                 dims: int = 2) -> None:
         super().__init__()
         self.in_ch, self.out_ch = in_ch, out_ch
         self.norm1 = group_norm(in_ch, groups)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = conv_nd(dims, in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
         self.norm2 = group_norm(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = conv_nd(dims, out_ch, out_ch, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+        self.skip = nn.Identity() if in_ch == out_ch else conv_nd(dims, in_ch, out_ch, 1)
         self.memory_mode = "plain"
 
     @property
@@ -174,7 +187,8 @@ class ResBlock(nn.Module):
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         s = self.skip(h)
         r = norm_silu_conv(h, self.norm1, self.conv1, lean=self.memory_mode != "plain")
-        r = r + self.emb_proj(F.silu(emb)).to(r.dtype)[:, :, None, None]
+        e = self.emb_proj(F.silu(emb)).to(r.dtype)
+        r = r + e.reshape(*e.shape, *[1] * (r.ndim - 2))
         r = self.conv2(self.dropout(F.silu(self.norm2(r))))
         return s + r
 
@@ -187,22 +201,22 @@ class AttentionBlock(nn.Module):
 
     preserves_shape = True
 
-    def __init__(self, ch: int, *, num_heads: int = 4, groups: int = 32) -> None:
+    def __init__(self, ch: int, *, num_heads: int = 4, groups: int = 32, dims: int = 2) -> None:
         super().__init__()
         self.num_heads = _groups(ch, num_heads)
         self.norm = group_norm(ch, groups)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
+        self.qkv = conv_nd(dims, ch, 3 * ch, 1)
+        self.proj = conv_nd(dims, ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        qkv = rearrange(self.qkv(self.norm(h)), "b (k heads d) h w -> k b heads (h w) d", k=3, heads=self.num_heads)
+        qkv = rearrange(self.qkv(self.norm(h)).flatten(2), "b (k heads d) n -> k b heads n d", k=3, heads=self.num_heads)
         # contiguous q, k, v: SDPA then uses its fused (flash) kernel, which does not materialise the
         # (HW x HW) attention matrix (less memory and faster on CPU)
         q, k, v = (t.contiguous() for t in qkv)  # (B, heads, HW, c/heads)
         a = F.scaled_dot_product_attention(q, k, v)
-        return h + self.proj(rearrange(a, "b heads (h w) d -> b (heads d) h w", h=h.shape[-2]))
+        return h + self.proj(rearrange(a, "b heads n d -> b (heads d) n").reshape(h.shape))
 
 
 class Downsample(nn.Module):
@@ -210,9 +224,9 @@ class Downsample(nn.Module):
 
     preserves_shape = False
 
-    def __init__(self, ch: int) -> None:
+    def __init__(self, ch: int, dims: int = 2) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = conv_nd(dims, ch, ch, 3, stride=2, padding=1)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         return self.conv(h)
@@ -223,9 +237,9 @@ class Upsample(nn.Module):
 
     preserves_shape = False
 
-    def __init__(self, ch: int) -> None:
+    def __init__(self, ch: int, dims: int = 2) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = conv_nd(dims, ch, ch, 3, padding=1)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         return self.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
@@ -280,13 +294,14 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(cfg.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
-        self.input_conv = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        dims = cfg.dims
+        self.input_conv = conv_nd(dims, cfg.in_channels, chans[0], 3, padding=1)
 
         def res(i: int, o: int) -> ResBlock:
-            return ResBlock(i, o, emb_dim, dropout=drop, groups=g)
+            return ResBlock(i, o, emb_dim, dropout=drop, groups=g, dims=dims)
 
         def attn(c: int) -> AttentionBlock:
-            return AttentionBlock(c, num_heads=cfg.num_heads, groups=g)
+            return AttentionBlock(c, num_heads=cfg.num_heads, groups=g, dims=dims)
 
         self.down = nn.ModuleList()
         ch = chans[0]
@@ -297,7 +312,7 @@ class UNet(nn.Module):
                 ch = out_ch
                 if level in cfg.attention_levels:
                     blocks.append(attn(ch))
-            resample = Downsample(ch) if level < L - 1 else None
+            resample = Downsample(ch, dims) if level < L - 1 else None
             self.down.append(UNetStage(blocks, resample, level=level, takes_skip=False))
 
         self.middle = UNetStage([res(ch, ch), attn(ch), res(ch, ch)], None, level=L - 1, takes_skip=False)
@@ -311,10 +326,10 @@ class UNet(nn.Module):
                 ch = out_ch
                 if level in cfg.attention_levels:
                     blocks.append(attn(ch))
-            resample = Upsample(ch) if level > 0 else None
+            resample = Upsample(ch, dims) if level > 0 else None
             self.up.append(UNetStage(blocks, resample, level=level, takes_skip=True))
 
-        self.out = nn.Sequential(group_norm(ch, g), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch, g), nn.SiLU(), conv_nd(dims, ch, cfg.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 

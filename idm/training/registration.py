@@ -1,10 +1,11 @@
-"""Train a learned 2-D registration: DiffuseMorph (``--arch ddm``) or the VoxelMorph-style baseline
+"""Train a learned 2-D or 3-D registration: DiffuseMorph (``--arch ddm``) or the VoxelMorph-style baseline
 (``--arch voxelmorph``), :mod:`idm.medical.registration`.
 
     python -m train.registration --data runs/data/reg/train --arch ddm --out runs/ddm-brain --steps 3000
 
 ``--data`` holds 2-D slices (``.npy`` / images on [0, 1], one size; ``python -m train.registration_slices``
-writes them, named ``<source>_z<depth>.npy``). Pair ``i`` of the run (:class:`PairSampler`, a function of
+writes them, named ``<source>_z<depth>.npy``) or, with ``--ndim 3``, volumes (``(D, H, W)`` ``.npy``, one
+size; ``python -m train.registration_volumes``; every two volumes are an inter-subject pair). Pair ``i`` of the run (:class:`PairSampler`, a function of
 ``i`` and ``--seed`` only) is, with probability ``--synthetic``, a slice against itself warped by a random
 smooth field (amplitude uniform in [0, ``--amplitude``] pixels), otherwise an **inter-subject** pair: the
 slices of two different sources at the same depth (± 1); both images of a pair are flipped left-right
@@ -37,7 +38,7 @@ LOG_FILE = "log.jsonl"
 ARCHITECTURE = "registration"
 #: options that fix the training trajectory (checked on --resume)
 TRAJECTORY_OPTIONS = ("data", "arch", "steps", "batch", "lr", "warmup", "grad_clip", "weight", "smooth", "synthetic",
-                      "amplitude", "seed", "features", "base_channels", "channel_mults", "code_channels")
+                      "amplitude", "seed", "features", "base_channels", "channel_mults", "code_channels", "ndim")
 _DEPTH = re.compile(r"^(?P<source>.+?)_z(?P<z>\d+)$")
 
 
@@ -47,7 +48,9 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     io = parser.add_argument_group("data and run folder")
-    io.add_argument("--data", required=True, help="folder of 2-D training slices on [0, 1] (<source>_z<depth>.npy)")
+    io.add_argument("--data", required=True,
+                    help="folder of 2-D training slices on [0, 1] (<source>_z<depth>.npy), or of volumes with --ndim 3")
+    io.add_argument("--ndim", type=int, choices=(2, 3), default=2, help="2: slices, 3: volumes (default 2)")
     io.add_argument("--val", help="held-out pairs (<name>_moving/_fixed[/_field].npy) reported on the card")
     io.add_argument("--out", default="runs/registration", help="run folder (default runs/registration)")
     add_run_folder_arguments(io)
@@ -77,14 +80,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def load_slices(folder: str | Path) -> tuple[list[str], torch.Tensor]:
-    """The slices of ``folder`` (``.npy`` or images, gray on [0, 1], one size): names (stems) and ``(N, 1, H, W)``."""
+def load_slices(folder: str | Path, ndim: int = 2) -> tuple[list[str], torch.Tensor]:
+    """The slices of ``folder`` (``.npy`` or images, gray on [0, 1], one size): names (stems) and ``(N, 1, H, W)``;
+    ``ndim = 3``: the ``(D, H, W)`` ``.npy`` volumes of ``folder`` as ``(N, 1, D, H, W)``."""
     from ..data import ImageFolder
-    from ..data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES
+    from ..data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, read_npy
 
     root = Path(folder)
-    items = list(ImageFolder(root, suffixes=(*IMAGE_SUFFIXES, ARRAY_SUFFIX)))
-    names, stack = [name for name, _ in items], [image[:1] for _, image in items]
+    if ndim == 3:
+        files = sorted(root.glob("*.npy")) if root.is_dir() else []
+        if not files:
+            raise IDMError(f"no .npy volumes in {root}")
+        items = [(path.stem, torch.from_numpy(read_npy(path, "volume").astype(np.float32))[None]) for path in files]
+        bad = [name for name, volume in items if volume.ndim != 4 or not bool(torch.isfinite(volume).all())]
+        if bad:
+            raise IDMError(f"{bad[0]}.npy in {root} is not a finite (D, H, W) volume")
+    else:
+        items = [(name, image[:1]) for name, image in ImageFolder(root, suffixes=(*IMAGE_SUFFIXES, ARRAY_SUFFIX))]
+    names, stack = [name for name, _ in items], [image for _, image in items]
     sizes = {tuple(x.shape) for x in stack}
     if len(sizes) != 1:
         raise IDMError(f"the slices of {root} differ in size: {sorted(sizes)}")
@@ -104,6 +117,8 @@ class PairSampler(torch.utils.data.Dataset):
             match = _DEPTH.match(name)
             if match:
                 self.by_depth.setdefault(int(match["z"]), {})[match["source"]] = index
+            elif slices.ndim == 5:  # volumes: every two are a pair (one "depth")
+                self.by_depth.setdefault(0, {})[name] = index
         self.partnered = [(z, source) for z, sources in sorted(self.by_depth.items()) if len(sources) > 1
                           for source in sorted(sources)]
         if synthetic < 1 and not self.partnered:
@@ -120,7 +135,7 @@ class PairSampler(torch.utils.data.Dataset):
         if rng.random() < self.synthetic:
             moving = self.slices[int(rng.integers(len(self.slices)))]
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            field = random_field(tuple(moving.shape[-2:]), amplitude=float(rng.uniform(0, self.amplitude)),
+            field = random_field(tuple(moving.shape[1:]), amplitude=float(rng.uniform(0, self.amplitude)),
                                  generator=generator)
             fixed = warp(moving[None], field)[0]
         else:
@@ -135,8 +150,8 @@ class PairSampler(torch.utils.data.Dataset):
 
 
 def read_pairs(folder: str | Path) -> list[dict[str, Any]]:
-    """Held-out pairs of ``folder``: ``{"name", "moving", "fixed"(, "field")}`` (``(1, 1, H, W)``, field
-    ``(1, 2, H, W)``), from ``<name>_moving.npy`` / ``_fixed.npy`` / ``_field.npy``, sorted by name."""
+    """Held-out pairs of ``folder``: ``{"name", "moving", "fixed"(, "field")}`` (``(1, 1, *S)``, field
+    ``(1, n, *S)``, ``S`` 2-D or 3-D), from ``<name>_moving.npy`` / ``_fixed.npy`` / ``_field.npy``, sorted by name."""
     from ..data.images import read_npy
 
     root = Path(folder)
@@ -190,19 +205,19 @@ def run(args: argparse.Namespace) -> int:
         raise IDMError("--synthetic must lie in [0, 1], --amplitude and --smooth be >= 0 and --weight > 0")
     run_dir = Path(args.out)
     state_path = checked_state_path(run_dir, args.resume)
-    names, slices = load_slices(args.data)
+    names, slices = load_slices(args.data, args.ndim)
     val_pairs = read_pairs(args.val) if args.val else None
     set_seed(args.seed)
     config = RegistrationConfig(architecture=args.arch, features=args.features, base_channels=args.base_channels,
-                                channel_mults=args.channel_mults, code_channels=args.code_channels)
+                                channel_mults=args.channel_mults, code_channels=args.code_channels, ndim=args.ndim)
     model = Registration(config)
-    if slices.shape[-1] % model.size_multiple or slices.shape[-2] % model.size_multiple:
-        raise IDMError(f"training slices {tuple(slices.shape[-2:])} must be multiples of {model.size_multiple}")
+    if any(size % model.size_multiple for size in slices.shape[2:]):
+        raise IDMError(f"training images {tuple(slices.shape[2:])} must be multiples of {model.size_multiple}")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.steps))
     progress = Progress(command=command_line("train.registration", args, (*TRAJECTORY_OPTIONS, "val", "out")))
     if args.resume:
-        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS, added={"code_channels": 1})
+        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS, added={"code_channels": 1, "ndim": 2})
         model.load_state_dict(state["model"])
         progress = resume_progress(state, accelerator, optimizer, scheduler, logs=[run_dir / LOG_FILE])
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -259,13 +274,16 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
                  + (f", endpoint error {scores['epe']:.3f} px (synthetic pairs)" if "epe" in scores else "")
                  + f", folding {scores['folding_percent']:.3f} % of brain pixels; `idm bench registration` compares "
                  "it with the other methods (docs/registration.md)."] if scores else [])
+    data = (f"{num_slices} slices (2 mm, 128²: three T1 brain templates at matched depths and 6 BraTS slices of one "
+            "subject; `python -m train.registration_slices`)" if args.ndim == 2 else
+            f"{num_slices} volumes (4 mm, 48 × 64 × 48: the Colin27 and MNI152 T1 templates, ICBM152 held out; "
+            "`python -m train.registration_volumes`)")
     card = "\n".join([
-        f"# {args.arch}: 2-D brain registration, {title}", "",
+        f"# {args.arch}: {args.ndim}-D brain registration, {title}", "",
         f"`idm.medical.registration.Registration` {model.config.to_dict()}: displacement (pixels) registering a "
-        f"moving 2-D slice to a fixed one (`idm register`). Trained on {num_slices} slices (2 mm, 128²: three T1 brain "
-        "templates at matched depths and 6 BraTS slices of one subject; `python -m train.registration_slices`), "
+        f"moving {'2-D slice' if args.ndim == 2 else '3-D volume'} to a fixed one (`idm register`). Trained on {data}, "
         f"{steps_done} × {args.batch} pairs ({args.synthetic:.0%} synthetic smooth warps up to {args.amplitude:g} px, "
-        "the rest inter-subject). Small data: three brains.", "",
+        f"the rest inter-subject). Small data: {'three' if args.ndim == 2 else 'two'} brains.", "",
         "| | |", "|---|---|", f"| steps x batch | {steps_done} x {args.batch} |",
         f"| loss | L1 noise term (ddm) + {args.weight:g} (−NCC₉ + {args.smooth:g} ‖∇u‖²) |",
         *summary.card_rows(), *summary.command_lines(), *measured])
