@@ -69,13 +69,18 @@ def translate_settings(options: dict) -> dict:
 
 
 # --- the contrast map: which intensity map of the source does the target prior find most likely? ------
+#: pixels at or below this value (on [0, 1]) are background unless enclosed by foreground: the zero
+#: background of a skull-stripped scan and the noise floor of an unstripped one (SynDiff's head slices)
+FOREGROUND_FLOOR = 0.05
+
+
 def foreground(image: np.ndarray) -> np.ndarray:
-    """The non-zero pixels of ``image`` (``(..., H, W)``, each 2-D image on its own) with their holes
-    filled: zero pixels not connected to the image border (e.g. clipped pixels inside a skull-stripped
-    brain's ventricles) count as foreground."""
+    """The pixels of ``image`` (``(..., H, W)`` on [0, 1], each 2-D image on its own) above
+    :data:`FOREGROUND_FLOOR`, with their holes filled: dark pixels not connected to the image border
+    (e.g. clipped CSF inside a skull-stripped brain's ventricles) count as foreground."""
     from skimage.measure import label
 
-    inside = np.asarray(image) > 0
+    inside = np.asarray(image) > FOREGROUND_FLOOR
     if inside.ndim < 2:
         raise IDMError(f"a foreground needs a 2-D image, got shape {inside.shape}")
     out = inside.reshape(-1, *inside.shape[-2:]).copy()
