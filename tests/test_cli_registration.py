@@ -226,6 +226,13 @@ def test_training_on_volumes_exports_a_3d_network(tmp_path: Path) -> None:
     assert (tmp_path / "reg" / "warped_frames.gif").is_file()
     assert idm_main(["register", str(moving), str(fixed), "-o", str(tmp_path / "w.png"),
                      "--checkpoint", str(tmp_path / "ddm" / "checkpoint")]) == 2
+    # idm bench registration on volumes: every method, the γ curve, a middle-plane figure, no 256² timing
+    report = tmp_path / "bench.json"
+    assert idm_main(["bench", "registration", "--data", str(val), "--checkpoints", str(tmp_path / "ddm" / "checkpoint"),
+                     "--passes", "1", "--no-demons", "--json", str(report), "--figure", str(tmp_path / "b.png")]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert rows[1]["gamma"]["pairs"] == 1 and "seconds" in rows[1] and "seconds_256" not in rows[1]
+    assert (tmp_path / "b.png").is_file()
 
 
 @pytest.mark.skipif(not (SHARED / "mri" / "brain_3d_templates").is_dir(), reason="needs ../shared/data (brain templates)")

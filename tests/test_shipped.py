@@ -238,6 +238,31 @@ def test_shipped_registration_checkpoints(name: str) -> None:
     assert float(ncc(warped[1], fixed)) > float(ncc(moving, fixed)) + 0.05
 
 
+@pytest.mark.parametrize("name", ["ddm-brain3d", "vm-brain3d"])
+def test_shipped_3d_registration_checkpoints(name: str) -> None:
+    """The 3-D networks (4 mm brain volumes): cards say the data and the held-out measure, they load by name
+    as 3-D networks, γ = 0 is the identity and the full warp undoes a seeded smooth deformation of a
+    smooth random volume better than no registration."""
+    from idm.medical.registration import ncc, random_field, register, warp
+    from idm.training.registration import load_registration
+
+    card = (CHECKPOINTS / name / "README.md").read_text()
+    missing = [field for field in ("Command", "hardware", "wall time", "two brains", "ICBM152", "held-out", "NCC")
+               if field.lower() not in card.lower()]
+    assert not missing, f"model card of {name} lacks {missing}"
+    assert (CHECKPOINTS / name / "model.safetensors").stat().st_size < 3 * 2**20
+    model = load_registration(name)
+    assert model.config.ndim == 3
+    g = torch.Generator().manual_seed(0)
+    moving = torch.nn.functional.interpolate(torch.rand(1, 1, 6, 8, 6, generator=g), size=(48, 64, 48),
+                                             mode="trilinear", align_corners=True)
+    fixed = warp(moving, random_field((48, 64, 48), amplitude=2.0, generator=g))
+    with torch.no_grad():
+        warped, fields = register(model, moving, fixed, gammas=[0.0, 1.0])
+    assert torch.equal(fields[0], torch.zeros_like(fields[0]))
+    assert float(ncc(warped[1], fixed)) > float(ncc(moving, fixed))
+
+
 def test_shipped_hagan_ct(tmp_path: Path) -> None:
     """``hagan-ct`` (default of ``idm generate`` / ``idm encode``): the card says how little data it saw and
     what was measured, it loads by name, the chunked volume equals the one-slab volume, and

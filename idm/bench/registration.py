@@ -6,7 +6,9 @@ continuous deformation of DiffuseMorph.
 synthetic pair; ``python -m train.registration_slices`` writes them). Per method and pair: NCC of the
 warped moving image with the fixed one over the brain (either image > 0.05), the endpoint error against
 the true field (synthetic pairs), the share of brain pixels where ``det(I + ∇u) ≤ 0`` (folding) and
-the seconds; a 256² pair (the first pair upsampled) is timed too. For each learned checkpoint with a
+the seconds; for 2-D pairs a 256² pair (the first pair upsampled) is timed too. Volumes (3-D pairs, ``python -m
+train.registration_volumes``, 3-D checkpoints) run the same way; the figure shows their middle plane. For each
+learned checkpoint with a
 code (DiffuseMorph), NCC at γ = 0, 0.1, …, 1 on every pair, and whether it rises monotonically. Table,
 JSON (``--json``), figure (``--figure``).
 """
@@ -76,8 +78,8 @@ def run_cli(args: argparse.Namespace) -> int:
             entry["epe"] = float(endpoint_error(torch.zeros_like(pair["field"]), pair["field"], mask))
         identity["images"].append(entry)
     rows.append(_summary(identity))
-    big = {key: torch.nn.functional.interpolate(pairs[0][key], size=(256, 256), mode="bilinear", align_corners=True)
-           for key in ("moving", "fixed")}
+    big = ({key: torch.nn.functional.interpolate(pairs[0][key], size=(256, 256), mode="bilinear", align_corners=True)
+            for key in ("moving", "fixed")} if pairs[0]["moving"].ndim == 4 else None)
     for name, method, learned in methods:
         images, warped_all[name] = [], []
         for pair in pairs:
@@ -92,13 +94,14 @@ def run_cli(args: argparse.Namespace) -> int:
                 entry["epe"] = float(endpoint_error(field, pair["field"], mask))
             images.append(entry)
             warped_all[name].append(warped)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            method(big["moving"], big["fixed"])
-            times.append(time.perf_counter() - start)
         row = _summary({"method": name, "images": images})
-        row["seconds_256"] = float(np.median(times))
+        if big is not None:
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                method(big["moving"], big["fixed"])
+                times.append(time.perf_counter() - start)
+            row["seconds_256"] = float(np.median(times))
         if learned is not None and learned[0].diffusion is not None:
             model, p = learned
             curves = []
@@ -143,7 +146,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     def cell(row: dict[str, Any], key: str, fmt: str) -> str:
         return format(row[key], fmt) if key in row else "–"
 
-    lines = ["| method | NCC (all) | NCC inter-subject | NCC synthetic | EPE px (synthetic) | folding % | s / pair 128² | s / pair 256² |",
+    lines = ["| method | NCC (all) | NCC inter-subject | NCC synthetic | EPE px (synthetic) | folding % | s / pair | s / pair 256² |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['method']} | {cell(row, 'ncc', '.4f')} | {cell(row, 'ncc_inter', '.4f')} | "
@@ -169,15 +172,18 @@ def write_figure(path: str | Path, pairs: list[dict[str, Any]], warped: dict[str
     fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.1 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
+    def plane(x: torch.Tensor) -> np.ndarray:  # an image, or a volume's middle plane
+        return (x[0, 0] if x.ndim == 4 else x[0, 0, x.shape[2] // 2]).numpy()
+
     for r, index in enumerate(shown):
         pair = pairs[index]
         images = [("moving", pair["moving"]), ("fixed", pair["fixed"])] + [(name, w[index]) for name, w in warped.items()]
         for c, (title, image) in enumerate(images):
-            axes[r, c].imshow(image[0, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[r, c].imshow(plane(image), cmap="gray", vmin=0, vmax=1)
             axes[r, c].set_title(f"{pair['name'] if c == 0 else ''}\n{title}", fontsize=7)
     for r, (name, frames) in enumerate(continuous.items(), start=len(shown)):
         for c, frame in enumerate(frames):
-            axes[r, c].imshow(frame[0, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[r, c].imshow(plane(frame), cmap="gray", vmin=0, vmax=1)
             axes[r, c].set_title(f"{name} γ = {GAMMAS[::2][c]:.1f}", fontsize=7)
     fig.tight_layout()
     with atomic_path(Path(path)) as temp:
