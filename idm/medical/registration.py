@@ -374,9 +374,11 @@ def register(model: Registration, moving: torch.Tensor, fixed: torch.Tensor,
     canvas = Canvas.to_multiple(tuple(moving.shape[2:]), model.size_multiple)
     m, f = canvas.pad(moving, mode="replicate"), canvas.pad(fixed, mode="replicate")
     current, full, per_gamma = m, None, None
+    asked = gammas if 1.0 in gammas else gammas + [1.0]  # the full field once, also when γ = 1 is asked for
     with torch.no_grad():
         for _ in range(passes):
-            *fields, last = model.displacements(current, f, gammas + [1.0])
+            computed = model.displacements(current, f, asked)
+            fields, last = computed[: len(gammas)], computed[asked.index(1.0)]
             full = last if full is None else compose(full, last)
             per_gamma = fields if per_gamma is None else [compose(a, b) for a, b in zip(per_gamma, fields)]
             current = warp(m, full)
