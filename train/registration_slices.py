@@ -55,14 +55,13 @@ FIELD_AMPLITUDE, FIELD_CONTROL = 4.0, 5
 _BRATS_T1 = re.compile(r"brats_train_(\d+)_t1_(\d+)_w\.nii")
 
 
-def pad(image: np.ndarray) -> np.ndarray:
-    """``image`` centred on a ``SIZE × SIZE`` zero canvas."""
-    out = np.zeros((SIZE, SIZE), np.float32)
-    h, w = image.shape
-    if h > SIZE or w > SIZE:
-        raise IDMError(f"a slice of {image.shape} does not fit {SIZE}²")
-    top, left = (SIZE - h) // 2, (SIZE - w) // 2
-    out[top:top + h, left:left + w] = image
+def pad(image: np.ndarray, shape: tuple[int, ...] = (SIZE, SIZE)) -> np.ndarray:
+    """``image`` centred on a zero float32 canvas of ``shape`` (default ``SIZE × SIZE``; volumes too)."""
+    if image.ndim != len(shape) or any(n > s for n, s in zip(image.shape, shape)):
+        raise IDMError(f"an image of {image.shape} does not fit {shape}")
+    out = np.zeros(shape, np.float32)
+    corner = [(s - n) // 2 for n, s in zip(image.shape, shape)]
+    out[tuple(slice(c, c + n) for c, n in zip(corner, image.shape))] = image
     return out
 
 

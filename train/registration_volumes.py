@@ -31,7 +31,7 @@ import numpy as np
 from idm.errors import IDMError
 from idm.io.atomic import atomic_directory
 
-from .registration_slices import TEMPLATES, data_script, synthetic_pair, template_volume
+from .registration_slices import TEMPLATES, data_script, pad, synthetic_pair, template_volume
 
 TOOL = "train.registration_volumes"
 SHAPE = (48, 64, 48)
@@ -45,13 +45,7 @@ def reduce(volume: np.ndarray) -> np.ndarray:
     """A 2 mm template ``(x, y, z)`` → 4 mm ``(z, row, column)`` (display orientation) on the ``SHAPE`` canvas."""
     even = np.pad(volume, [(0, s % 2) for s in volume.shape])
     small = even.reshape(even.shape[0] // 2, 2, even.shape[1] // 2, 2, even.shape[2] // 2, 2).mean((1, 3, 5))
-    planes = np.stack([np.rot90(small[:, :, z]) for z in range(small.shape[2])]).astype(np.float32)
-    if any(p > s for p, s in zip(planes.shape, SHAPE)):
-        raise IDMError(f"a reduced volume of {planes.shape} does not fit {SHAPE}")
-    out = np.zeros(SHAPE, np.float32)
-    corner = [(s - p) // 2 for p, s in zip(planes.shape, SHAPE)]
-    out[tuple(slice(c, c + p) for c, p in zip(corner, planes.shape))] = planes
-    return out
+    return pad(np.stack([np.rot90(small[:, :, z]) for z in range(small.shape[2])]), SHAPE)
 
 
 def export(data: Path, out: Path) -> dict:

@@ -106,8 +106,8 @@ def read_pairs(folder: str | Path, source_tag: str, target_tag: str, limit: int 
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..medical.translate import (TRANSLATE_DEFAULTS, contrast_map, histogram_match, prior_reference,
-                                     reference_values, translate)
+    from ..medical.translate import (TRANSLATE_DEFAULTS, contrast_map, histogram_match, reference_values,
+                                     target_values, translate)
     from ..metrics import nmi_skimage, psnr, ssim_skimage
     from ..priors.prior import load_prior
 
@@ -135,7 +135,7 @@ def run_cli(args: argparse.Namespace) -> int:
             if method == "histogram":
                 out = histogram_match(source, reference)
             elif method == "contrast":
-                values = reference if reference is not None else prior_reference(prior, tuple(source.shape[-2:]), args.seed)
+                values = target_values(prior, reference, tuple(source.shape[-2:]), args.seed)
                 mapped, chosen = contrast_map(prior, source[None].to(args.device), values, prior.schedule,
                                               size_multiple=prior.size_multiple,
                                               generator=torch.Generator().manual_seed(args.seed))

@@ -166,9 +166,7 @@ def prior_energy(model: EpsModel, images: torch.Tensor, schedule: NoiseSchedule,
     energy = torch.zeros(images.shape[0], device=images.device)
     for t in torch.linspace(first, last, levels).round().long().tolist():
         eps = randn((1, *x.shape[1:]), generator, x).expand_as(x)
-        abar = abar_at(schedule, t)
-        noisy = abar**0.5 * x + (1 - abar) ** 0.5 * eps
-        out = model(noisy, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+        out = model(schedule.q_sample(x, t, eps), torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
         error = canvas.crop(out - eps).pow(2).mean(dim=1)
         energy += (error * weight).sum(dim=(1, 2)) / weight.sum() / levels
     return energy
@@ -311,6 +309,17 @@ def prior_reference(prior: object, size: tuple[int, int], seed: int = 0) -> np.n
     return np.where(values < 0.02, 0.0, values)
 
 
+def target_values(prior: object, reference: np.ndarray | str | Path | None, size: tuple[int, int],
+                  seed: int = 0) -> np.ndarray:
+    """The target-modality values of the contrast map: ``reference`` itself (values), the images of a
+    ``reference`` folder (:func:`reference_values`) or, without one, :func:`prior_reference` at ``size``."""
+    if reference is None:
+        return prior_reference(prior, size, seed)
+    if isinstance(reference, (str, Path)):
+        return reference_values(reference)
+    return np.asarray(reference)
+
+
 def translate(source: torch.Tensor, prior: object, *, seed: int = 0, device: str | torch.device = "cpu",
               reference: np.ndarray | str | Path | None = None, progress: bool = False,
               **options: float | str) -> torch.Tensor:
@@ -318,8 +327,8 @@ def translate(source: torch.Tensor, prior: object, *, seed: int = 0, device: str
     ``prior`` (a prior directory, shipped name or loaded prior) → the same shape
     on [0, 1], clipped. ``options``: ``steps``, ``start``, ``scale``, ``eta``, ``init`` of
     :func:`sample_translation` (defaults :data:`TRANSLATE_DEFAULTS`); ``reference`` (``init="contrast"``):
-    target-modality values or a folder of target images (:func:`reference_values`), default
-    :func:`prior_reference`; the noise comes from a CPU generator seeded with ``seed``."""
+    target-modality values or a folder of target images, default the prior's own samples
+    (:func:`target_values`); the noise comes from a CPU generator seeded with ``seed``."""
     from ..priors.prior import load_prior
 
     settings = translate_settings(options)
@@ -329,10 +338,7 @@ def translate(source: torch.Tensor, prior: object, *, seed: int = 0, device: str
         source = source.reshape(1, *([1] if source.ndim == 2 else []), *shape)
     check_source(source, model.channels)
     if settings["init"] == "contrast":
-        if reference is None:
-            reference = prior_reference(model, tuple(source.shape[-2:]), seed)
-        elif isinstance(reference, (str, Path)):
-            reference = reference_values(reference)
+        reference = target_values(model, reference, tuple(source.shape[-2:]), seed)
     with torch.no_grad():
         out = sample_translation(model, source.to(device=device, dtype=torch.float32), model.schedule,
                                  size_multiple=model.size_multiple, generator=torch.Generator().manual_seed(int(seed)),
