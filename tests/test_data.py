@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tifffile
@@ -14,6 +16,8 @@ from idm.data import (
     check_image,
     dihedral,
     load_image,
+    load_volume,
+    load_volumes,
     random_ellipses,
     sample_images,
     save_image,
@@ -321,3 +325,45 @@ def test_real_validation_images_load_as_8bit_gray(shared_data):
         assert torch.equal(image, (image * 255).round() / 255), name
     patches = RandomPatches(folder, patch_size=64, length=4, seed=0)
     assert torch.stack([patches[i] for i in range(4)]).shape == (4, 1, 64, 64)
+
+
+def test_volumes_are_read_from_npy_and_nifti_alike(tmp_path):
+    nibabel = pytest.importorskip("nibabel")
+    volume = np.linspace(0, 1, 4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    np.save(tmp_path / "a.npy", volume)
+    np.save(tmp_path / "b.npy", volume[::-1].copy())
+    x = load_volume(tmp_path / "a.npy")
+    assert x.shape == (1, 4, 5, 6) and x.dtype == torch.float32
+    torch.testing.assert_close(x[0], torch.from_numpy(volume))
+    names, stack = load_volumes(tmp_path)
+    assert names == ["a", "b"] and stack.shape == (2, 1, 4, 5, 6)
+    assert load_volumes(tmp_path / "a.npy")[1].shape == (1, 1, 4, 5, 6)
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), tmp_path / "c.nii.gz")
+    assert load_volume(tmp_path / "c.nii.gz").shape[0] == 1 and load_volume(tmp_path / "c.nii.gz").ndim == 4
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((4, 5), np.float32), "not a real 3-D volume"),
+    (np.full((2, 3, 4), 2.0, np.float32), "values must lie in [0, 1]"),
+    (np.full((2, 3, 4), np.nan, np.float32), "NaN"),
+    (np.zeros((2, 3, 4), np.complex64), "not a real 3-D volume"),
+])
+def test_bad_volumes_are_refused_naming_the_file(tmp_path, array, message):
+    np.save(tmp_path / "v.npy", array)
+    with pytest.raises(IDMError, match=re.escape(message)) as error:
+        load_volume(tmp_path / "v.npy", "moving volume")
+    assert "moving volume" in str(error.value) and "v.npy" in str(error.value)
+
+
+def test_volume_folders_errors(tmp_path):
+    with pytest.raises(IDMError, match="not found"):
+        load_volumes(tmp_path / "none")
+    with pytest.raises(IDMError, match="no .npy volumes"):
+        load_volumes(tmp_path)
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4), np.float32))
+    np.save(tmp_path / "b.npy", np.zeros((2, 3, 5), np.float32))
+    with pytest.raises(IDMError, match="differ in shape"):
+        load_volumes(tmp_path)
+    (tmp_path / "c.txt").write_text("x")
+    with pytest.raises(IDMError, match=r"read from \.npy or \.nii"):
+        load_volume(tmp_path / "c.txt")

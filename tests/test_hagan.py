@@ -95,7 +95,7 @@ def test_head_halo_is_the_receptive_field() -> None:
 
 
 def test_losses_fall_on_a_tiny_volume_set(tmp_path: Path) -> None:
-    from idm.training.hagan import load_volumes
+    from idm.data import load_volumes
 
     _, volumes = load_volumes(_volumes(tmp_path / "v"))
     real = volumes * 2 - 1
@@ -186,7 +186,8 @@ def test_training_resumes_exactly(trained, tmp_path: Path) -> None:
 
 
 def test_checkpoint_round_trip_and_card(trained) -> None:
-    from idm.training.hagan import load_hagan, load_volumes
+    from idm.data import load_volumes
+    from idm.training.hagan import load_hagan
 
     model = load_hagan(trained["checkpoint"])
     config = json.loads((trained["checkpoint"] / "config.json").read_text())

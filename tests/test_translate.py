@@ -149,6 +149,27 @@ def test_translation_bench_scores_every_method(prior_dir: str, tmp_path: Path, c
     assert capsys.readouterr().err.startswith("error:")
 
 
+
+def test_translation_bench_without_reference_matches_translate_on_the_priors_own_histogram(prior, prior_dir: str,
+                                                                                          tmp_path: Path) -> None:
+    """Without --reference the bench draws the prior's reference samples once per size and shares them;
+    the scores are those of ``translate`` drawing them itself."""
+    from idm.metrics import psnr
+
+    data = tmp_path / "pairs"
+    data.mkdir()
+    for k in range(2):
+        np.save(data / f"case_{k}_t1_w.npy", brain_like(20, 16, seed=k)[0, 0].numpy())
+        np.save(data / f"case_{k}_t2_w.npy", (1 - brain_like(20, 16, seed=k))[0, 0].numpy())
+    out = tmp_path / "bench.json"
+    assert main(["bench", "translation", "--data", str(data), "--prior", prior_dir, "--steps", "2",
+                 "--methods", "translate", "contrast", "--json", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    for k, image in enumerate(rows["translate"]["images"]):
+        own = translate(brain_like(20, 16, seed=k)[0], prior, steps=2, seed=0).clamp(0, 1)
+        expected = float(psnr(own[None], (1 - brain_like(20, 16, seed=k))[0][None])[0])
+        assert image["psnr"] == pytest.approx(expected, abs=1e-4)
+
 # --- the contrast map ------------------------------------------------------------------------------
 class DiracPrior:
     """The exact ε-predictor of a prior whose every image is ``mode`` (B, 1, H, W) on [0, 1]:

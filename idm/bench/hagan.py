@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch
-
 from ..errors import IDMError
 
 
@@ -53,7 +51,8 @@ def format_table(metrics: dict[str, Any]) -> list[str]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..training.hagan import evaluate, load_hagan, load_volumes
+    from ..data import load_volumes
+    from ..training.hagan import evaluate, load_hagan, sample_volumes
     from .memory import apply_threads, write_json
 
     if args.n < 1:
@@ -65,7 +64,8 @@ def run_cli(args: argparse.Namespace) -> int:
     for what, volumes in (("--data", real), ("--val", val[1] if val else None)):
         if volumes is not None and tuple(volumes.shape[2:]) != model.config.shape:
             raise IDMError(f"{what} volumes are {tuple(volumes.shape[2:])}, the checkpoint generates {model.config.shape}")
-    metrics = evaluate(model, real, val, samples=args.n, seed=args.seed)
+    generated = sample_volumes(model, args.n, args.seed)
+    metrics = evaluate(model, real, val, samples=args.n, seed=args.seed, generated=generated)
     print(f"HA-GAN {args.checkpoint}: {args.n} generated volumes (seed {args.seed}) against {real.shape[0]} real "
           f"and {val[1].shape[0] if val else 0} held-out volumes {'×'.join(map(str, model.config.shape))} on [0, 1]")
     for line in format_table(metrics):
@@ -77,10 +77,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.figure:
         from ..cli.generate import write_midplanes
 
-        z = model.sample_latent(2, torch.Generator().manual_seed(args.seed + 12345)).to(args.device)
-        fake = model.generate(z).cpu()
         rows = [(f"real {i}", real[i, 0]) for i in range(min(2, real.shape[0]))]
-        write_midplanes(args.figure, rows + [(f"generated {i}", fake[i, 0]) for i in range(2)])
+        write_midplanes(args.figure, rows + [(f"generated {i}", generated[i, 0]) for i in range(min(2, args.n))])
         print(f"figure written to {args.figure}")
     return 0
 

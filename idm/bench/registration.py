@@ -165,6 +165,7 @@ def write_figure(path: str | Path, pairs: list[dict[str, Any]], warped: dict[str
     import matplotlib.pyplot as plt
 
     from ..io.atomic import atomic_path
+    from ..medical.registration import display_plane
 
     shown = list(range(0, len(pairs), max(1, len(pairs) // 4)))[:4]
     columns = max(2 + len(warped), max((len(v) for v in continuous.values()), default=0))
@@ -173,7 +174,7 @@ def write_figure(path: str | Path, pairs: list[dict[str, Any]], warped: dict[str
     for ax in axes.ravel():
         ax.axis("off")
     def plane(x: torch.Tensor) -> np.ndarray:  # an image, or a volume's middle plane
-        return (x[0, 0] if x.ndim == 4 else x[0, 0, x.shape[2] // 2]).numpy()
+        return display_plane(x)[0].numpy()
 
     for r, index in enumerate(shown):
         pair = pairs[index]

@@ -7,7 +7,8 @@ BraTS subjects held out of the T2 prior). Every source is translated by
 
 * ``translate`` — LMI-guided sampling of the target prior (:func:`idm.medical.translate.sample_translation`
   with the ``--steps --start --scale --eta --init`` given; ``--init contrast`` starts from the contrast
-  map below, matched to ``--reference`` when given, else to the prior's own samples);
+  map below, matched to ``--reference`` when given, else to the prior's own samples — drawn once per image
+  size and shared with ``contrast``; the first pair that needs them counts their seconds);
 * ``sdedit`` — the same sampler without guidance, from the source itself (``scale = 0``, ``init = source``):
   the source noised to ``--sdedit-start`` and denoised in ``--sdedit-steps`` by the target prior (Meng et al.,
   ICLR 2022);
@@ -127,6 +128,14 @@ def run_cli(args: argparse.Namespace) -> int:
     runs = {"translate": options, "sdedit": {**options, "start": args.sdedit_start, "steps": args.sdedit_steps, "scale": 0.0,
                        "init": "source"},
             "unguided": {**options, "start": 1.0, "steps": args.sdedit_steps, "scale": 0.0, "init": "source"}}
+    targets: dict[tuple[int, ...], np.ndarray] = {}
+
+    def values_for(source: torch.Tensor) -> np.ndarray:  # --reference, else the prior's samples, once per size
+        size = tuple(source.shape[-2:])
+        if size not in targets:
+            targets[size] = target_values(prior, reference, size, args.seed)
+        return targets[size]
+
     rows, results = [], {}
     for method in args.methods:
         images, outputs, seconds = [], [], 0.0
@@ -135,13 +144,13 @@ def run_cli(args: argparse.Namespace) -> int:
             if method == "histogram":
                 out = histogram_match(source, reference)
             elif method == "contrast":
-                values = target_values(prior, reference, tuple(source.shape[-2:]), args.seed)
-                mapped, chosen = contrast_map(prior, source[None].to(args.device), values, prior.schedule,
+                mapped, chosen = contrast_map(prior, source[None].to(args.device), values_for(source), prior.schedule,
                                               size_multiple=prior.size_multiple,
                                               generator=torch.Generator().manual_seed(args.seed))
                 out, extra = mapped[0].cpu(), {"choice": chosen[0]}
             else:
-                out = translate(source[None], prior, seed=args.seed, device=args.device, reference=reference,
+                values = values_for(source) if runs[method]["init"] == "contrast" else reference
+                out = translate(source[None], prior, seed=args.seed, device=args.device, reference=values,
                                 **runs[method])[0].cpu()
             seconds += time.perf_counter() - start
             pair = out.clamp(0, 1)[None], target[None]

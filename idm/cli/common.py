@@ -400,32 +400,6 @@ def read_slice(path: str | Path, what: str) -> "torch.Tensor":
     return check_image(image.float(), name=f"{what} {path}")
 
 
-def read_volume_input(path: str | Path, what: str) -> "torch.Tensor":
-    """A real 3-D volume ``(1, D, H, W)`` on [0, 1] from a ``(D, H, W)`` ``.npy`` array or a 3-D NIfTI file
-    (:func:`idm.io.medical.read_volume` axis order); ``what`` names it in errors."""
-    import numpy as np
-    import torch
-
-    from ..data import check_image
-
-    path = Path(path)
-    if not path.is_file():
-        raise IDMError(f"{what} not found: {path}")
-    if path.suffix.lower() == ".npy":
-        from ..data.images import read_npy
-
-        volume = torch.from_numpy(np.asarray(read_npy(path, what)))
-    elif path.name.lower().endswith((".nii", ".nii.gz")):
-        from ..io.medical import read_volume
-
-        volume = read_volume(path).data
-    else:
-        raise IDMError(f"{what} {path}: a volume is read from .npy or .nii[.gz]")
-    if volume.ndim != 3 or volume.is_complex():
-        raise IDMError(f"{what} {path} is not a real 3-D volume (shape {tuple(volume.shape)})")
-    return check_image(volume.float()[None], name=f"{what} {path}")
-
-
 def is_raw_output(path: Path) -> bool:
     """Whether ``path`` is written with raw values (:data:`RAW_SUFFIXES`)."""
     return path.name.lower().endswith(RAW_SUFFIXES)

@@ -65,9 +65,10 @@ def write_frames(output: Path, frames: list) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..medical.registration import PASSES, folding_fraction, ncc, register
+    from ..data import load_volume
+    from ..medical.registration import PASSES, display_plane, folding_fraction, ncc, register
     from ..training.registration import load_registration
-    from .common import check_output_path, is_raw_output, read_slice, read_volume_input, write_result
+    from .common import check_output_path, is_raw_output, read_slice, write_result
 
     output = check_output_path(args.output)
     field_path = check_output_path(args.field) if args.field else None
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if model.config.ndim == 3:
         if not is_raw_output(output):
             raise IDMError(f"a 3-D registration writes volumes: -o must be .npy or .nii[.gz], got {output}")
-        moving, fixed = read_volume_input(args.moving, "moving volume"), read_volume_input(args.fixed, "fixed volume")
+        moving, fixed = load_volume(args.moving, "moving volume"), load_volume(args.fixed, "fixed volume")
     else:
         moving, fixed = read_slice(args.moving, "moving image"), read_slice(args.fixed, "fixed image")
     if moving.shape != fixed.shape:
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         write_result(field_path, field)
     written = [output, *([field_path] if field_path else [])]
     if args.frames:
-        planes = [w[0].cpu() if model.config.ndim == 2 else w[0, :, w.shape[2] // 2].cpu() for w in warped]
+        planes = [display_plane(w).cpu() for w in warped]
         written += write_frames(output, planes)
     mask = (moving > 0.05) | (fixed > 0.05)
     before, after = float(ncc(moving[None], fixed[None], mask[None])), float(ncc(final[None], fixed[None], mask[None]))

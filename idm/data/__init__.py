@@ -3,7 +3,7 @@
 Images are gray tensors ``(1, H, W)`` (batches ``(B, 1, H, W)``), float32 in [0, 1].
 """
 
-from .images import IMAGE_SUFFIXES, ImageFolder, check_image, load_image, save_image
+from .images import IMAGE_SUFFIXES, ImageFolder, check_image, load_image, load_volume, load_volumes, save_image
 from .patches import RandomPatches, dihedral
 from .phantoms import random_ellipses, shepp_logan
 from .samples import SAMPLE_NAMES, sample_images, square_resize
@@ -16,6 +16,8 @@ __all__ = [
     "check_image",
     "dihedral",
     "load_image",
+    "load_volume",
+    "load_volumes",
     "random_ellipses",
     "sample_images",
     "save_image",

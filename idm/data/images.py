@@ -204,6 +204,43 @@ def read_npy(path: str | os.PathLike[str], what: str = "array") -> np.ndarray:
         raise IDMError(f"cannot read {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
 
 
+def load_volume(path: str | os.PathLike[str], what: str = "volume") -> torch.Tensor:
+    """A real 3-D volume on [0, 1] as float32 ``(1, D, H, W)`` from a ``(D, H, W)`` ``.npy`` array or a 3-D
+    NIfTI file (:func:`idm.io.medical.read_volume` axis order); :class:`IDMError` naming it (``what``) and
+    the file for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise IDMError(f"{what} not found: {path}")
+    if path.suffix.lower() == ARRAY_SUFFIX:
+        volume = torch.from_numpy(np.asarray(read_npy(path, what)))
+    elif path.name.lower().endswith((".nii", ".nii.gz")):
+        from ..io.medical import read_volume
+
+        volume = read_volume(path).data
+    else:
+        raise IDMError(f"{what} {path}: a volume is read from .npy or .nii[.gz]")
+    if volume.ndim != 3 or volume.is_complex():
+        raise IDMError(f"{what} {path} is not a real 3-D volume (shape {tuple(volume.shape)})")
+    return check_image(volume.float()[None], name=f"{what} {path}")
+
+
+def load_volumes(source: str | os.PathLike[str]) -> tuple[list[str], torch.Tensor]:
+    """The ``(D, H, W)`` ``.npy`` volumes of a folder (or one file), each read by :func:`load_volume`: names
+    (stems) and ``(N, 1, D, H, W)`` float32 on [0, 1]; :class:`IDMError` when there are none or their
+    shapes differ."""
+    path = Path(source)
+    if not path.exists():
+        raise IDMError(f"volumes not found: {path}")
+    files = sorted(path.glob("*" + ARRAY_SUFFIX)) if path.is_dir() else [path]
+    if not files:
+        raise IDMError(f"no .npy volumes in {path}")
+    volumes = [load_volume(file) for file in files]
+    shapes = {tuple(v.shape[1:]) for v in volumes}
+    if len(shapes) != 1:
+        raise IDMError(f"the volumes of {path} differ in shape: {sorted(shapes)}")
+    return [f.stem for f in files], torch.stack(volumes)
+
+
 def load_array(path: str | os.PathLike[str]) -> torch.Tensor:
     """A real ``.npy`` array ``(C, H, W)`` (or ``(H, W)``: one channel) on [0, 1] as float32 ``(C, H, W)``;
     :class:`IDMError` naming the file for anything else."""

@@ -67,6 +67,12 @@ def _check_field(image: torch.Tensor, field: torch.Tensor) -> int:
 
 
 # --- the spatial transformer -------------------------------------------------------------------
+def display_plane(x: torch.Tensor) -> torch.Tensor:
+    """What a figure shows of a registration input or output: the first item's ``(C, H, W)`` of an image
+    batch ``(B, C, H, W)``, or of a volume batch ``(B, C, D, H, W)`` its middle depth plane ``D // 2``."""
+    return x[0] if x.ndim == 4 else x[0, :, x.shape[2] // 2]
+
+
 def identity_grid(size: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
     """Pixel coordinates ``(n, *size)`` (channel ``i``: the index along axis ``i``)."""
     axes = [torch.arange(s, dtype=torch.float32, device=device) for s in size]

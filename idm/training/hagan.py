@@ -81,30 +81,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def load_volumes(source: str | Path) -> tuple[list[str], torch.Tensor]:
-    """The ``.npy`` volumes of a folder (or one file): names and ``(N, 1, D, H, W)`` float32 on [0, 1]."""
-    from ..data.images import read_npy
-
-    path = Path(source)
-    files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
-    if not path.exists():
-        raise IDMError(f"volumes not found: {path}")
-    if not files:
-        raise IDMError(f"no .npy volumes in {path}")
-    volumes = []
-    for file in files:
-        array = read_npy(file, "volume")
-        if array.ndim != 3:
-            raise IDMError(f"{file} is not a 3-D volume: shape {array.shape}")
-        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise IDMError(f"{file} must hold finite values on [0, 1]")
-        volumes.append(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
-    shapes = {tuple(v.shape) for v in volumes}
-    if len(shapes) != 1:
-        raise IDMError(f"the volumes of {path} differ in shape: {sorted(shapes)}")
-    return [f.stem for f in files], torch.stack(volumes)[:, None]
-
-
 class VolumeItems(torch.utils.data.Dataset):
     """Position-indexed training volumes ``(1, D, H, W)``: item ``i`` is volume ``k`` (uniform), flipped
     left-right half of the time, both drawn from ``(seed, i)`` only."""
@@ -146,6 +122,7 @@ def build_config(args: argparse.Namespace, shape: tuple[int, ...]) -> Any:
 def run(args: argparse.Namespace) -> int:
     from accelerate.utils import set_seed
 
+    from ..data import load_volumes
     from ..generative.hagan import (HAGAN, Discriminators, discriminator_loss, encoder_global_loss, encoder_high_loss,
                                     generator_loss, to_model_range)
 
@@ -229,19 +206,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def sample_volumes(model: Any, samples: int, seed: int) -> torch.Tensor:
+    """``samples`` generated volumes ``(samples, 1, D, H, W)`` on [0, 1] (CPU), latents seeded by
+    ``seed + 12345``, generated one at a time: what :func:`evaluate` scores."""
+    device = next(model.parameters()).device
+    z = model.sample_latent(samples, torch.Generator().manual_seed(seed + 12345)).to(device)
+    return torch.cat([model.generate(z[i:i + 1]).cpu() for i in range(samples)])
+
+
 def evaluate(model: Any, real: torch.Tensor, val: tuple[list[str], torch.Tensor] | None, *, samples: int,
-             seed: int) -> dict[str, Any]:
+             seed: int, generated: torch.Tensor | None = None) -> dict[str, Any]:
     """Generation statistics against the real volumes ``real`` ``(N, 1, D, H, W)`` on [0, 1]: intensity mean
     / std of ``samples`` generated volumes (latents seeded by ``seed + 12345``), of the real ones and of the
     held-out ones, the mid-plane histogram distance
     (:func:`~idm.generative.hagan.mid_slice_histogram_distance`) generated vs real — and, for scale, held-out
     vs training volumes — and the encoder's reconstruction PSNR on each held-out volume (and on the first
-    training volume)."""
+    training volume). ``generated``: the :func:`sample_volumes` of ``samples`` and ``seed`` when already drawn."""
     from ..generative.hagan import intensity_stats, mid_slice_histogram_distance, psnr
 
     device = next(model.parameters()).device
-    z = model.sample_latent(samples, torch.Generator().manual_seed(seed + 12345)).to(device)
-    generated = torch.cat([model.generate(z[i:i + 1]).cpu() for i in range(samples)])
+    generated = sample_volumes(model, samples, seed) if generated is None else generated
     out: dict[str, Any] = {
         "samples": samples,
         "generated": intensity_stats(generated), "real": intensity_stats(real),

@@ -83,20 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def load_slices(folder: str | Path, ndim: int = 2) -> tuple[list[str], torch.Tensor]:
     """The slices of ``folder`` (``.npy`` or images, gray on [0, 1], one size): names (stems) and ``(N, 1, H, W)``;
     ``ndim = 3``: the ``(D, H, W)`` ``.npy`` volumes of ``folder`` as ``(N, 1, D, H, W)``."""
-    from ..data import ImageFolder
-    from ..data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, read_npy
+    from ..data import ImageFolder, load_volumes
+    from ..data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES
 
     root = Path(folder)
     if ndim == 3:
-        files = sorted(root.glob("*.npy")) if root.is_dir() else []
-        if not files:
+        if not root.is_dir():
             raise IDMError(f"no .npy volumes in {root}")
-        items = [(path.stem, torch.from_numpy(read_npy(path, "volume").astype(np.float32))[None]) for path in files]
-        bad = [name for name, volume in items if volume.ndim != 4 or not bool(torch.isfinite(volume).all())]
-        if bad:
-            raise IDMError(f"{bad[0]}.npy in {root} is not a finite (D, H, W) volume")
-    else:
-        items = [(name, image[:1]) for name, image in ImageFolder(root, suffixes=(*IMAGE_SUFFIXES, ARRAY_SUFFIX))]
+        return load_volumes(root)
+    items = [(name, image[:1]) for name, image in ImageFolder(root, suffixes=(*IMAGE_SUFFIXES, ARRAY_SUFFIX))]
     names, stack = [name for name, _ in items], [image for _, image in items]
     sizes = {tuple(x.shape) for x in stack}
     if len(sizes) != 1:
