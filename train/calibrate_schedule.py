@@ -24,7 +24,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-
 from idm.errors import IDMError, check_ratio
 from idm.training.common import run_script
 
