@@ -142,6 +142,9 @@ def test_bench_registration(trained, tmp_path: Path, capsys) -> None:
     assert "gamma" in result["rows"][2] and "gamma" not in result["rows"][3]  # one curve per DiffuseMorph row
     ddm = result["rows"][1]
     assert ddm["gamma"]["pairs"] == 2 and len(ddm["gamma"]["ncc"][0]) == 11
+    assert len(ddm["gamma"]["local_ncc"][1]) == 11 and 0 <= ddm["gamma"]["monotone_pairs_local"] <= 2
+    identical = [curve[0] for curve in ddm["gamma"]["ncc"]]  # γ = 0 is the identity: the unregistered NCC
+    assert identical == pytest.approx([image["ncc"] for image in result["rows"][0]["images"]], abs=1e-5)
     assert all(key in ddm for key in ("ncc", "epe", "folding_percent", "seconds", "seconds_256"))
     assert (tmp_path / "reg.png").is_file()
 
