@@ -83,6 +83,29 @@ def test_checkpoint_card_reports_the_held_out_pairs(trained) -> None:
     assert "Measured (held-out pairs)" in card and "steps x batch" in card
 
 
+
+def test_augmented_inter_subject_pairs_are_both_warped_and_seeded(tmp_path: Path) -> None:
+    """--augment: an inter-subject pair's two images each go through their own random smooth field (so neither
+    is a training slice any more), deterministically in (seed, i); without it the pairs are the slices."""
+    from idm.training.registration import PairSampler, load_slices
+
+    names, slices = load_slices(_slices(tmp_path / "s"))
+    plain = PairSampler(names, slices, length=8, seed=3, synthetic=0.0, amplitude=2.0)
+    augmented = PairSampler(names, slices, length=8, seed=3, synthetic=0.0, amplitude=2.0, augment=2.0)
+    flat = slices.flatten(1)
+
+    def is_a_slice(x: torch.Tensor) -> bool:
+        candidates = torch.cat([flat, slices.flip(-1).flatten(1)])
+        return bool(((candidates - x.flatten()).abs().amax(1) < 1e-6).any())
+
+    for i in range(8):
+        pair, again = augmented[i], augmented[i]
+        assert torch.equal(pair, again) and pair.shape == (2, 32, 32)
+        assert all(is_a_slice(x) for x in plain[i])
+        assert not any(is_a_slice(x) for x in pair)
+    assert train_main(["--data", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "--steps", "2", "--augment", "-1",
+                       *TINY]) == 2
+
 def test_training_errors(tmp_path: Path) -> None:
     data = _slices(tmp_path / "s", size=30)  # not a multiple of the networks' 4
     assert train_main(["--data", str(data), "--out", str(tmp_path / "r"), "--steps", "2", *TINY]) == 2

@@ -8,8 +8,9 @@ writes them, named ``<source>_z<depth>.npy``) or, with ``--ndim 3``, volumes (``
 size; ``python -m train.registration_volumes``; every two volumes are an inter-subject pair). Pair ``i`` of the run (:class:`PairSampler`, a function of
 ``i`` and ``--seed`` only) is, with probability ``--synthetic``, a slice against itself warped by a random
 smooth field (amplitude uniform in [0, ``--amplitude``] pixels), otherwise an **inter-subject** pair: the
-slices of two different sources at the same depth (± 1); both images of a pair are flipped left-right
-together half of the time. Loss: :func:`idm.medical.registration.training_loss` with λ = ``--weight`` and
+slices of two different sources at the same depth (± 1) — with ``--augment A``, each of the two warped by its
+own random smooth field up to ``A`` pixels (new anatomies from few brains); both images of a pair are flipped
+left-right together half of the time. Loss: :func:`idm.medical.registration.training_loss` with λ = ``--weight`` and
 α = ``--smooth``; Adam, warm-up then cosine. The run folder gets ``state.safetensors`` every
 ``--save-every`` steps (``--resume`` continues exactly), ``log.jsonl`` and at the end the checkpoint
 (``--export``, default ``RUNDIR/checkpoint``), whose card reports the held-out pairs of ``--val`` (NCC,
@@ -38,7 +39,8 @@ LOG_FILE = "log.jsonl"
 ARCHITECTURE = "registration"
 #: options that fix the training trajectory (checked on --resume)
 TRAJECTORY_OPTIONS = ("data", "arch", "steps", "batch", "lr", "warmup", "grad_clip", "weight", "smooth", "synthetic",
-                      "amplitude", "seed", "features", "base_channels", "channel_mults", "code_channels", "ndim")
+                      "amplitude", "augment", "seed", "features", "base_channels", "channel_mults", "code_channels",
+                      "ndim")
 _DEPTH = re.compile(r"^(?P<source>.+?)_z(?P<z>\d+)$")
 
 
@@ -66,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     tr.add_argument("--smooth", type=float, default=1.0, help="α: smoothness relative to NCC (default 1)")
     tr.add_argument("--synthetic", type=float, default=0.5, help="share of synthetic pairs (default 0.5)")
     tr.add_argument("--amplitude", type=float, default=5.0, help="largest synthetic field amplitude, pixels (default 5)")
+    tr.add_argument("--augment", type=float, default=0.0,
+                    help="warp both images of an inter-subject pair by their own random smooth fields up to this "
+                    "many pixels: new anatomies from few brains (default 0: off)")
     tr.add_argument("--seed", type=int, default=0, help="seed of initialisation, pairs and noise (default 0)")
     tr.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate mixed precision")
     net = parser.add_argument_group("network size")
@@ -104,9 +109,9 @@ class PairSampler(torch.utils.data.Dataset):
     only on ``(seed, i)``."""
 
     def __init__(self, names: list[str], slices: torch.Tensor, *, length: int, seed: int, synthetic: float,
-                 amplitude: float) -> None:
+                 amplitude: float, augment: float = 0.0) -> None:
         self.slices, self.length, self.seed = slices, length, seed
-        self.synthetic, self.amplitude = synthetic, amplitude
+        self.synthetic, self.amplitude, self.augment = synthetic, amplitude, augment
         self.by_depth: dict[int, dict[str, int]] = {}
         for index, name in enumerate(names):
             match = _DEPTH.match(name)
@@ -140,6 +145,11 @@ class PairSampler(torch.utils.data.Dataset):
             depth = near[int(rng.integers(len(near)))]
             others = sorted(s for s in self.by_depth[depth] if s != source)
             fixed = self.slices[self.by_depth[depth][others[int(rng.integers(len(others)))]]]
+            if self.augment > 0:  # each image of the pair through its own random smooth field
+                moving, fixed = (warp(x[None], random_field(tuple(x.shape[1:]), amplitude=self.augment,
+                                                             generator=torch.Generator().manual_seed(
+                                                                 int(rng.integers(2**62)))))[0]
+                                 for x in (moving, fixed))
         pair = torch.cat([moving, fixed])
         return pair.flip(-1) if rng.random() < 0.5 else pair
 
@@ -196,8 +206,8 @@ def run(args: argparse.Namespace) -> int:
             raise IDMError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.batch % world or args.lr <= 0:
         raise IDMError(f"--batch must split over the {world} processes and --lr be positive")
-    if not 0 <= args.synthetic <= 1 or args.amplitude < 0 or args.weight <= 0 or args.smooth < 0:
-        raise IDMError("--synthetic must lie in [0, 1], --amplitude and --smooth be >= 0 and --weight > 0")
+    if not 0 <= args.synthetic <= 1 or min(args.amplitude, args.augment, args.smooth) < 0 or args.weight <= 0:
+        raise IDMError("--synthetic must lie in [0, 1], --amplitude, --augment and --smooth be >= 0 and --weight > 0")
     run_dir = Path(args.out)
     state_path = checked_state_path(run_dir, args.resume)
     names, slices = load_slices(args.data, args.ndim)
@@ -212,12 +222,12 @@ def run(args: argparse.Namespace) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.steps))
     progress = Progress(command=command_line("train.registration", args, (*TRAJECTORY_OPTIONS, "val", "out")))
     if args.resume:
-        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS, added={"code_channels": 1, "ndim": 2})
+        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS, added={"code_channels": 1, "ndim": 2, "augment": 0.0})
         model.load_state_dict(state["model"])
         progress = resume_progress(state, accelerator, optimizer, scheduler, logs=[run_dir / LOG_FILE])
     model, optimizer = accelerator.prepare(model, optimizer)
     pairs = PairSampler(names, slices, length=args.steps * args.batch, seed=args.seed, synthetic=args.synthetic,
-                        amplitude=args.amplitude)
+                        amplitude=args.amplitude, augment=args.augment)
     loader = step_loader(pairs, args, progress.step, accelerator)
     noise_gen = torch.Generator()
     net = accelerator.unwrap_model(model)
@@ -263,7 +273,8 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
               "displacement_units": "pixels", "validation": scores,
               "training": {**summary.fields(), "steps": steps_done, "batch": args.batch, "data": str(args.data),
                            "num_slices": num_slices, "weight": args.weight, "smooth": args.smooth,
-                           "synthetic": args.synthetic, "amplitude": args.amplitude, "seed": args.seed}}
+                           "synthetic": args.synthetic, "amplitude": args.amplitude, "augment": args.augment,
+                           "seed": args.seed}}
     measured = (["", "## Measured (held-out pairs)", "",
                  f"`{args.val}`, {PASSES} passes (`idm register`'s default): NCC {scores['ncc']:.4f}"
                  + (f", endpoint error {scores['epe']:.3f} px (synthetic pairs)" if "epe" in scores else "")
@@ -278,7 +289,8 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
         f"`idm.medical.registration.Registration` {model.config.to_dict()}: displacement (pixels) registering a "
         f"moving {'2-D slice' if args.ndim == 2 else '3-D volume'} to a fixed one (`idm register`). Trained on {data}, "
         f"{steps_done} × {args.batch} pairs ({args.synthetic:.0%} synthetic smooth warps up to {args.amplitude:g} px, "
-        f"the rest inter-subject). Small data: {'three' if args.ndim == 2 else 'two'} brains.", "",
+        f"the rest inter-subject{f', each image warped by its own random field up to {args.augment:g} px' if args.augment else ''}). "
+        f"Small data: {'three' if args.ndim == 2 else 'two'} brains.", "",
         "| | |", "|---|---|", f"| steps x batch | {steps_done} x {args.batch} |",
         f"| loss | L1 noise term (ddm) + {args.weight:g} (−NCC₉ + {args.smooth:g} ‖∇u‖²) |",
         *summary.card_rows(), *summary.command_lines(), *measured])
