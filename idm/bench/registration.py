@@ -181,6 +181,7 @@ def write_figure(path: str | Path, pairs: list[dict[str, Any]], warped: dict[str
     fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.1 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
+
     def plane(x: torch.Tensor) -> np.ndarray:  # an image, or a volume's middle plane
         return display_plane(x)[0].numpy()
 

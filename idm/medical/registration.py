@@ -30,6 +30,7 @@ with the same registration loss and no diffusion branch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -176,10 +177,12 @@ class FieldNet(nn.Module):
     near zero (Balakrishnan et al., TMI 2019). ``S`` must be divisible by ``2 ** len(features)``."""
 
     def __init__(self, in_channels: int = 2, features: tuple[int, ...] = (16, 32, 32, 32), ndim: int = 2) -> None:
+        from ..priors.unet import conv_nd
+
         super().__init__()
         if ndim not in (2, 3):
             raise IDMError(f"a field network is 2-D or 3-D, got ndim={ndim}")
-        conv = (nn.Conv2d, nn.Conv3d)[ndim - 2]
+        conv = partial(conv_nd, ndim)
         self.ndim, self.features = ndim, tuple(int(f) for f in features)
         self.encoder = nn.ModuleList()
         channels = in_channels

@@ -96,8 +96,8 @@ def load_slices(folder: str | Path, ndim: int = 2) -> tuple[list[str], torch.Ten
         if not root.is_dir():
             raise IDMError(f"no .npy volumes in {root}")
         return load_volumes(root)
-    items = [(name, image[:1]) for name, image in ImageFolder(root, suffixes=(*IMAGE_SUFFIXES, ARRAY_SUFFIX))]
-    names, stack = [name for name, _ in items], [image for _, image in items]
+    items = list(ImageFolder(root, suffixes=(*IMAGE_SUFFIXES, ARRAY_SUFFIX)))
+    names, stack = [name for name, _ in items], [image[:1] for _, image in items]
     sizes = {tuple(x.shape) for x in stack}
     if len(sizes) != 1:
         raise IDMError(f"the slices of {root} differ in size: {sorted(sizes)}")
@@ -132,12 +132,16 @@ class PairSampler(torch.utils.data.Dataset):
         from ..medical.registration import random_field, warp
 
         rng = np.random.default_rng([self.seed, i])
+
+        def warped(image: torch.Tensor, amplitude: float, seed: int) -> torch.Tensor:  # through a seeded smooth field
+            field = random_field(tuple(image.shape[1:]), amplitude=amplitude,
+                                 generator=torch.Generator().manual_seed(seed))
+            return warp(image[None], field)[0]
+
         if rng.random() < self.synthetic:
             moving = self.slices[int(rng.integers(len(self.slices)))]
-            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            field = random_field(tuple(moving.shape[1:]), amplitude=float(rng.uniform(0, self.amplitude)),
-                                 generator=generator)
-            fixed = warp(moving[None], field)[0]
+            seed = int(rng.integers(2**62))
+            fixed = warped(moving, float(rng.uniform(0, self.amplitude)), seed)
         else:
             z, source = self.partnered[int(rng.integers(len(self.partnered)))]
             moving = self.slices[self.by_depth[z][source]]
@@ -146,10 +150,8 @@ class PairSampler(torch.utils.data.Dataset):
             others = sorted(s for s in self.by_depth[depth] if s != source)
             fixed = self.slices[self.by_depth[depth][others[int(rng.integers(len(others)))]]]
             if self.augment > 0:  # each image of the pair through its own random smooth field
-                moving, fixed = (warp(x[None], random_field(tuple(x.shape[1:]), amplitude=self.augment,
-                                                             generator=torch.Generator().manual_seed(
-                                                                 int(rng.integers(2**62)))))[0]
-                                 for x in (moving, fixed))
+                moving = warped(moving, self.augment, int(rng.integers(2**62)))
+                fixed = warped(fixed, self.augment, int(rng.integers(2**62)))
         pair = torch.cat([moving, fixed])
         return pair.flip(-1) if rng.random() < 0.5 else pair
 
