@@ -15,12 +15,15 @@ Kinds: ``"block"`` → ``module(h, emb)``; ``"skip_block"`` → ``module(cat(h, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 from torch import nn
 
 from ..priors.unet import UNet
+
+if TYPE_CHECKING:
+    from ..priors.dncnn import DnCNN
 
 LayerKind = Literal["block", "skip_block", "plain", "injector"]
 
@@ -118,7 +121,7 @@ def unet_layout(unet: UNet, t_constant: float = 0.0) -> UNetLayout:
 DNCNN_STAGES = 3
 
 
-def dncnn_layout(net: "DnCNN", stages: int = DNCNN_STAGES) -> UNetLayout:
+def dncnn_layout(net: DnCNN, stages: int = DNCNN_STAGES) -> UNetLayout:
     """The layout of :class:`idm.priors.dncnn.DnCNN` as a (skip-free) "U-Net" at one resolution.
 
     Input: the network input (B, C(+1), H, W) (image, plus the σ map for σ-input variants, see
