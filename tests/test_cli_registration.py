@@ -105,6 +105,9 @@ def test_augmented_inter_subject_pairs_are_both_warped_and_seeded(tmp_path: Path
         assert not any(is_a_slice(x) for x in pair)
     assert train_main(["--data", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "--steps", "2", "--augment", "-1",
                        *TINY]) == 2
+    assert train_main(["--data", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "--steps", "2", "--global-ncc",
+                       "-1", *TINY]) == 2
+
 
 def test_training_errors(tmp_path: Path) -> None:
     data = _slices(tmp_path / "s", size=30)  # not a multiple of the networks' 4

@@ -149,6 +149,19 @@ def test_ddm_loss_has_the_noise_term_and_is_seeded() -> None:
     assert set(a[1]) == {"eps", "ncc", "smooth"} and torch.equal(a[0], b[0])
 
 
+def test_global_ncc_term_adds_the_global_similarity() -> None:
+    """β > 0 adds −λβ·NCC(M∘φ, F) (global) to the loss and reports it; β = 0 is the paper's loss unchanged."""
+    torch.manual_seed(0)
+    model = Registration(RegistrationConfig(architecture="voxelmorph", features=(8, 8)))
+    m, f = _image((16, 16)), _image((16, 16), 1)
+    plain, parts = training_loss(model, m, f, weight=20.0, smooth=1.0)
+    zero, _ = training_loss(model, m, f, weight=20.0, smooth=1.0, global_ncc=0.0)
+    both, with_global = training_loss(model, m, f, weight=20.0, smooth=1.0, global_ncc=0.5)
+    assert "global_ncc" not in parts and torch.equal(plain, zero)
+    assert with_global["global_ncc"] == pytest.approx(float(ncc(warp(m, model(m, f)), f)), abs=1e-5)
+    assert float(both) == pytest.approx(float(plain) - 20.0 * 0.5 * with_global["global_ncc"], abs=1e-4)
+
+
 def test_bad_inputs_give_one_line_errors() -> None:
     model = Registration(RegistrationConfig(architecture="voxelmorph", features=(8,)))
     with pytest.raises(IDMError, match="moving image is"):

@@ -10,9 +10,9 @@ size; ``python -m train.registration_volumes``; every two volumes are an inter-s
 smooth field (amplitude uniform in [0, ``--amplitude``] pixels), otherwise an **inter-subject** pair: the
 slices of two different sources at the same depth (± 1) — with ``--augment A``, each of the two warped by its
 own random smooth field up to ``A`` pixels (new anatomies from few brains); both images of a pair are flipped
-left-right together half of the time. Loss: :func:`idm.medical.registration.training_loss` with λ = ``--weight`` and
-α = ``--smooth``; Adam, warm-up then cosine. The run folder gets ``state.safetensors`` every
-``--save-every`` steps (``--resume`` continues exactly), ``log.jsonl`` and at the end the checkpoint
+left-right together half of the time. Loss: :func:`idm.medical.registration.training_loss` with
+λ = ``--weight``, α = ``--smooth`` and β = ``--global-ncc`` (0: the paper's loss); Adam, warm-up then cosine.
+The run folder gets ``state.safetensors`` every ``--save-every`` steps (``--resume`` continues exactly), ``log.jsonl`` and at the end the checkpoint
 (``--export``, default ``RUNDIR/checkpoint``), whose card reports the held-out pairs of ``--val`` (NCC,
 endpoint error on the synthetic ones, folding) when given.
 """
@@ -39,8 +39,8 @@ LOG_FILE = "log.jsonl"
 ARCHITECTURE = "registration"
 #: options that fix the training trajectory (checked on --resume)
 TRAJECTORY_OPTIONS = ("data", "arch", "steps", "batch", "lr", "warmup", "grad_clip", "weight", "smooth", "synthetic",
-                      "amplitude", "augment", "seed", "features", "base_channels", "channel_mults", "code_channels",
-                      "ndim")
+                      "amplitude", "augment", "global_ncc", "seed", "features", "base_channels", "channel_mults",
+                      "code_channels", "ndim")
 _DEPTH = re.compile(r"^(?P<source>.+?)_z(?P<z>\d+)$")
 
 
@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     tr.add_argument("--smooth", type=float, default=1.0, help="α: smoothness relative to NCC (default 1)")
     tr.add_argument("--synthetic", type=float, default=0.5, help="share of synthetic pairs (default 0.5)")
     tr.add_argument("--amplitude", type=float, default=5.0, help="largest synthetic field amplitude, pixels (default 5)")
+    tr.add_argument("--global-ncc", type=float, default=0.0,
+                    help="β: weight of the global NCC beside the local NCC9 in the loss (default 0: the paper's loss)")
     tr.add_argument("--augment", type=float, default=0.0,
                     help="warp both images of an inter-subject pair by their own random smooth fields up to this "
                     "many pixels: new anatomies from few brains (default 0: off)")
@@ -208,8 +210,10 @@ def run(args: argparse.Namespace) -> int:
             raise IDMError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.batch % world or args.lr <= 0:
         raise IDMError(f"--batch must split over the {world} processes and --lr be positive")
-    if not 0 <= args.synthetic <= 1 or min(args.amplitude, args.augment, args.smooth) < 0 or args.weight <= 0:
-        raise IDMError("--synthetic must lie in [0, 1], --amplitude, --augment and --smooth be >= 0 and --weight > 0")
+    nonnegative = (args.amplitude, args.augment, args.smooth, args.global_ncc)
+    if not 0 <= args.synthetic <= 1 or min(nonnegative) < 0 or args.weight <= 0:
+        raise IDMError("--synthetic must lie in [0, 1], --amplitude, --augment, --smooth and --global-ncc be >= 0 "
+                       "and --weight > 0")
     run_dir = Path(args.out)
     state_path = checked_state_path(run_dir, args.resume)
     names, slices = load_slices(args.data, args.ndim)
@@ -224,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.steps))
     progress = Progress(command=command_line("train.registration", args, (*TRAJECTORY_OPTIONS, "val", "out")))
     if args.resume:
-        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS, added={"code_channels": 1, "ndim": 2, "augment": 0.0})
+        older = {"code_channels": 1, "ndim": 2, "augment": 0.0, "global_ncc": 0.0}  # options added since
+        state = load_run_state(state_path, args, TRAJECTORY_OPTIONS, added=older)
         model.load_state_dict(state["model"])
         progress = resume_progress(state, accelerator, optimizer, scheduler, logs=[run_dir / LOG_FILE])
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -239,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         batch = batch.to(device)
         noise_gen.manual_seed((args.seed * 1_000_003 + step) * world + rank)
         loss, parts = training_loss(net, batch[:, :1], batch[:, 1:], weight=args.weight, smooth=args.smooth,
-                                    generator=noise_gen)
+                                    global_ncc=args.global_ncc, generator=noise_gen)
         lr = optimizer_step(accelerator, model, optimizer, scheduler, loss, args.grad_clip)
         return {"loss": mean_loss(accelerator, loss, step + 1), "lr": lr, **parts}
 
@@ -276,6 +281,7 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
               "training": {**summary.fields(), "steps": steps_done, "batch": args.batch, "data": str(args.data),
                            "num_slices": num_slices, "weight": args.weight, "smooth": args.smooth,
                            "synthetic": args.synthetic, "amplitude": args.amplitude, "augment": args.augment,
+                           "global_ncc": args.global_ncc,
                            "seed": args.seed}}
     measured = (["", "## Measured (held-out pairs)", "",
                  f"`{args.val}`, {PASSES} passes (`idm register`'s default): NCC {scores['ncc']:.4f}"
@@ -294,7 +300,8 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
         f"the rest inter-subject{f', each image warped by its own random field up to {args.augment:g} px' if args.augment else ''}). "
         f"Small data: {'three' if args.ndim == 2 else 'two'} brains.", "",
         "| | |", "|---|---|", f"| steps x batch | {steps_done} x {args.batch} |",
-        f"| loss | L1 noise term (ddm) + {args.weight:g} (−NCC₉ + {args.smooth:g} ‖∇u‖²) |",
+        f"| loss | L1 noise term (ddm) + {args.weight:g} (−NCC₉{f' − {args.global_ncc:g} NCC' if args.global_ncc else ''} "
+        f"+ {args.smooth:g} ‖∇u‖²) |",
         *summary.card_rows(), *summary.command_lines(), *measured])
     return save_checkpoint(directory, model.state_dict(), config, card, dtype=EXPORT_DTYPES[args.export_dtype])
 
