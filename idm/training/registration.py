@@ -12,9 +12,9 @@ slices of two different sources at the same depth (± 1) — with ``--augment A`
 own random smooth field up to ``A`` pixels (new anatomies from few brains); both images of a pair are flipped
 left-right together half of the time. Loss: :func:`idm.medical.registration.training_loss` with
 λ = ``--weight``, α = ``--smooth`` and β = ``--global-ncc`` (0: the paper's loss); Adam, warm-up then cosine.
-The run folder gets ``state.safetensors`` every ``--save-every`` steps (``--resume`` continues exactly), ``log.jsonl`` and at the end the checkpoint
-(``--export``, default ``RUNDIR/checkpoint``), whose card reports the held-out pairs of ``--val`` (NCC,
-endpoint error on the synthetic ones, folding) when given.
+The run folder gets ``state.safetensors`` every ``--save-every`` steps (``--resume`` continues exactly),
+``log.jsonl`` and at the end the checkpoint (``--export``, default ``RUNDIR/checkpoint``), whose card reports
+the held-out pairs of ``--val`` (NCC, endpoint error on the synthetic ones, folding) when given.
 """
 
 from __future__ import annotations
@@ -281,8 +281,7 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
               "training": {**summary.fields(), "steps": steps_done, "batch": args.batch, "data": str(args.data),
                            "num_slices": num_slices, "weight": args.weight, "smooth": args.smooth,
                            "synthetic": args.synthetic, "amplitude": args.amplitude, "augment": args.augment,
-                           "global_ncc": args.global_ncc,
-                           "seed": args.seed}}
+                           "global_ncc": args.global_ncc, "seed": args.seed}}
     measured = (["", "## Measured (held-out pairs)", "",
                  f"`{args.val}`, {PASSES} passes (`idm register`'s default): NCC {scores['ncc']:.4f}"
                  + (f", endpoint error {scores['epe']:.3f} px (synthetic pairs)" if "epe" in scores else "")
@@ -292,16 +291,17 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
             "subject; `python -m train.registration_slices`)" if args.ndim == 2 else
             f"{num_slices} volumes (4 mm, 48 × 64 × 48: the Colin27 and MNI152 T1 templates, ICBM152 held out; "
             "`python -m train.registration_volumes`)")
+    augmented = f", each image warped by its own random field up to {args.augment:g} px" if args.augment else ""
+    global_term = f" − {args.global_ncc:g} NCC" if args.global_ncc else ""
     card = "\n".join([
         f"# {args.arch}: {args.ndim}-D brain registration, {title}", "",
         f"`idm.medical.registration.Registration` {model.config.to_dict()}: displacement (pixels) registering a "
         f"moving {'2-D slice' if args.ndim == 2 else '3-D volume'} to a fixed one (`idm register`). Trained on {data}, "
         f"{steps_done} × {args.batch} pairs ({args.synthetic:.0%} synthetic smooth warps up to {args.amplitude:g} px, "
-        f"the rest inter-subject{f', each image warped by its own random field up to {args.augment:g} px' if args.augment else ''}). "
+        f"the rest inter-subject{augmented}). "
         f"Small data: {'three' if args.ndim == 2 else 'two'} brains.", "",
         "| | |", "|---|---|", f"| steps x batch | {steps_done} x {args.batch} |",
-        f"| loss | L1 noise term (ddm) + {args.weight:g} (−NCC₉{f' − {args.global_ncc:g} NCC' if args.global_ncc else ''} "
-        f"+ {args.smooth:g} ‖∇u‖²) |",
+        f"| loss | L1 noise term (ddm) + {args.weight:g} (−NCC₉{global_term} + {args.smooth:g} ‖∇u‖²) |",
         *summary.card_rows(), *summary.command_lines(), *measured])
     return save_checkpoint(directory, model.state_dict(), config, card, dtype=EXPORT_DTYPES[args.export_dtype])
 
