@@ -83,6 +83,32 @@ def test_checkpoint_card_reports_the_held_out_pairs(trained) -> None:
     assert "Measured (held-out pairs)" in card and "steps x batch" in card
 
 
+def test_init_continues_a_checkpoint(trained, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    common = ["--data", str(trained["data"]), "--steps", "2", *TINY]
+    run = tmp_path / "continued"
+    assert train_main([*common, "--init", str(trained["ddm"]), "--lr", "1e-12", "--out", str(run)]) == 0
+    before = load_file(str(trained["ddm"] / "model.safetensors"))
+    after = load_file(str(run / "checkpoint" / "model.safetensors"))  # lr 1e-12: the init's weights, in fp16
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    config = json.loads((run / "checkpoint" / "config.json").read_text())["training"]
+    assert config["init"] == str(trained["ddm"]) and config["init_steps_before"] == 4 and config["steps"] == 2
+    assert config["init_commands"] == [json.loads((trained["ddm"] / "config.json").read_text())["training"]["command"]]
+    again = tmp_path / "again"  # a chain of two: both earlier commands, 6 steps before
+    assert train_main([*common, "--init", str(run / "checkpoint"), "--out", str(again)]) == 0
+    twice = json.loads((again / "checkpoint" / "config.json").read_text())["training"]
+    assert twice["init_steps_before"] == 6 and twice["init_commands"] == [*config["init_commands"], config["command"]]
+    card = (again / "checkpoint" / "README.md").read_text()
+    assert "Continued from" in card and all(command in card for command in twice["init_commands"])
+    capsys.readouterr()
+    assert train_main([*common, "--init", str(trained["ddm"]), "--features", "8,16", "--out", str(tmp_path / "b")]) == 2
+    assert "features [8, 8] (the run asks for [8, 16])" in capsys.readouterr().err
+    assert train_main([*common, "--init", str(trained["ddm"]), "--arch", "voxelmorph", "--out", str(tmp_path / "c")]) == 2
+    assert train_main([*common, "--init", str(tmp_path / "nothing"), "--out", str(tmp_path / "d")]) == 2
+    assert not (tmp_path / "b").exists() or not (tmp_path / "b" / "checkpoint").exists()
+
+
 def test_augmented_inter_subject_pairs_are_both_warped_and_seeded(tmp_path: Path) -> None:
     """--augment: an inter-subject pair's two images each go through their own random smooth field (so neither
     is a training slice any more), deterministically in (seed, i); without it the pairs are the slices."""

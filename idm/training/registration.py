@@ -40,7 +40,7 @@ ARCHITECTURE = "registration"
 #: options that fix the training trajectory (checked on --resume)
 TRAJECTORY_OPTIONS = ("data", "arch", "steps", "batch", "lr", "warmup", "grad_clip", "weight", "smooth", "synthetic",
                       "amplitude", "augment", "global_ncc", "seed", "features", "base_channels", "channel_mults",
-                      "code_channels", "ndim")
+                      "code_channels", "ndim", "init")
 _DEPTH = re.compile(r"^(?P<source>.+?)_z(?P<z>\d+)$")
 
 
@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     io.add_argument("--ndim", type=int, choices=(2, 3), default=2, help="2: slices, 3: volumes (default 2)")
     io.add_argument("--val", help="held-out pairs (<name>_moving/_fixed[/_field].npy) reported on the card")
     io.add_argument("--out", default="runs/registration", help="run folder (default runs/registration)")
+    io.add_argument("--init", help="continue training a registration checkpoint (name or folder; the size options "
+                                   "must match it): new optimizer, warm-up and cosine over --steps")
     add_run_folder_arguments(io)
     tr = parser.add_argument_group("training")
     tr.add_argument("--arch", choices=("ddm", "voxelmorph"), default="ddm",
@@ -198,6 +200,26 @@ def evaluate(model: Any, pairs: list[dict[str, Any]], passes: int | None = None)
     return {key: float(np.mean(values)) for key, values in scores.items() if values}
 
 
+def init_checkpoint(source: str | None, config: Any) -> tuple[Any, dict[str, Any]] | None:
+    """``--init``: the registration checkpoint ``source`` (a name or folder) and its ``training`` record, or
+    ``None`` without one; its network must be the one ``config`` builds (one-line error naming the sizes that
+    differ)."""
+    if source is None:
+        return None
+    from ..io.checkpoint import read_checkpoint_config, resolve_checkpoint
+    from ..medical.registration import RegistrationConfig
+
+    path = resolve_checkpoint(source)
+    record = read_checkpoint_config(path)
+    if record.get("architecture") != ARCHITECTURE:
+        raise IDMError(f"--init {source} is not a registration checkpoint (architecture {record.get('architecture')!r})")
+    theirs, ours = RegistrationConfig(**record["registration"]).to_dict(), config.to_dict()
+    differing = [f"{key} {theirs[key]} (the run asks for {ours[key]})" for key in ours if theirs[key] != ours[key]]
+    if differing:
+        raise IDMError(f"--init {source} has {', '.join(differing)}: pass the checkpoint's sizes")
+    return load_registration(path), record.get("training", {})
+
+
 def run(args: argparse.Namespace) -> int:
     from accelerate.utils import set_seed
 
@@ -222,13 +244,16 @@ def run(args: argparse.Namespace) -> int:
     config = RegistrationConfig(architecture=args.arch, features=args.features, base_channels=args.base_channels,
                                 channel_mults=args.channel_mults, code_channels=args.code_channels, ndim=args.ndim)
     model = Registration(config)
+    init = init_checkpoint(args.init, config)
+    if init is not None and not args.resume:  # a resumed run reads its own state below
+        model.load_state_dict(init[0].state_dict())
     if any(size % model.size_multiple for size in slices.shape[2:]):
         raise IDMError(f"training images {tuple(slices.shape[2:])} must be multiples of {model.size_multiple}")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.steps))
     progress = Progress(command=command_line("train.registration", args, (*TRAJECTORY_OPTIONS, "val", "out")))
     if args.resume:
-        older = {"code_channels": 1, "ndim": 2, "augment": 0.0, "global_ncc": 0.0}  # options added since
+        older = {"code_channels": 1, "ndim": 2, "augment": 0.0, "global_ncc": 0.0, "init": None}  # added since
         state = load_run_state(state_path, args, TRAJECTORY_OPTIONS, added=older)
         model.load_state_dict(state["model"])
         progress = resume_progress(state, accelerator, optimizer, scheduler, logs=[run_dir / LOG_FILE])
@@ -262,15 +287,17 @@ def run(args: argparse.Namespace) -> int:
         scores = evaluate(net, val_pairs) if val_pairs else None
         summary = RunSummary(progress.command, hardware(world, device), end.wall_time, progress.resumes,
                              final_loss(run_dir / LOG_FILE))
-        export(net, export_directory(args), args, summary, len(names), end.step, scores)
+        export(net, export_directory(args), args, summary, len(names), end.step, scores,
+               init_training=init[1] if init else None)
         accelerator.print(f"exported the {args.arch} network after {end.step} steps to {export_directory(args)}"
                           + (f" (held-out NCC {scores['ncc']:.4f})" if scores else ""))
     return 0
 
 
 def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSummary, num_slices: int,
-           steps_done: int, scores: dict[str, float] | None) -> Path:
-    """The registration network as a checkpoint: safetensors weights, config and model card."""
+           steps_done: int, scores: dict[str, float] | None, init_training: dict[str, Any] | None = None) -> Path:
+    """The registration network as a checkpoint: safetensors weights, config and model card; ``init_training``
+    is the ``training`` record of the ``--init`` checkpoint this run continued."""
     from ..io.checkpoint import save_checkpoint
     from ..medical.registration import PASSES
     from .common import EXPORT_DTYPES
@@ -282,6 +309,13 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
                            "num_slices": num_slices, "weight": args.weight, "smooth": args.smooth,
                            "synthetic": args.synthetic, "amplitude": args.amplitude, "augment": args.augment,
                            "global_ncc": args.global_ncc, "seed": args.seed}}
+    before, before_wall, earlier = 0, 0.0, []
+    if init_training is not None:  # the --init chain, oldest run first
+        before = init_training["steps"] + init_training.get("init_steps_before", 0)
+        before_wall = init_training["wall_time_s"] + init_training.get("init_wall_time_s_before", 0.0)
+        earlier = [*init_training.get("init_commands", []), init_training["command"]]
+        config["training"].update(init=str(args.init), init_steps_before=before, init_wall_time_s_before=before_wall,
+                                  init_commands=earlier)
     measured = (["", "## Measured (held-out pairs)", "",
                  f"`{args.val}`, {PASSES} passes (`idm register`'s default): NCC {scores['ncc']:.4f}"
                  + (f", endpoint error {scores['epe']:.3f} px (synthetic pairs)" if "epe" in scores else "")
@@ -293,16 +327,21 @@ def export(model: Any, directory: Path, args: argparse.Namespace, summary: RunSu
             "`python -m train.registration_volumes`)")
     augmented = f", each image warped by its own random field up to {args.augment:g} px" if args.augment else ""
     global_term = f" − {args.global_ncc:g} NCC" if args.global_ncc else ""
+    continued = (f" Continued from `{args.init}` ({before} steps in {len(earlier)} earlier run(s), "
+                 f"{before_wall / 60:.1f} min): this run's {steps_done} steps used a new optimizer, warm-up and cosine; "
+                 "the wall time below is this run's." if init_training is not None else "")
+    chain = ["", "Earlier runs (`--init`), oldest first:", "", "```", *earlier, "```"] if earlier else []
     card = "\n".join([
         f"# {args.arch}: {args.ndim}-D brain registration, {title}", "",
         f"`idm.medical.registration.Registration` {model.config.to_dict()}: displacement (pixels) registering a "
         f"moving {'2-D slice' if args.ndim == 2 else '3-D volume'} to a fixed one (`idm register`). Trained on {data}, "
         f"{steps_done} × {args.batch} pairs ({args.synthetic:.0%} synthetic smooth warps up to {args.amplitude:g} px, "
         f"the rest inter-subject{augmented}). "
-        f"Small data: {'three' if args.ndim == 2 else 'two'} brains.", "",
-        "| | |", "|---|---|", f"| steps x batch | {steps_done} x {args.batch} |",
+        f"Small data: {'three' if args.ndim == 2 else 'two'} brains.{continued}", "",
+        "| | |", "|---|---|", f"| steps x batch | {steps_done} x {args.batch}"
+        + (f" (+ {before} before, `--init`)" if before else "") + " |",
         f"| loss | L1 noise term (ddm) + {args.weight:g} (−NCC₉{global_term} + {args.smooth:g} ‖∇u‖²) |",
-        *summary.card_rows(), *summary.command_lines(), *measured])
+        *summary.card_rows(), *chain, *summary.command_lines(), *measured])
     return save_checkpoint(directory, model.state_dict(), config, card, dtype=EXPORT_DTYPES[args.export_dtype])
 
 
