@@ -200,24 +200,21 @@ def evaluate(model: Any, pairs: list[dict[str, Any]], passes: int | None = None)
     return {key: float(np.mean(values)) for key, values in scores.items() if values}
 
 
-def init_checkpoint(source: str | None, config: Any) -> tuple[Any, dict[str, Any]] | None:
-    """``--init``: the registration checkpoint ``source`` (a name or folder) and its ``training`` record, or
-    ``None`` without one; its network must be the one ``config`` builds (one-line error naming the sizes that
-    differ)."""
+def init_checkpoint(source: str | None, config: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """``--init``: the weights (fp32 state dict) of the registration checkpoint ``source`` (a name or folder)
+    and its ``training`` record, or ``None`` without one; its network must be the one ``config`` builds
+    (one-line error naming the sizes that differ)."""
     if source is None:
         return None
-    from ..io.checkpoint import read_checkpoint_config, resolve_checkpoint
+    from ..io.checkpoint import load_checkpoint, resolve_checkpoint
     from ..medical.registration import RegistrationConfig
 
-    path = resolve_checkpoint(source)
-    record = read_checkpoint_config(path)
-    if record.get("architecture") != ARCHITECTURE:
-        raise IDMError(f"--init {source} is not a registration checkpoint (architecture {record.get('architecture')!r})")
+    tensors, record = load_checkpoint(resolve_checkpoint(source), expect={"architecture": ARCHITECTURE})
     theirs, ours = RegistrationConfig(**record["registration"]).to_dict(), config.to_dict()
     differing = [f"{key} {theirs[key]} (the run asks for {ours[key]})" for key in ours if theirs[key] != ours[key]]
     if differing:
         raise IDMError(f"--init {source} has {', '.join(differing)}: pass the checkpoint's sizes")
-    return load_registration(path), record.get("training", {})
+    return tensors, record.get("training", {})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     model = Registration(config)
     init = init_checkpoint(args.init, config)
     if init is not None and not args.resume:  # a resumed run reads its own state below
-        model.load_state_dict(init[0].state_dict())
+        model.load_state_dict(init[0])
     if any(size % model.size_multiple for size in slices.shape[2:]):
         raise IDMError(f"training images {tuple(slices.shape[2:])} must be multiples of {model.size_multiple}")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
